@@ -1,0 +1,107 @@
+"""Controller REST API: create, list, inspect, speak, interrupt, delete; SSE event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from ..errors import BadRequest
+from ..upstream.base import TaskMode, TaskType
+from .common import SESSIONS, optional_str, read_json, required_str
+
+routes = web.RouteTableDef()
+
+SSE_KEEPALIVE = 15.0
+
+
+@routes.post("/v1/sessions")
+async def create_session(request: web.Request) -> web.Response:
+    data = await read_json(request, required=False)
+    session = await request.app[SESSIONS].create(
+        upstream=optional_str(data, "upstream") or "local",
+        quality=optional_str(data, "quality"),
+        voice=optional_str(data, "voice"),
+    )
+    return web.json_response(session.to_dict(), status=201,
+                             headers={"Location": f"/v1/sessions/{session.id}"})
+
+
+@routes.get("/v1/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    return web.json_response({"sessions": [s.to_dict() for s in request.app[SESSIONS].list()]})
+
+
+@routes.get("/v1/sessions/{session_id}")
+async def get_session(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    return web.json_response(session.to_dict())
+
+
+@routes.delete("/v1/sessions/{session_id}")
+async def delete_session(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    await session.close("deleted")
+    return web.json_response(session.to_dict())
+
+
+def _enum(cls: type[TaskType] | type[TaskMode], value: str | None, default: str) -> str:
+    choice = value or default
+    if choice not in {m.value for m in cls}:
+        raise BadRequest(f"must be one of {', '.join(m.value for m in cls)}, not {choice!r}")
+    return choice
+
+
+@routes.post("/v1/sessions/{session_id}/speak")
+async def speak(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    data = await read_json(request)
+    text = required_str(data, "text")
+    try:
+        task_type = TaskType(_enum(TaskType, optional_str(data, "task_type"), "repeat"))
+        task_mode = TaskMode(_enum(TaskMode, optional_str(data, "task_mode"), "async"))
+    except BadRequest as exc:
+        raise BadRequest(f"task_type/task_mode {exc.message}") from None
+    result = await session.speak(text, task_type, task_mode)
+    return web.json_response({"task_id": result.task_id, "duration_ms": result.duration_ms})
+
+
+@routes.post("/v1/sessions/{session_id}/interrupt")
+async def interrupt(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    await session.interrupt()
+    return web.json_response({"id": session.id, "interrupted": True})
+
+
+@routes.get("/v1/sessions/{session_id}/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events. ``Last-Event-ID`` (header or query) replays what was missed."""
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    try:
+        after = int(last) if last else None
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an integer") from None
+    subscription = session.events.subscribe(after)
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(SSE_KEEPALIVE):
+                    item = await anext(subscription)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            except StopAsyncIteration:
+                break
+            body = json.dumps(item.event.to_dict(), separators=(",", ":"))
+            await response.write(f"id: {item.id}\nevent: {item.event.type}\ndata: {body}\n\n".encode())
+    finally:
+        subscription.close()
+    return response

@@ -1,0 +1,73 @@
+"""WHEP endpoints (RFC 9725 mechanics, draft-ietf-wish-whep): POST offer, PATCH trickle, DELETE."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..errors import BadRequest, PreconditionFailed, UnsupportedMediaType
+from ..viewers.whep import SDP_TYPE, SDPFRAG_TYPE, link_headers, parse_sdpfrag
+from .common import METRICS, SESSIONS, SETTINGS
+
+routes = web.RouteTableDef()
+
+
+def _text_body(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8 text") from None
+
+
+@routes.post("/v1/sessions/{session_id}/whep")
+async def create_viewer(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if request.content_type != SDP_TYPE:
+        metrics.viewer_sessions.labels("bad_request").inc()
+        raise UnsupportedMediaType(f"a WHEP offer must be sent as {SDP_TYPE}, "
+                                   f"not {request.content_type or 'no Content-Type'}")
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    offer = _text_body(await request.read())
+    try:
+        viewer, answer = await session.add_viewer(offer)
+    except BadRequest:
+        metrics.viewer_sessions.labels("bad_sdp").inc()
+        raise
+    metrics.viewer_sessions.labels("created").inc()
+    settings = request.app[SETTINGS]
+    headers = {
+        "Content-Type": SDP_TYPE,
+        "Location": f"/v1/sessions/{session.id}/whep/{viewer.id}",
+        "ETag": f'"{viewer.etag}"',
+        # Dropped from the final RFC, still read by some players (MediaMTX keeps it too).
+        "Accept-Patch": SDPFRAG_TYPE,
+    }
+    response = web.Response(status=201, text=answer, headers=headers)
+    response.content_type = SDP_TYPE
+    for link in link_headers(settings.ice_servers, settings.ice_username,
+                             settings.ice_credential.reveal()):
+        response.headers.add("Link", link)
+    return response
+
+
+@routes.patch("/v1/sessions/{session_id}/whep/{viewer_id}")
+async def patch_viewer(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    viewer = session.viewer(request.match_info["viewer_id"])
+    if request.content_type != SDPFRAG_TYPE:
+        raise UnsupportedMediaType(f"trickle ICE must be sent as {SDPFRAG_TYPE}, "
+                                   f"not {request.content_type or 'no Content-Type'}")
+    # RFC 9725 4.3.1: If-Match names the ICE session; "*" is used by ICE restarts.
+    if_match = request.headers.get("If-Match")
+    if if_match not in (None, "*", f'"{viewer.etag}"', viewer.etag):
+        raise PreconditionFailed("If-Match does not match this viewer's ETag")
+    fragment = parse_sdpfrag(_text_body(await request.read()))
+    await viewer.add_candidates(fragment)
+    return web.Response(status=204)
+
+
+@routes.delete("/v1/sessions/{session_id}/whep/{viewer_id}")
+async def delete_viewer(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    viewer = session.viewer(request.match_info["viewer_id"])
+    await viewer.close("delete")
+    return web.Response(status=200)

@@ -1,0 +1,158 @@
+"""The aiohttp application: routes, middlewares (errors → HTTP once, CORS, auth, metrics),
+typed state, and the lifecycle that closes every session on shutdown."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .api import ops, sessions, whep
+from .api.common import LIFECYCLE, METRICS, SESSIONS, SETTINGS, Lifecycle
+from .config import Settings
+from .errors import GatewayError, Unauthorized
+from .metrics import Metrics
+from .sessions import SessionRegistry
+from .viewers.peer import configure_ice_host_addresses
+
+logger = logging.getLogger(__name__)
+
+WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+
+_CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Patch, Retry-After",
+}
+_PREFLIGHT_HEADERS = {
+    **_CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, Last-Event-ID",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def _error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.http_requests.labels(template, request.method, str(status)).inc()
+        metrics.http_duration.labels(template, request.method).observe(
+            time.perf_counter() - started)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CORS for the API (browsers on other origins play WHEP and read Location/ETag)."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    if request.method == "OPTIONS":
+        headers = dict(_PREFLIGHT_HEADERS)
+        if request.path.endswith("/whep"):
+            headers["Accept-Post"] = "application/sdp"
+        elif "/whep/" in request.path:
+            headers["Accept-Patch"] = "application/trickle-ice-sdpfrag"
+        return web.Response(status=204, headers=headers)
+    response = await handler(request)
+    response.headers.update(_CORS_HEADERS)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place exceptions become HTTP responses, all as ``{"error": {code, message}}``."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        response = _error_response(exc.status, exc.code, exc.message)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(int(exc.retry_after))
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 413:
+            message = f"the body is larger than {request.app[SETTINGS].max_body_bytes} bytes"
+        response = _error_response(exc.status, code, message)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(500, "internal_error", "internal server error")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[SETTINGS].api_token
+    if token and request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        # EventSource cannot set headers; it may pass the token as a query parameter instead.
+        given = header[7:] if header.startswith("Bearer ") else request.query.get("access_token", "")
+        if not hmac.compare_digest(given.encode(), token.reveal().encode()):
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+    return await handler(request)
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_ROOT / "index.html")
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    settings = settings or Settings.from_env()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[metrics_middleware, cors_middleware, error_middleware, auth_middleware],
+    )
+    metrics = Metrics()
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[LIFECYCLE] = Lifecycle()
+    app[SESSIONS] = SessionRegistry(settings, metrics)
+    configure_ice_host_addresses(settings.ice_host_addresses)
+
+    app.add_routes(ops.routes)
+    app.add_routes(sessions.routes)
+    app.add_routes(whep.routes)
+    app.router.add_get("/", _index)
+    if WEB_ROOT.is_dir():
+        app.router.add_static("/web/", WEB_ROOT, follow_symlinks=False)
+
+    app.on_shutdown.append(_drain)
+    app.cleanup_ctx.append(_session_lifecycle)
+    return app
+
+
+async def _drain(app: web.Application) -> None:
+    """Readiness goes 503 first, then every session (viewers, hub, upstream) is closed."""
+    app[LIFECYCLE].draining = True
+    app[METRICS].ready.set(0)
+    await app[SESSIONS].close_all("shutdown")
+
+
+async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    app[METRICS].ready.set(1)
+    yield
+    await app[SESSIONS].close_all("shutdown")

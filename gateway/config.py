@@ -1,0 +1,195 @@
+"""Settings: one frozen object, read from ``AVATAR_GATEWAY_*`` environment variables.
+
+Every field has a default that runs the gateway on a laptop with no keys and no network.
+Secrets are :class:`Secret` values whose ``repr`` never shows the value, so a logged
+``Settings`` object cannot leak a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "AVATAR_GATEWAY_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the gateway cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A string that redacts itself in ``repr``/``str``; read it with :meth:`reveal`."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class QualityTier:
+    """One rung of the quality ladder, named like HeyGen's ``quality`` field."""
+
+    name: str
+    width: int
+    height: int
+    bitrate: int
+    """Target video bitrate in bit/s (a ceiling: static avatar scenes use less)."""
+
+
+QUALITY_TIERS: dict[str, QualityTier] = {
+    # HeyGen: high = 720p/2000 kbps, medium = 480p/1000 kbps, low = 360p/500 kbps.
+    "high": QualityTier("high", 1280, 720, 2_000_000),
+    "medium": QualityTier("medium", 854, 480, 1_000_000),
+    "low": QualityTier("low", 640, 360, 500_000),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Gateway settings. Field ``foo_bar`` is read from ``AVATAR_GATEWAY_FOO_BAR``."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. A non-loopback address requires ``api_token`` or ``allow_insecure``."""
+    port: int = 8080
+    public_url: str = ""
+    """Base URL clients use to reach the gateway (for printed links); derived when empty."""
+    api_token: Secret = Secret("")
+    """Bearer token for controllers and viewers; empty means no authentication."""
+    allow_insecure: bool = False
+    """Permit binding a non-loopback address with no ``api_token``."""
+
+    ice_servers: tuple[str, ...] = ()
+    """STUN/TURN URLs handed to aiortc and to browsers, e.g. ``stun:stun.example.org:3478``."""
+    ice_username: str = ""
+    ice_credential: Secret = Secret("")
+    ice_host_addresses: tuple[str, ...] = ()
+    """Restrict the host addresses aiortc gathers candidates on (containers, multi-homed
+    hosts, loopback-only test rigs). Empty: every interface but loopback (aioice default)."""
+
+    default_quality: str = "high"
+    video_fps: int = 30
+    keyframe_interval: float = 4.0
+    """Seconds between periodic keyframes: bounds recovery for a viewer whose PLI is lost."""
+    keyframe_min_gap: float = 0.5
+    """Forced keyframes (joins, PLI/FIR) are coalesced to at most one per this many seconds."""
+    viewer_video_queue: int = 30
+    viewer_audio_queue: int = 50
+
+    max_sessions: int = 8
+    max_viewers_per_session: int = 64
+    max_body_bytes: int = 64 * 1024
+    max_text_chars: int = 5000
+
+    tts_voice: str = "en-us"
+    tts_words_per_minute: int = 165
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1..65535, got {self.port}")
+        if self.default_quality not in QUALITY_TIERS:
+            raise ConfigError(
+                f"default_quality must be one of {sorted(QUALITY_TIERS)}, "
+                f"got {self.default_quality!r}"
+            )
+        if not 1 <= self.video_fps <= 60:
+            raise ConfigError(f"video_fps must be 1..60, got {self.video_fps}")
+        for name in ("keyframe_interval", "keyframe_min_gap"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions",
+                     "max_viewers_per_session", "max_body_bytes", "max_text_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for address in self.ice_host_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"ice_host_addresses: {address!r} is not an IP address") from None
+        for url in self.ice_servers:
+            if not url.startswith(("stun:", "turn:", "turns:")):
+                raise ConfigError(f"ice_servers: {url!r} is not a stun:/turn:/turns: URL")
+        if not self.api_token and not self.allow_insecure and not _is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to bind {self.host} without authentication: set "
+                f"{ENV_PREFIX}API_TOKEN, or {ENV_PREFIX}ALLOW_INSECURE=1 if you really mean it"
+            )
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``AVATAR_GATEWAY_*`` variables; ``overrides`` (e.g. CLI flags) win.
+
+        A ``*_FILE`` variable names a file holding a secret (Docker/Kubernetes secrets).
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            raw = env.get(key)
+            if raw is None and f.type == "Secret" and (path := env.get(key + "_FILE")):
+                try:
+                    with open(path, encoding="utf-8") as fh:
+                        raw = fh.read().strip()
+                except OSError as exc:
+                    raise ConfigError(f"{key}_FILE: cannot read {path}: {exc}") from None
+            if raw is not None:
+                values[f.name] = _parse(key, f.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse(key: str, type_name: object, raw: str) -> Any:
+    try:
+        match type_name:
+            case "int":
+                return int(raw)
+            case "float":
+                return float(raw)
+            case "bool":
+                if raw.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if raw.lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(raw)
+            case "Secret":
+                return Secret(raw)
+            case "tuple[str, ...]":
+                return tuple(item.strip() for item in raw.split(",") if item.strip())
+            case _:
+                return raw
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a valid {type_name}") from None

@@ -1,0 +1,96 @@
+"""The gateway's exceptions. Domain code raises these; ``app.py`` maps them to HTTP once.
+
+::
+
+    GatewayError                      500  (never raised directly)
+    ├── BadRequest                    400  invalid JSON / parameters
+    │   ├── BadSDP                    400  SDP that cannot be parsed or used
+    │   └── UnsupportedCodec          400  no codec in common with the hub
+    ├── Unauthorized                  401  missing or wrong bearer token
+    ├── NotFound                      404  unknown session or viewer
+    ├── Conflict                      409  session not in a state that allows the request
+    ├── PreconditionFailed            412  WHEP If-Match does not name the ICE session
+    ├── PayloadTooLarge               413  body over the configured cap
+    ├── UnsupportedMediaType          415  wrong Content-Type
+    ├── Unprocessable                 422  understood but not supported (ICE restart)
+    ├── CapacityError                 429  session / viewer limit reached (Retry-After)
+    └── UpstreamError                 502  the avatar upstream failed
+        └── UpstreamUnavailable       503  the avatar upstream cannot be reached now
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class BadSDP(BadRequest):
+    code = "bad_sdp"
+
+
+class UnsupportedCodec(BadRequest):
+    code = "unsupported_codec"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
+
+
+class PreconditionFailed(GatewayError):
+    status = 412
+    code = "precondition_failed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(GatewayError):
+    status = 422
+    code = "unprocessable"
+
+
+class CapacityError(GatewayError):
+    status = 429
+    code = "capacity"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"

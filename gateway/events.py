@@ -1,0 +1,116 @@
+"""A session's event log: ordered, numbered, replayable, with bounded live subscriptions.
+
+SSE readers reconnect with ``Last-Event-ID`` and get what they missed from the replay ring,
+so a network blip loses nothing. A reader too slow to keep up with its bounded queue is cut
+off (its stream ends) instead of growing memory; it reconnects and replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .upstream.base import AvatarEvent
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    id: int
+    event: AvatarEvent
+
+
+_END = None
+
+
+class Subscription:
+    def __init__(self, log: EventLog, capacity: int) -> None:
+        self._log = log
+        self._queue: asyncio.Queue[LoggedEvent | None] = asyncio.Queue(capacity + 1)
+        self._capacity = capacity
+        self.overflowed = False
+        self._ended = False
+        self._closed = False
+
+    def _offer(self, item: LoggedEvent) -> bool:
+        if self._queue.qsize() >= self._capacity:
+            self.overflowed = True
+            self.close()
+            return False
+        self._queue.put_nowait(item)
+        return True
+
+    def _end(self) -> None:
+        if not self._queue.full():
+            self._queue.put_nowait(_END)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._log._subscriptions.discard(self)
+        self._end()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> LoggedEvent:
+        """Next event; cancellation-safe (nothing is lost if a wait times out)."""
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None:
+            self._ended = True
+            self.close()
+            raise StopAsyncIteration
+        return item
+
+
+class EventLog:
+    def __init__(
+        self,
+        history: int = 512,
+        subscriber_capacity: int = 256,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
+        self._history: collections.deque[LoggedEvent] = collections.deque(maxlen=history)
+        self._subscriptions: set[Subscription] = set()
+        self._capacity = subscriber_capacity
+        self._next_id = 1
+        self._on_overflow = on_overflow
+        self._closed = False
+
+    @property
+    def last_id(self) -> int:
+        return self._next_id - 1
+
+    def publish(self, event: AvatarEvent) -> LoggedEvent:
+        item = LoggedEvent(self._next_id, event)
+        self._next_id += 1
+        self._history.append(item)
+        for sub in tuple(self._subscriptions):
+            if not sub._offer(item):
+                self._subscriptions.discard(sub)
+                if self._on_overflow is not None:
+                    self._on_overflow()
+        return item
+
+    def subscribe(self, after_id: int | None = None) -> Subscription:
+        """Live events from now on, preceded by the retained ones with ``id > after_id``."""
+        replay = [item for item in self._history if after_id is not None and item.id > after_id]
+        # The replay is bounded by the history size; the capacity bounds what piles up live.
+        sub = Subscription(self, self._capacity + len(replay))
+        for item in replay:
+            sub._offer(item)
+        if self._closed:
+            sub.close()
+        elif not sub._closed:
+            self._subscriptions.add(sub)
+        return sub
+
+    def close(self) -> None:
+        """End every subscription (after what it has queued) and refuse new live ones."""
+        self._closed = True
+        for sub in tuple(self._subscriptions):
+            sub.close()

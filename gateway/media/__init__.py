@@ -1,0 +1,1 @@
+"""Encode-once media: shared encoders and the per-viewer packet tracks they feed."""

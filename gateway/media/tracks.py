@@ -1,0 +1,130 @@
+"""aiortc tracks that hand pre-encoded packets to a viewer's sender, and the sender hooks.
+
+aiortc's ``RTCRtpSender`` only packetizes (no encode) when ``track.recv()`` returns an
+``av.Packet`` (see ``RTCRtpSender._next_encoded_frame``). Each sender keeps its own SSRC,
+sequence numbers and random RTP timestamp origin, so many senders can share one packet object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import av
+from aiortc import MediaStreamTrack, RTCRtpSender
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    AnyRtcpPacket,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+)
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+
+class PacketTrack(MediaStreamTrack):
+    """One viewer's view of a shared encoder: a bounded queue of encoded packets.
+
+    Video starts at a keyframe and, if the viewer falls behind (queue full), the queue is
+    flushed and the viewer resumes at the next keyframe, which it requests. Audio drops the
+    oldest packet instead. Either way memory is bounded and every drop is reported.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        kind: str,
+        capacity: int,
+        on_first_packet: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self._hub = hub
+        self._capacity = capacity
+        self._queue: collections.deque[av.Packet] = collections.deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._awaiting_keyframe = kind == "video"
+        self._on_first_packet = on_first_packet
+        self.dropped = 0
+
+    @property
+    def awaiting_keyframe(self) -> bool:
+        return self._awaiting_keyframe
+
+    def push(self, packet: av.Packet, keyframe: bool) -> None:
+        """Called by the hub, on the loop, for every packet of this track's kind."""
+        if self._awaiting_keyframe:
+            if not keyframe:
+                return
+            self._awaiting_keyframe = False
+        if len(self._queue) >= self._capacity:
+            if self.kind == "video":
+                self._drop(len(self._queue))
+                self._queue.clear()
+                if not keyframe:
+                    self._awaiting_keyframe = True
+                    self._hub.request_keyframe("overflow")
+                    return
+            else:
+                self._drop(1)
+                self._queue.popleft()
+        self._queue.append(packet)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        self._hub.count_dropped(self.kind, count)
+
+    async def recv(self) -> av.Packet:
+        while not self._queue:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        if self.readyState != "live":
+            raise MediaStreamError
+        packet = self._queue.popleft()
+        if self._on_first_packet is not None:
+            callback, self._on_first_packet = self._on_first_packet, None
+            callback()
+        return packet
+
+    def stop(self) -> None:
+        super().stop()
+        self._queue.clear()
+        self._hub.unsubscribe(self)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+
+def attach_sender(sender: RTCRtpSender, hub: Hub) -> None:
+    """Route a sender's RTCP feedback to the shared encoder.
+
+    In the packet path aiortc's own keyframe flag and REMB target are never read, so without
+    this hook PLI/FIR would be silently ignored. Both attributes are private aiortc API (pinned
+    version; ``tests/test_media.py`` checks the hook still fires).
+    """
+    sender._send_keyframe = lambda: hub.request_keyframe("pli")  # type: ignore[method-assign]
+    handle = sender._handle_rtcp_packet
+
+    async def handle_and_count(packet: AnyRtcpPacket) -> None:
+        if isinstance(packet, RtcpPsfbPacket):
+            kind = {RTCP_PSFB_PLI: "pli", RTCP_PSFB_FIR: "fir", RTCP_PSFB_APP: "remb"}
+            if packet.fmt in kind:
+                hub.count_feedback(kind[packet.fmt])
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            hub.count_feedback("nack")
+        await handle(packet)
+
+    sender._handle_rtcp_packet = handle_and_count  # type: ignore[method-assign]

@@ -1,0 +1,105 @@
+"""Every Prometheus metric the gateway exports, defined in one place (specs/metrics.md).
+
+Each application owns a :class:`Metrics` with its own registry, so tests that build several
+apps in one process read exact values. Labels take bounded values only: never a session id,
+viewer id, address or token.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from . import __version__
+
+NS = "avatargw"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_ENCODE_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.012, 0.016, 0.025, 0.033, 0.05, 0.1)
+_SESSION_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+        self.build_info = Gauge(f"{NS}_build_info", "Build metadata (always 1).",
+                                ["version", "python"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.ready = Gauge(f"{NS}_ready", "1 when /readyz passes.", registry=r)
+
+        # sessions and upstreams
+        self.sessions = Gauge(f"{NS}_sessions", "Avatar sessions by state.",
+                              ["upstream", "state"], registry=r)
+        self.session_ends = Counter(f"{NS}_session_ends_total", "Why sessions ended.",
+                                    ["upstream", "reason"], registry=r)
+        self.session_duration = Histogram(f"{NS}_session_duration_seconds",
+                                          "Session lifetime.", ["upstream"],
+                                          buckets=_SESSION_BUCKETS, registry=r)
+        self.speak_requests = Counter(f"{NS}_speak_requests_total", "Speak tasks submitted.",
+                                      ["upstream", "task_type"], registry=r)
+        self.upstream_frames = Counter(f"{NS}_upstream_frames_received_total",
+                                       "Frames the upstream handed to the hub.",
+                                       ["upstream", "kind"], registry=r)
+        self.events_dropped = Counter(f"{NS}_events_dropped_total",
+                                      "Session events not delivered to a slow consumer.",
+                                      ["channel"], registry=r)
+
+        # media hub
+        self.frames_encoded = Counter(f"{NS}_frames_encoded_total",
+                                      "Frames encoded by the shared (encode-once) encoders.",
+                                      ["kind", "codec"], registry=r)
+        self.frames_skipped = Counter(f"{NS}_frames_skipped_total",
+                                      "Source frames not encoded: encoder busy or nobody watching.",
+                                      ["kind", "reason"], registry=r)
+        self.keyframes = Counter(f"{NS}_keyframes_encoded_total", "Video keyframes encoded.",
+                                 ["reason"], registry=r)
+        self.keyframe_requests = Counter(f"{NS}_keyframe_requests_total",
+                                         "Keyframe requests before coalescing.",
+                                         ["reason"], registry=r)
+        self.encode_duration = Histogram(f"{NS}_video_encode_duration_seconds",
+                                         "Per-frame encode time of the shared encoder.",
+                                         ["codec"], buckets=_ENCODE_BUCKETS, registry=r)
+        self.packets_dropped = Counter(f"{NS}_viewer_packets_dropped_total",
+                                       "Encoded packets a slow viewer skipped (queue full).",
+                                       ["kind"], registry=r)
+        self.sent_bytes = Counter(f"{NS}_sent_bytes_total",
+                                  "Encoded media bytes handed to viewer senders.",
+                                  ["kind"], registry=r)
+
+        # viewers
+        self.viewers = Gauge(f"{NS}_viewers", "Viewer peer connections by state.",
+                             ["state"], registry=r)
+        self.viewer_sessions = Counter(f"{NS}_viewer_sessions_total", "WHEP POST outcomes.",
+                                       ["result"], registry=r)
+        self.viewer_disconnects = Counter(f"{NS}_viewer_disconnects_total",
+                                          "Why viewers went away.", ["reason"], registry=r)
+        self.viewer_duration = Histogram(f"{NS}_viewer_session_duration_seconds",
+                                         "Viewing time.", buckets=_SESSION_BUCKETS, registry=r)
+        self.time_to_first_frame = Histogram(f"{NS}_viewer_time_to_first_frame_seconds",
+                                             "WHEP POST to first video packet sent.",
+                                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.viewer_ice_transitions = Counter(f"{NS}_viewer_ice_state_transitions_total",
+                                              "Viewer connection state changes.", ["state"],
+                                              registry=r)
+        self.rtcp_feedback = Counter(f"{NS}_rtcp_feedback_received_total",
+                                     "RTCP feedback from viewers.", ["type"], registry=r)
+
+        # HTTP
+        self.http_requests = Counter(f"{NS}_http_requests_total", "HTTP requests.",
+                                     ["route", "method", "code"], registry=r)
+        self.http_duration = Histogram(f"{NS}_http_request_duration_seconds",
+                                       "HTTP request latency.", ["route", "method"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)

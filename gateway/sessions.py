@@ -1,0 +1,308 @@
+"""Sessions: one upstream avatar, one hub, any number of viewers, one event log.
+
+Lifecycle: ``new → starting → live → closing → closed``. Every exit path goes through
+:meth:`Session.close`, which closes the viewers, the hub and the upstream, in that order, so
+no peer connection, task or upstream session outlives its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import av
+
+from .avatar import SpeechSynthesizer
+from .config import QUALITY_TIERS, QualityTier, Settings
+from .errors import BadRequest, CapacityError, Conflict, NotFound
+from .events import EventLog
+from .media.hub import Hub, HubConfig
+from .metrics import Metrics
+from .upstream.base import (
+    AvatarEvent,
+    EventType,
+    SpeakResult,
+    TaskMode,
+    TaskType,
+    Upstream,
+)
+from .upstream.local import LocalUpstream
+from .viewers.peer import Viewer, rtc_configuration
+from .viewers.whep import parse_offer
+
+logger = logging.getLogger(__name__)
+
+UPSTREAMS = ("local",)
+
+
+class SessionState(enum.StrEnum):
+    NEW = "new"
+    STARTING = "starting"
+    LIVE = "live"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Session:
+    def __init__(
+        self,
+        upstream: Upstream,
+        quality: QualityTier,
+        settings: Settings,
+        metrics: Metrics,
+        on_closed: Callable[[Session], None],
+    ) -> None:
+        self.id = secrets.token_hex(12)
+        self.upstream = upstream
+        self.quality = quality
+        self.created_at = time.time()
+        self._started = time.monotonic()
+        self._settings = settings
+        self._metrics = metrics
+        self._on_closed = on_closed
+        self._state = SessionState.NEW
+        metrics.sessions.labels(upstream.kind, self._state).inc()
+        self.hub = Hub(
+            HubConfig(
+                bitrate=quality.bitrate,
+                fps=settings.video_fps,
+                keyframe_interval=settings.keyframe_interval,
+                keyframe_min_gap=settings.keyframe_min_gap,
+                video_queue=settings.viewer_video_queue,
+                audio_queue=settings.viewer_audio_queue,
+            ),
+            metrics,
+        )
+        self.events = EventLog(on_overflow=metrics.events_dropped.labels("sse").inc)
+        self._viewers: dict[str, Viewer] = {}
+        self._rtc = rtc_configuration(
+            settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
+        )
+        self._closing: asyncio.Task[None] | None = None
+        self.close_reason: str | None = None
+        self._video_frames = metrics.upstream_frames.labels(upstream.kind, "video")
+        self._audio_frames = metrics.upstream_frames.labels(upstream.kind, "audio")
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    def _set_state(self, state: SessionState) -> None:
+        kind = self.upstream.kind
+        self._metrics.sessions.labels(kind, self._state).dec()
+        self._state = state
+        if state is not SessionState.CLOSED:
+            self._metrics.sessions.labels(kind, state).inc()
+        self.events.publish(AvatarEvent(EventType.SESSION_STATE, data={"state": str(state)}))
+
+    def to_dict(self) -> dict[str, Any]:
+        width, height = self.upstream.video_size
+        return {
+            "id": self.id,
+            "upstream": self.upstream.kind,
+            "state": str(self._state),
+            "quality": self.quality.name,
+            "width": width,
+            "height": height,
+            "viewers": len(self._viewers),
+            "created_at": self.created_at,
+            "whep_url": f"/v1/sessions/{self.id}/whep",
+            "events_url": f"/v1/sessions/{self.id}/events",
+        }
+
+    # -- MediaSink (called by the upstream) --------------------------------------------------
+
+    @property
+    def video_wanted(self) -> bool:
+        return self.hub.video_wanted
+
+    def on_video_frame(self, frame: av.VideoFrame) -> None:
+        self._video_frames.inc()
+        self.hub.push_video(frame)
+
+    def on_audio_frame(self, frame: av.AudioFrame) -> None:
+        self._audio_frames.inc()
+        self.hub.push_audio(frame)
+
+    def on_event(self, event: AvatarEvent) -> None:
+        self.events.publish(event)
+        payload = event.to_json()
+        for viewer in tuple(self._viewers.values()):
+            viewer.send_event(payload)
+
+    def on_upstream_ended(self, reason: str) -> None:
+        self.on_event(AvatarEvent(EventType.STREAM_DISCONNECTED, data={"reason": reason}))
+        self.close_soon("upstream_ended")
+
+    # -- control -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._set_state(SessionState.STARTING)
+        await self.upstream.start(self)
+        self._set_state(SessionState.LIVE)
+
+    def _require_live(self) -> None:
+        if self._state is not SessionState.LIVE:
+            raise Conflict(f"session {self.id} is {self._state}, not live")
+
+    async def speak(
+        self, text: str, task_type: TaskType = TaskType.REPEAT, task_mode: TaskMode = TaskMode.ASYNC
+    ) -> SpeakResult:
+        self._require_live()
+        if len(text) > self._settings.max_text_chars:
+            raise BadRequest(f"text is longer than {self._settings.max_text_chars} characters")
+        self._metrics.speak_requests.labels(self.upstream.kind, task_type).inc()
+        if task_mode is TaskMode.ASYNC:
+            return await self.upstream.speak(text, task_type)
+        # Subscribe first: a short utterance could end before a later subscription started.
+        subscription = self.events.subscribe()
+        try:
+            result = await self.upstream.speak(text, task_type)
+            async with asyncio.timeout(result.duration_ms / 1000.0 + 10.0):
+                async for item in subscription:
+                    event = item.event
+                    if event.type is EventType.AVATAR_STOP_TALKING and event.task_id == result.task_id:
+                        break
+            return result
+        finally:
+            subscription.close()
+
+    async def interrupt(self) -> None:
+        self._require_live()
+        await self.upstream.interrupt()
+
+    # -- viewers -----------------------------------------------------------------------------
+
+    @property
+    def viewer_count(self) -> int:
+        return len(self._viewers)
+
+    async def add_viewer(self, offer_sdp: str) -> tuple[Viewer, str]:
+        self._require_live()
+        offer = parse_offer(offer_sdp)
+        if len(self._viewers) >= self._settings.max_viewers_per_session:
+            raise CapacityError(
+                f"session {self.id} has its maximum of "
+                f"{self._settings.max_viewers_per_session} viewers", retry_after=10)
+        viewer = Viewer(self.hub, self._rtc, self._metrics, self._viewer_closed)
+        self._viewers[viewer.id] = viewer
+        try:
+            answer = await viewer.negotiate(offer)
+        except BaseException:
+            await viewer.close("negotiation_failed")
+            raise
+        return viewer, answer
+
+    def viewer(self, viewer_id: str) -> Viewer:
+        try:
+            return self._viewers[viewer_id]
+        except KeyError:
+            raise NotFound(f"no viewer {viewer_id!r} in session {self.id}") from None
+
+    def _viewer_closed(self, viewer: Viewer) -> None:
+        self._viewers.pop(viewer.id, None)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def close_soon(self, reason: str) -> None:
+        if self._closing is None and self.close_reason is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close(reason))
+
+    async def close(self, reason: str) -> None:
+        """Close viewers, hub and upstream. Idempotent; safe to call from any state."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._set_state(SessionState.CLOSING)
+        try:
+            await asyncio.gather(*(v.close("session_closed") for v in tuple(self._viewers.values())),
+                                 return_exceptions=True)
+            await self.hub.close()
+            try:
+                await self.upstream.stop()
+            except Exception:
+                logger.exception("session %s: upstream stop failed", self.id)
+        finally:
+            self._set_state(SessionState.CLOSED)
+            self.events.close()
+            self._metrics.session_ends.labels(self.upstream.kind, reason).inc()
+            self._metrics.session_duration.labels(self.upstream.kind).observe(
+                time.monotonic() - self._started)
+            self._on_closed(self)
+
+
+class SessionRegistry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._sessions: dict[str, Session] = {}
+        self._synthesizers: dict[str, SpeechSynthesizer] = {}
+        self._accepting = True
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def list(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise NotFound(f"no session {session_id!r}") from None
+
+    def _synthesizer(self, voice: str) -> SpeechSynthesizer:
+        if voice not in self._synthesizers:
+            try:
+                self._synthesizers[voice] = SpeechSynthesizer(
+                    voice, self._settings.tts_words_per_minute)
+            except ValueError as exc:
+                raise BadRequest(f"unknown voice {voice!r}: {exc}") from None
+        return self._synthesizers[voice]
+
+    async def create(
+        self, upstream: str = "local", quality: str | None = None, voice: str | None = None
+    ) -> Session:
+        if not self._accepting:
+            raise Conflict("the gateway is shutting down")
+        if upstream not in UPSTREAMS:
+            raise BadRequest(f"unknown upstream {upstream!r}; available: {', '.join(UPSTREAMS)}")
+        tier_name = quality or self._settings.default_quality
+        if tier_name not in QUALITY_TIERS:
+            raise BadRequest(f"quality must be one of {', '.join(QUALITY_TIERS)}, not {tier_name!r}")
+        if len(self._sessions) >= self._settings.max_sessions:
+            raise CapacityError(
+                f"the gateway runs its maximum of {self._settings.max_sessions} sessions",
+                retry_after=30)
+        tier = QUALITY_TIERS[tier_name]
+        synthesizer = self._synthesizer(voice or self._settings.tts_voice)
+        source = LocalUpstream(tier, synthesizer, fps=self._settings.video_fps,
+                               max_text_chars=self._settings.max_text_chars)
+        session = Session(source, tier, self._settings, self._metrics, self._forget)
+        self._sessions[session.id] = session
+        try:
+            await session.start()
+        except BaseException:
+            await session.close("start_failed")
+            raise
+        logger.info("session %s started (%s, %s)", session.id, upstream, tier.name)
+        return session
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    async def close(self, session_id: str, reason: str = "deleted") -> None:
+        await self.get(session_id).close(reason)
+
+    async def close_all(self, reason: str = "shutdown") -> None:
+        self._accepting = False
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(s.close(reason) for s in self.list()), return_exceptions=True)

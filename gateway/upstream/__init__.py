@@ -1,0 +1,1 @@
+"""Avatar upstreams: the embedded local avatar, and (later) HeyGen / LiveAvatar via LiveKit."""

@@ -1,0 +1,228 @@
+"""The embedded local avatar as an upstream: rendered face + eSpeak NG speech, no network.
+
+Audio and video share one media clock. Every utterance is placed on that clock *before* it
+plays (``start`` in samples), so the audio clock and the video clock each look up "what is
+being said at media time t" independently and agree exactly: lip sync is by construction,
+not by racing two tasks. Events fire from the audio clock, when the sound is actually emitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fractions
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+
+from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, Utterance
+from ..config import QualityTier
+from ..errors import BadRequest, Unprocessable
+from .base import AvatarEvent, EventType, MediaSink, SpeakResult, TaskType, Upstream
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 48_000
+AUDIO_FRAME = 960  # 20 ms
+VIDEO_CLOCK = 90_000
+_FADE = np.linspace(1.0, 0.0, 240, dtype=np.float32)  # 5 ms, so an interrupt doesn't click
+
+
+@dataclass(slots=True)
+class _Scheduled:
+    task_id: str
+    utterance: Utterance
+    lipsync: LipSync
+    start: int
+    """First sample, on the media clock."""
+    end: int
+    next_word: int = 0
+    started: bool = False
+    words_spoken: list[str] = field(default_factory=list)
+
+
+class LocalUpstream(Upstream):
+    kind = "local"
+
+    def __init__(
+        self,
+        quality: QualityTier,
+        synthesizer: SpeechSynthesizer,
+        *,
+        fps: int = 30,
+        max_text_chars: int = 5000,
+        start_lead: float = 0.06,
+    ) -> None:
+        self._quality = quality
+        self._synthesizer = synthesizer
+        self._fps = fps
+        self._max_text_chars = max_text_chars
+        self._lead = int(start_lead * SAMPLE_RATE)
+        self._sink: MediaSink | None = None
+        self._renderer: FaceRenderer | None = None
+        self._schedule: deque[_Scheduled] = deque()
+        self._samples_played = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        # Rendering and TTS each get one thread: TTS must not delay a frame, nor a frame a word.
+        self._render_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render")
+        self._tts_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
+        self._stopped = False
+
+    @property
+    def video_size(self) -> tuple[int, int]:
+        return self._quality.width, self._quality.height
+
+    async def start(self, sink: MediaSink) -> None:
+        loop = asyncio.get_running_loop()
+        self._renderer = await loop.run_in_executor(
+            self._render_pool, FaceRenderer, self._quality.width, self._quality.height
+        )
+        self._sink = sink
+        origin = loop.time()
+        self._tasks = [
+            loop.create_task(self._audio_clock(origin), name="local-avatar-audio"),
+            loop.create_task(self._video_clock(origin), name="local-avatar-video"),
+        ]
+
+    async def speak(self, text: str, task_type: TaskType = TaskType.REPEAT) -> SpeakResult:
+        if task_type is not TaskType.REPEAT:
+            raise Unprocessable(
+                "the local avatar has no language model: use task_type 'repeat'"
+            )
+        text = text.strip()
+        if not text:
+            raise BadRequest("text is empty")
+        if len(text) > self._max_text_chars:
+            raise BadRequest(f"text is longer than {self._max_text_chars} characters")
+        loop = asyncio.get_running_loop()
+        utterance = await loop.run_in_executor(self._tts_pool, self._synthesizer.synthesize, text)
+        lipsync = LipSync(utterance)
+        task_id = uuid.uuid4().hex
+        # Queue behind whatever is already scheduled, never in the past.
+        start = self._samples_played + self._lead
+        if self._schedule:
+            start = max(start, self._schedule[-1].end)
+        end = start + len(utterance.pcm)
+        self._schedule.append(_Scheduled(task_id, utterance, lipsync, start, end))
+        return SpeakResult(task_id=task_id, duration_ms=round(utterance.duration * 1000.0, 1))
+
+    async def interrupt(self) -> None:
+        now = self._samples_played
+        kept: deque[_Scheduled] = deque()
+        for item in self._schedule:
+            if item.started:
+                # Cut at the next frame: the audio clock fades the last 5 ms and ends the task.
+                item.end = min(item.end, now + len(_FADE))
+                kept.append(item)
+        self._schedule = kept
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._render_pool.shutdown(wait=False)
+        self._tts_pool.shutdown(wait=False)
+        self._schedule.clear()
+
+    # -- clocks ------------------------------------------------------------------------------
+
+    async def _audio_clock(self, origin: float) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sink is not None
+        time_base = fractions.Fraction(1, SAMPLE_RATE)
+        while True:
+            due = origin + (self._samples_played + AUDIO_FRAME) / SAMPLE_RATE
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pcm = self._mix(self._samples_played, AUDIO_FRAME)
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            frame.pts = self._samples_played
+            frame.time_base = time_base
+            self._samples_played += AUDIO_FRAME
+            self._sink.on_audio_frame(frame)
+
+    def _mix(self, position: int, count: int) -> np.ndarray:
+        """Samples [position, position+count) of the schedule; fires events as they play."""
+        out = np.zeros(count, dtype=np.int16)
+        stop = position + count
+        while self._schedule and self._schedule[0].start < stop:
+            item = self._schedule[0]
+            if not item.started:
+                item.started = True
+                self._emit(EventType.AVATAR_START_TALKING, item.task_id)
+            lo, hi = max(position, item.start), min(stop, item.end)
+            if hi > lo:
+                chunk = item.utterance.pcm[lo - item.start : hi - item.start]
+                if hi == item.end and item.end < item.start + len(item.utterance.pcm):
+                    fade = _FADE[-len(chunk):] if len(chunk) < len(_FADE) else _FADE
+                    chunk = chunk.copy()
+                    chunk[-len(fade):] = (chunk[-len(fade):] * fade).astype(np.int16)
+                out[lo - position : hi - position] = chunk
+            self._emit_words(item, (hi - item.start) / SAMPLE_RATE)
+            if item.end > stop:
+                break
+            self._schedule.popleft()
+            self._finish(item)
+        return out
+
+    def _emit_words(self, item: _Scheduled, until: float) -> None:
+        words = item.utterance.words
+        while item.next_word < len(words) and words[item.next_word].start <= until:
+            word = words[item.next_word].text
+            item.next_word += 1
+            item.words_spoken.append(word)
+            self._emit(EventType.AVATAR_TALKING_MESSAGE, item.task_id, message=word + " ")
+
+    def _finish(self, item: _Scheduled) -> None:
+        duration_ms = round((item.end - item.start) * 1000 / SAMPLE_RATE, 1)
+        self._emit(EventType.AVATAR_END_MESSAGE, item.task_id, message=" ".join(item.words_spoken))
+        self._emit(EventType.AVATAR_STOP_TALKING, item.task_id, duration_ms=duration_ms)
+
+    def _emit(self, type_: EventType, task_id: str, **data: object) -> None:
+        assert self._sink is not None
+        self._sink.on_event(AvatarEvent(type_, task_id, data))
+
+    async def _video_clock(self, origin: float) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sink is not None and self._renderer is not None
+        renderer, sink = self._renderer, self._sink
+        time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        index = 0
+        while True:
+            due = origin + index / self._fps
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.5:
+                # Fell far behind (suspended loop): skip ahead rather than burst old frames.
+                index = int((loop.time() - origin) * self._fps)
+                continue
+            t = index / self._fps
+            if sink.video_wanted:
+                pose = self._pose_at(t)
+                frame = await loop.run_in_executor(self._render_pool, renderer.render, t, pose)
+                frame.pts = index * VIDEO_CLOCK // self._fps
+                frame.time_base = time_base
+                sink.on_video_frame(frame)
+            index += 1
+
+    def _pose_at(self, t: float) -> MouthPose:
+        sample = int(t * SAMPLE_RATE)
+        for item in self._schedule:
+            if item.start <= sample < item.end:
+                return item.lipsync.pose_at((sample - item.start) / SAMPLE_RATE)
+            if item.start > sample:
+                break
+        return REST

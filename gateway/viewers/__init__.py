@@ -1,0 +1,1 @@
+"""Viewers: one aiortc peer connection each, negotiated over WHEP."""

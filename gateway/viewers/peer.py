@@ -1,0 +1,186 @@
+"""One viewer: an aiortc peer connection whose senders carry the hub's shared packets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+import aioice.ice
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+
+from ..errors import BadSDP, Unprocessable
+from ..media.hub import Hub
+from ..media.tracks import PacketTrack, attach_sender
+from ..metrics import Metrics
+from .whep import Offer, SdpFragment
+
+logger = logging.getLogger(__name__)
+
+# A viewer that cannot drain its data channel loses events rather than the gateway's memory.
+MAX_CHANNEL_BUFFER = 1 << 20
+
+_default_host_addresses = aioice.ice.get_host_addresses
+
+
+def configure_ice_host_addresses(addresses: Sequence[str]) -> None:
+    """Pin the host addresses aiortc gathers ICE candidates on, process-wide.
+
+    aioice has no per-connection setting for this, only a module function; pinning is what
+    containers, 1:1 NAT hosts and loopback-only rigs need. Empty restores aioice's default
+    (every interface except loopback).
+    """
+    if addresses:
+        pinned = list(addresses)
+
+        def pinned_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+            return [a for a in pinned if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+        aioice.ice.get_host_addresses = pinned_addresses
+    else:
+        aioice.ice.get_host_addresses = _default_host_addresses
+
+
+def rtc_configuration(urls: Sequence[str], username: str = "", credential: str = "") -> RTCConfiguration:
+    """Explicit ICE servers, never aiortc's built-in default (a public STUN server)."""
+    servers = [RTCIceServer(urls=url, username=username or None, credential=credential or None)
+               for url in urls]
+    return RTCConfiguration(iceServers=servers)
+
+
+class Viewer:
+    """A WHEP viewer of one session. Created by :meth:`negotiate`, ended by :meth:`close`."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        configuration: RTCConfiguration,
+        metrics: Metrics,
+        on_closed: Callable[[Viewer], None],
+    ) -> None:
+        self.id = secrets.token_urlsafe(16)
+        self.etag = secrets.token_hex(8)
+        self.created = time.monotonic()
+        self._hub = hub
+        self._metrics = metrics
+        self._on_closed = on_closed
+        self._pc = RTCPeerConnection(configuration)
+        self._tracks: list[PacketTrack] = []
+        self._channel: RTCDataChannel | None = None
+        self._remote_ufrag = ""
+        self._state = "connecting"
+        self._closing: asyncio.Task[None] | None = None
+        self.close_reason: str | None = None
+        metrics.viewers.labels("connecting").inc()
+
+        pc = self._pc
+        pc.on("connectionstatechange", self._on_connection_state)
+        pc.on("datachannel", self._on_datachannel)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def connection_state(self) -> str:
+        return str(self._pc.connectionState)
+
+    async def negotiate(self, offer: Offer) -> str:
+        """Apply the viewer's offer and return the answer, with every candidate gathered."""
+        pc = self._pc
+        video = self._add_sender("video")
+        if offer.has_audio:
+            self._add_sender("audio")
+        video_codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
+                        if c.mimeType.lower() in ("video/vp8", "video/rtx")]
+        video.setCodecPreferences(video_codecs)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except ValueError as exc:
+            raise BadSDP(f"the offer cannot be used: {exc}") from None
+        self._remote_ufrag = offer.ice_ufrag
+        return pc.localDescription.sdp
+
+    def _add_sender(self, kind: str) -> RTCRtpTransceiver:
+        on_first = self._first_video_packet if kind == "video" else None
+        track = self._hub.subscribe(kind, on_first)
+        self._tracks.append(track)
+        transceiver = self._pc.addTransceiver(track, direction="sendonly")
+        if kind == "video":
+            attach_sender(transceiver.sender, self._hub)
+        return transceiver
+
+    def _first_video_packet(self) -> None:
+        self._metrics.time_to_first_frame.observe(time.monotonic() - self.created)
+
+    async def add_candidates(self, fragment: SdpFragment) -> None:
+        """Trickle ICE from the viewer (PATCH). aiortc cannot restart ICE: RFC 9725 says 422."""
+        if fragment.ice_ufrag is not None and fragment.ice_ufrag != self._remote_ufrag:
+            raise Unprocessable("ICE restart is not supported; start a new WHEP session")
+        for candidate in fragment.candidates:
+            if candidate.sdpMid is None:
+                candidate.sdpMid = self._pc.getTransceivers()[0].mid
+            await self._pc.addIceCandidate(candidate)
+        if fragment.end_of_candidates:
+            await self._pc.addIceCandidate(None)  # type: ignore[arg-type]
+
+    def send_event(self, payload: str) -> bool:
+        """Queue one JSON event on the viewer's data channel, if it opened one."""
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return False
+        if channel.bufferedAmount > MAX_CHANNEL_BUFFER:
+            self._metrics.events_dropped.labels("datachannel").inc()
+            return False
+        channel.send(payload)
+        return True
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if self._channel is None:
+            self._channel = channel
+
+    async def _on_connection_state(self) -> None:
+        state = self._pc.connectionState
+        self._metrics.viewer_ice_transitions.labels(state).inc()
+        if state == "connected" and self._state == "connecting":
+            self._set_state("connected")
+        elif state in ("failed", "closed"):
+            self.close_soon("ice_failed" if state == "failed" else "closed")
+
+    def _set_state(self, state: str) -> None:
+        if self._state in ("connecting", "connected"):
+            self._metrics.viewers.labels(self._state).dec()
+        self._state = state
+        if state in ("connecting", "connected"):
+            self._metrics.viewers.labels(state).inc()
+
+    def close_soon(self, reason: str) -> None:
+        """Close from a callback that must not wait (aiortc event handlers)."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close(reason))
+
+    async def close(self, reason: str) -> None:
+        """Stop the peer connection and release the hub tracks. Idempotent."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._set_state("closed")
+        self._metrics.viewer_disconnects.labels(reason).inc()
+        self._metrics.viewer_duration.observe(time.monotonic() - self.created)
+        for track in self._tracks:
+            track.stop()
+        try:
+            await self._pc.close()
+        finally:
+            self._on_closed(self)

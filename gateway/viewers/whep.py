@@ -1,0 +1,122 @@
+"""WHEP mechanics (RFC 9725 / draft-ietf-wish-whep) that are independent of HTTP handling:
+offer validation, trickle-ICE SDP fragments (RFC 8840), ETags and ICE-server ``Link`` headers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiortc import RTCIceCandidate
+from aiortc.sdp import SessionDescription, candidate_from_sdp
+
+from ..errors import BadSDP, UnsupportedCodec
+
+SDP_TYPE = "application/sdp"
+SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
+
+_SDP_LINE = re.compile(r"^[a-z]=.*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    sdp: str
+    has_audio: bool
+    has_data_channel: bool
+    ice_ufrag: str
+
+
+def parse_offer(text: str) -> Offer:
+    """Check a viewer's offer before aiortc sees it, with errors a person can act on."""
+    sdp = text.replace("\r\n", "\n").strip()
+    if not sdp.startswith("v=0"):
+        raise BadSDP("the body is not an SDP offer: it must start with 'v=0'")
+    if any(not _SDP_LINE.match(line) for line in sdp.split("\n") if line):
+        raise BadSDP("malformed SDP: every line must look like 'x=value'")
+    try:
+        parsed = SessionDescription.parse(sdp.replace("\n", "\r\n") + "\r\n")
+    except (ValueError, KeyError, IndexError, AssertionError, TypeError) as exc:
+        raise BadSDP(f"malformed SDP: {exc or type(exc).__name__}") from None
+    videos = [m for m in parsed.media if m.kind == "video"]
+    audios = [m for m in parsed.media if m.kind == "audio"]
+    if not videos:
+        raise BadSDP("the offer has no video m-line; a WHEP player must offer to receive video")
+    if len(videos) > 1 or len(audios) > 1:
+        raise BadSDP("the offer must have at most one video and one audio m-line")
+    if not any(c.mimeType.lower() == "video/vp8" for c in videos[0].rtp.codecs):
+        offered = sorted({c.mimeType for c in videos[0].rtp.codecs}) or ["none"]
+        raise UnsupportedCodec(f"the offer does not accept VP8 video (offered: {', '.join(offered)})")
+    if audios and not any(c.mimeType.lower() == "audio/opus" for c in audios[0].rtp.codecs):
+        raise UnsupportedCodec("the offer's audio m-line does not accept Opus")
+    for media in (*videos, *audios):
+        if media.direction not in (None, "recvonly", "sendrecv"):
+            raise BadSDP(f"the {media.kind} m-line is {media.direction}: a viewer must receive")
+    ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None)
+    if not ufrag:
+        raise BadSDP("the offer has no a=ice-ufrag")
+    fingerprints = [m.dtls for m in parsed.media if m.dtls and m.dtls.fingerprints]
+    if not fingerprints:
+        raise BadSDP("the offer has no a=fingerprint (DTLS is mandatory)")
+    return Offer(
+        sdp=sdp.replace("\n", "\r\n") + "\r\n",
+        has_audio=bool(audios),
+        has_data_channel=any(m.kind == "application" for m in parsed.media),
+        ice_ufrag=ufrag,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SdpFragment:
+    ice_ufrag: str | None
+    ice_pwd: str | None
+    candidates: tuple[RTCIceCandidate, ...]
+    end_of_candidates: bool
+
+
+def parse_sdpfrag(text: str) -> SdpFragment:
+    """Parse a trickle-ICE fragment (RFC 8840 section 9)."""
+    ufrag = pwd = None
+    mid: str | None = None
+    mline = -1
+    candidates: list[RTCIceCandidate] = []
+    end = False
+    for raw in text.replace("\r\n", "\n").split("\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("m="):
+            mline += 1
+            mid = None
+        elif line.startswith("a=mid:"):
+            mid = line[6:]
+        elif line.startswith("a=ice-ufrag:"):
+            ufrag = line[12:]
+        elif line.startswith("a=ice-pwd:"):
+            pwd = line[10:]
+        elif line.startswith("a=candidate:"):
+            try:
+                candidate = candidate_from_sdp(line[12:])
+            except (ValueError, IndexError, AssertionError) as exc:
+                raise BadSDP(f"malformed candidate line {line!r}: {exc}") from None
+            candidate.sdpMid = mid
+            candidate.sdpMLineIndex = max(mline, 0)
+            candidates.append(candidate)
+        elif line == "a=end-of-candidates":
+            end = True
+        elif not _SDP_LINE.match(line):
+            raise BadSDP(f"malformed SDP fragment line {line!r}")
+    return SdpFragment(ufrag, pwd, tuple(candidates), end)
+
+
+def link_headers(urls: Iterable[str], username: str = "", credential: str = "") -> list[str]:
+    """``Link: <url>; rel="ice-server"`` values (RFC 9725 section 4.6); TURN gets credentials."""
+    out = []
+    for url in urls:
+        value = f'<{url}>; rel="ice-server"'
+        if url.startswith(("turn:", "turns:")) and username:
+            user = username.replace('"', '\\"')
+            cred = credential.replace('"', '\\"')
+            value += f'; username="{user}"; credential="{cred}"; credential-type="password"'
+        out.append(value)
+    return out

@@ -1,0 +1,145 @@
+"""A real WHEP viewer for tests: an aiortc peer that decodes what the gateway sends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+from aiohttp.test_utils import TestClient
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class VideoSample:
+    arrival: float
+    width: int
+    height: int
+    mouth: np.ndarray | None  # Y plane crop of the mouth box, if one was given
+
+
+@dataclass
+class Received:
+    video: list[VideoSample] = field(default_factory=list)
+    audio_rms: list[tuple[float, float]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class WhepViewer:
+    """Offers recvonly video + audio + an ``events`` data channel, like the web page does."""
+
+    def __init__(self, client: TestClient[Any, Any], session_id: str, mouth_box: Box | None = None,
+                 audio: bool = True) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.mouth_box = mouth_box
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.received = Received()
+        self.location: str | None = None
+        self.etag: str | None = None
+        self._audio = audio
+        self._consumers: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
+        self.first_frame = asyncio.Event()
+
+    async def offer_sdp(self) -> str:
+        pc = self.pc
+        pc.addTransceiver("video", direction="recvonly")
+        if self._audio:
+            pc.addTransceiver("audio", direction="recvonly")
+        channel = pc.createDataChannel("events")
+        channel.on("message", self._on_message)
+        pc.on("track", self._on_track)
+        pc.on("connectionstatechange", self._on_state)
+        await pc.setLocalDescription(await pc.createOffer())
+        return str(pc.localDescription.sdp)
+
+    async def connect(self, timeout: float = 20.0) -> None:
+        offer = await self.offer_sdp()
+        response = await self.client.post(
+            f"/v1/sessions/{self.session_id}/whep", data=offer,
+            headers={"Content-Type": "application/sdp"})
+        body = await response.text()
+        assert response.status == 201, body
+        self.location = response.headers["Location"]
+        self.etag = response.headers["ETag"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self._connected.set()
+
+    def _on_message(self, message: str | bytes) -> None:
+        self.received.events.append(json.loads(message))
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        consume = self._consume_video if track.kind == "video" else self._consume_audio
+        self._consumers.append(asyncio.get_running_loop().create_task(consume(track)))
+
+    async def _consume_video(self, track: MediaStreamTrack) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.VideoFrame)
+                mouth = None
+                if self.mouth_box is not None:
+                    x, y, w, h = self.mouth_box
+                    plane = frame.to_ndarray(format="gray")
+                    mouth = plane[y:y + h, x:x + w].copy()
+                self.received.video.append(VideoSample(loop.time(), frame.width, frame.height, mouth))
+                self.first_frame.set()
+
+    async def _consume_audio(self, track: MediaStreamTrack) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.AudioFrame)
+                samples = frame.to_ndarray().astype(np.float64)
+                rms = float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+                self.received.audio_rms.append((loop.time(), rms))
+
+    async def delete(self) -> int:
+        assert self.location is not None
+        response = await self.client.delete(self.location)
+        return response.status
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self._consumers:
+            task.cancel()
+        for task in self._consumers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def minimal_offer(video: bool = True, audio: bool = True, video_codec: str = "VP8") -> str:
+    """A syntactically complete WHEP offer without a live peer behind it (negotiation tests)."""
+    lines = ["v=0", "o=- 1 1 IN IP4 0.0.0.0", "s=-", "t=0 0"]
+    mids = [k for k, on in (("0", video), ("1", audio)) if on]
+    lines.append("a=group:BUNDLE " + " ".join(mids))
+    common = ["c=IN IP4 0.0.0.0", "a=ice-ufrag:abcd", "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+              "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=setup:actpass", "a=rtcp-mux",
+              "a=recvonly"]
+    if video:
+        lines += ["m=video 9 UDP/TLS/RTP/SAVPF 96", *common, "a=mid:0",
+                  f"a=rtpmap:96 {video_codec}/90000"]
+    if audio:
+        lines += ["m=audio 9 UDP/TLS/RTP/SAVPF 111", *common, "a=mid:1",
+                  "a=rtpmap:111 opus/48000/2"]
+    return "\r\n".join(lines) + "\r\n"

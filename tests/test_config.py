@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, Secret, Settings
+
+
+def test_defaults_run_on_a_laptop() -> None:
+    settings = Settings.from_env({})
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.ice_servers == ()
+    assert settings.base_url == "http://127.0.0.1:8080"
+
+
+def test_env_prefix_and_types() -> None:
+    settings = Settings.from_env({
+        "AVATAR_GATEWAY_PORT": "9000",
+        "AVATAR_GATEWAY_KEYFRAME_INTERVAL": "2.5",
+        "AVATAR_GATEWAY_ICE_SERVERS": "stun:stun.example.org:3478, turn:turn.example.org",
+        "AVATAR_GATEWAY_ICE_HOST_ADDRESSES": "10.0.0.5",
+        "AVATAR_GATEWAY_ALLOW_INSECURE": "yes",
+        "UNRELATED": "x",
+    })
+    assert settings.port == 9000
+    assert settings.keyframe_interval == 2.5
+    assert settings.ice_servers == ("stun:stun.example.org:3478", "turn:turn.example.org")
+    assert settings.ice_host_addresses == ("10.0.0.5",)
+    assert settings.allow_insecure is True
+
+
+def test_overrides_win_over_env() -> None:
+    settings = Settings.from_env({"AVATAR_GATEWAY_PORT": "9000"}, port=9100)
+    assert settings.port == 9100
+
+
+def test_secrets_are_redacted(tmp_path: Path) -> None:
+    secret_file = tmp_path / "token"
+    secret_file.write_text("s3cr3t-token\n")
+    settings = Settings.from_env({"AVATAR_GATEWAY_API_TOKEN_FILE": str(secret_file)})
+    assert settings.api_token.reveal() == "s3cr3t-token"
+    assert "s3cr3t" not in repr(settings)
+    assert "s3cr3t" not in str(settings.api_token)
+    assert repr(Secret("")) == "Secret('')"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"AVATAR_GATEWAY_PORT": "eighty"}, "AVATAR_GATEWAY_PORT"),
+        ({"AVATAR_GATEWAY_PORT": "0"}, "port"),
+        ({"AVATAR_GATEWAY_DEFAULT_QUALITY": "ultra"}, "default_quality"),
+        ({"AVATAR_GATEWAY_ICE_SERVERS": "http://x"}, "stun:"),
+        ({"AVATAR_GATEWAY_ICE_HOST_ADDRESSES": "eth0"}, "not an IP"),
+        ({"AVATAR_GATEWAY_ALLOW_INSECURE": "maybe"}, "ALLOW_INSECURE"),
+        ({"AVATAR_GATEWAY_API_TOKEN_FILE": "/nonexistent/token"}, "cannot read"),
+    ],
+)
+def test_bad_values_are_explained(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        Settings.from_env(env)
+
+
+def test_public_bind_needs_auth() -> None:
+    with pytest.raises(ConfigError, match="without authentication"):
+        Settings.from_env({"AVATAR_GATEWAY_HOST": "0.0.0.0"})
+    assert Settings.from_env({"AVATAR_GATEWAY_HOST": "0.0.0.0",
+                              "AVATAR_GATEWAY_API_TOKEN": "t"}).host == "0.0.0.0"
+    assert Settings.from_env({"AVATAR_GATEWAY_HOST": "::1"}).base_url == "http://[::1]:8080"

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import asyncio
+
+from gateway.events import EventLog, LoggedEvent
+from gateway.upstream.base import AvatarEvent, EventType
+
+
+def _event(n: int) -> AvatarEvent:
+    return AvatarEvent(EventType.AVATAR_TALKING_MESSAGE, "task", {"message": str(n)})
+
+
+async def _drain(sub: object, limit: int = 1000) -> list[LoggedEvent]:
+    out: list[LoggedEvent] = []
+    async for item in sub:  # type: ignore[attr-defined]
+        out.append(item)
+        if len(out) >= limit:
+            break
+    return out
+
+
+async def test_live_events_in_order_and_end_on_close() -> None:
+    log = EventLog()
+    sub = log.subscribe()
+    for n in range(5):
+        log.publish(_event(n))
+    log.close()
+    items = await _drain(sub)
+    assert [i.id for i in items] == [1, 2, 3, 4, 5]
+    assert [i.event.data["message"] for i in items] == ["0", "1", "2", "3", "4"]
+
+
+async def test_replay_after_last_event_id() -> None:
+    log = EventLog(history=3)
+    for n in range(5):
+        log.publish(_event(n))
+    sub = log.subscribe(after_id=2)
+    log.publish(_event(5))
+    log.close()
+    assert [i.id for i in await _drain(sub)] == [3, 4, 5, 6]
+
+
+async def test_slow_subscriber_is_cut_off_not_buffered_forever() -> None:
+    dropped: list[int] = []
+    log = EventLog(subscriber_capacity=4, on_overflow=lambda: dropped.append(1))
+    slow = log.subscribe()
+    for n in range(10):
+        log.publish(_event(n))
+    items = await _drain(slow)
+    assert [i.id for i in items] == [1, 2, 3, 4]
+    assert slow.overflowed and dropped == [1]
+    # A reconnect with Last-Event-ID gets the rest: nothing was lost.
+    again = log.subscribe(after_id=items[-1].id)
+    log.close()
+    assert [i.id for i in await _drain(again)] == [5, 6, 7, 8, 9, 10]
+
+
+async def test_waiting_with_a_timeout_loses_nothing() -> None:
+    log = EventLog()
+    sub = log.subscribe()
+    try:
+        async with asyncio.timeout(0.01):
+            await anext(sub)
+    except TimeoutError:
+        pass
+    log.publish(_event(1))
+    item = await anext(sub)
+    assert item.id == 1
+
+
+async def test_subscribe_after_close_ends_immediately() -> None:
+    log = EventLog()
+    log.publish(_event(1))
+    log.close()
+    assert [i.id for i in await _drain(log.subscribe(after_id=0))] == [1]
