@@ -89,6 +89,9 @@ class Settings:
     viewer_video_queue: int = 30
     viewer_audio_queue: int = 50
 
+    media_design: str = "encode-once"
+    """``naive`` gives every viewer its own encoder (aiortc's default); only for benchmarks."""
+
     max_sessions: int = 8
     max_viewers_per_session: int = 64
     max_body_bytes: int = 64 * 1024
@@ -105,6 +108,9 @@ class Settings:
                 f"default_quality must be one of {sorted(QUALITY_TIERS)}, "
                 f"got {self.default_quality!r}"
             )
+        if self.media_design not in ("encode-once", "naive"):
+            raise ConfigError(f"media_design must be 'encode-once' or 'naive', "
+                              f"got {self.media_design!r}")
         if not 1 <= self.video_fps <= 60:
             raise ConfigError(f"video_fps must be 1..60, got {self.video_fps}")
         for name in ("keyframe_interval", "keyframe_min_gap"):
@@ -159,7 +165,9 @@ class Settings:
                     raise ConfigError(f"{key}_FILE: cannot read {path}: {exc}") from None
             if raw is not None:
                 values[f.name] = _parse(key, f.type, raw)
-        values.update(overrides)
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in overrides.items():
+            values[name] = Secret(value) if types.get(name) == "Secret" and isinstance(value, str) else value
         return cls(**values)
 
 

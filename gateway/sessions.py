@@ -76,6 +76,7 @@ class Session:
                 keyframe_min_gap=settings.keyframe_min_gap,
                 video_queue=settings.viewer_video_queue,
                 audio_queue=settings.viewer_audio_queue,
+                naive=settings.media_design == "naive",
             ),
             metrics,
         )

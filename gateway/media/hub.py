@@ -24,7 +24,7 @@ import av
 
 from ..metrics import Metrics
 from .codecs import AudioEncoder, VideoEncoder
-from .tracks import PacketTrack
+from .tracks import FrameTrack, PacketTrack
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class HubConfig:
     keyframe_min_gap: float = 0.5
     video_queue: int = 30
     audio_queue: int = 50
+    naive: bool = False
+    """Benchmark baseline only: hand raw frames to every viewer (one encoder per viewer)."""
 
 
 @dataclass(slots=True)
@@ -59,6 +61,7 @@ class Hub:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hub-video")
         self._video_tracks: set[PacketTrack] = set()
         self._audio_tracks: set[PacketTrack] = set()
+        self._naive_tracks: set[FrameTrack] = set()
         self._pending_frame: av.VideoFrame | None = None
         self._frame_ready = asyncio.Event()
         self._keyframe_reason: str | None = "start"
@@ -71,11 +74,17 @@ class Hub:
 
     @property
     def viewer_tracks(self) -> int:
-        return len(self._video_tracks) + len(self._audio_tracks)
+        return len(self._video_tracks) + len(self._audio_tracks) + len(self._naive_tracks)
 
-    def subscribe(self, kind: str, on_first_packet: Callable[[], None] | None = None) -> PacketTrack:
+    def subscribe(
+        self, kind: str, on_first_packet: Callable[[], None] | None = None
+    ) -> PacketTrack | FrameTrack:
         if self._closed:
             raise RuntimeError("hub is closed")
+        if self._config.naive:
+            naive = FrameTrack(self, kind, 2 if kind == "video" else 10)
+            self._naive_tracks.add(naive)
+            return naive
         if kind == "video":
             track = PacketTrack(self, "video", self._config.video_queue, on_first_packet)
             self._video_tracks.add(track)
@@ -87,9 +96,12 @@ class Hub:
             raise ValueError(f"unknown kind {kind!r}")
         return track
 
-    def unsubscribe(self, track: PacketTrack) -> None:
-        self._video_tracks.discard(track)
-        self._audio_tracks.discard(track)
+    def unsubscribe(self, track: PacketTrack | FrameTrack) -> None:
+        if isinstance(track, FrameTrack):
+            self._naive_tracks.discard(track)
+        else:
+            self._video_tracks.discard(track)
+            self._audio_tracks.discard(track)
 
     def request_keyframe(self, reason: str) -> None:
         self.stats.keyframe_requests += 1
@@ -108,12 +120,15 @@ class Hub:
 
     @property
     def video_wanted(self) -> bool:
-        return bool(self._video_tracks)
+        return bool(self._video_tracks or self._naive_tracks)
 
     def push_video(self, frame: av.VideoFrame) -> None:
         if self._closed:
             return
         self.stats.video_frames_in += 1
+        if self._config.naive:
+            self._push_naive("video", frame)
+            return
         if not self._video_tracks:
             self._skip("video", "no_viewers")
             return
@@ -125,6 +140,9 @@ class Hub:
     def push_audio(self, frame: av.AudioFrame) -> None:
         if self._closed:
             return
+        if self._config.naive:
+            self._push_naive("audio", frame)
+            return
         if not self._audio_tracks:
             self._skip("audio", "no_viewers")
             return
@@ -135,6 +153,11 @@ class Hub:
             self._metrics.sent_bytes.labels("audio").inc(packet.size * len(self._audio_tracks))
             for track in tuple(self._audio_tracks):
                 track.push(packet, True)
+
+    def _push_naive(self, kind: str, frame: av.VideoFrame | av.AudioFrame) -> None:
+        for track in tuple(self._naive_tracks):
+            if track.kind == kind:
+                track.push(frame)
 
     def _skip(self, kind: str, reason: str) -> None:
         if kind == "video":
@@ -189,11 +212,8 @@ class Hub:
             return
         self._closed = True
         self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        for track in (*self._video_tracks, *self._audio_tracks):
+        await asyncio.wait([self._task])
+        for track in (*self._video_tracks, *self._audio_tracks, *self._naive_tracks):
             track.stop()
         self._pending_frame = None
         # The worker may still be inside libvpx for this one frame; don't block the loop on it.

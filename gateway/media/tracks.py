@@ -108,6 +108,33 @@ class PacketTrack(MediaStreamTrack):
             self._wakeup.set_result(None)
 
 
+class FrameTrack(MediaStreamTrack):
+    """The naive design, kept only so ``bench/fanout.py`` can measure what encode-once saves:
+    raw frames per viewer, so aiortc runs one encoder per sender (its default). Bounded; the
+    oldest frame goes when the sender's encoder falls behind."""
+
+    def __init__(self, hub: Hub, kind: str, capacity: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self._hub = hub
+        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame] = asyncio.Queue(capacity)
+
+    def push(self, frame: av.VideoFrame | av.AudioFrame) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self._hub.count_dropped(self.kind, 1)
+        self._queue.put_nowait(frame)
+
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        return await self._queue.get()
+
+    def stop(self) -> None:
+        super().stop()
+        self._hub.unsubscribe(self)
+
+
 def attach_sender(sender: RTCRtpSender, hub: Hub) -> None:
     """Route a sender's RTCP feedback to the shared encoder.
 

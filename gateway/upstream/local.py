@@ -41,9 +41,12 @@ class _Scheduled:
     start: int
     """First sample, on the media clock."""
     end: int
+    chunks: tuple[str, ...] = ()
+    """Per word, the text to announce when it starts: input text up to the next word, so the
+    chunks concatenate back to exactly what was asked (punctuation included)."""
     next_word: int = 0
     started: bool = False
-    words_spoken: list[str] = field(default_factory=list)
+    spoken: list[str] = field(default_factory=list)
 
 
 class LocalUpstream(Upstream):
@@ -77,6 +80,11 @@ class LocalUpstream(Upstream):
     def video_size(self) -> tuple[int, int]:
         return self._quality.width, self._quality.height
 
+    @property
+    def renderer(self) -> FaceRenderer | None:
+        """The face renderer once started (tests read its ``mouth_box``)."""
+        return self._renderer
+
     async def start(self, sink: MediaSink) -> None:
         loop = asyncio.get_running_loop()
         self._renderer = await loop.run_in_executor(
@@ -108,7 +116,8 @@ class LocalUpstream(Upstream):
         if self._schedule:
             start = max(start, self._schedule[-1].end)
         end = start + len(utterance.pcm)
-        self._schedule.append(_Scheduled(task_id, utterance, lipsync, start, end))
+        chunks = _word_chunks(text, [w.text for w in utterance.words])
+        self._schedule.append(_Scheduled(task_id, utterance, lipsync, start, end, chunks))
         return SpeakResult(task_id=task_id, duration_ms=round(utterance.duration * 1000.0, 1))
 
     async def interrupt(self) -> None:
@@ -180,14 +189,14 @@ class LocalUpstream(Upstream):
     def _emit_words(self, item: _Scheduled, until: float) -> None:
         words = item.utterance.words
         while item.next_word < len(words) and words[item.next_word].start <= until:
-            word = words[item.next_word].text
+            chunk = item.chunks[item.next_word]
             item.next_word += 1
-            item.words_spoken.append(word)
-            self._emit(EventType.AVATAR_TALKING_MESSAGE, item.task_id, message=word + " ")
+            item.spoken.append(chunk)
+            self._emit(EventType.AVATAR_TALKING_MESSAGE, item.task_id, message=chunk)
 
     def _finish(self, item: _Scheduled) -> None:
         duration_ms = round((item.end - item.start) * 1000 / SAMPLE_RATE, 1)
-        self._emit(EventType.AVATAR_END_MESSAGE, item.task_id, message=" ".join(item.words_spoken))
+        self._emit(EventType.AVATAR_END_MESSAGE, item.task_id, message="".join(item.spoken))
         self._emit(EventType.AVATAR_STOP_TALKING, item.task_id, duration_ms=duration_ms)
 
     def _emit(self, type_: EventType, task_id: str, **data: object) -> None:
@@ -226,3 +235,19 @@ class LocalUpstream(Upstream):
             if item.start > sample:
                 break
         return REST
+
+
+def _word_chunks(text: str, words: list[str]) -> tuple[str, ...]:
+    """Split ``text`` at the words' positions: chunk i runs from word i to word i+1."""
+    starts: list[int] = []
+    cursor = 0
+    for word in words:
+        found = text.find(word, cursor) if word else -1
+        position = found if found >= 0 else cursor
+        starts.append(position)
+        cursor = position + len(word) if found >= 0 else cursor
+    if not starts:
+        return ()
+    starts[0] = 0
+    bounds = [*starts[1:], len(text)]
+    return tuple(text[a:b] for a, b in zip(starts, bounds, strict=True))

@@ -21,7 +21,7 @@ from aiortc import (
 
 from ..errors import BadSDP, Unprocessable
 from ..media.hub import Hub
-from ..media.tracks import PacketTrack, attach_sender
+from ..media.tracks import FrameTrack, PacketTrack, attach_sender
 from ..metrics import Metrics
 from .whep import Offer, SdpFragment
 
@@ -75,7 +75,7 @@ class Viewer:
         self._metrics = metrics
         self._on_closed = on_closed
         self._pc = RTCPeerConnection(configuration)
-        self._tracks: list[PacketTrack] = []
+        self._tracks: list[PacketTrack | FrameTrack] = []
         self._channel: RTCDataChannel | None = None
         self._remote_ufrag = ""
         self._state = "connecting"
@@ -117,7 +117,7 @@ class Viewer:
         track = self._hub.subscribe(kind, on_first)
         self._tracks.append(track)
         transceiver = self._pc.addTransceiver(track, direction="sendonly")
-        if kind == "video":
+        if isinstance(track, PacketTrack) and kind == "video":
             attach_sender(transceiver.sender, self._hub)
         return transceiver
 
