@@ -19,8 +19,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
 
+# The browser test drives Debian's chromium (Playwright's own browser download cannot work here).
+/usr/bin/chromium:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "note: 'sudo apt-get install chromium' to run the browser test (skipped without it)"; fi
+
 # WebRTC tests run inside a private network namespace (see tests/netns.sh).
-pytest: $(STAMP)
+pytest: $(STAMP) /usr/bin/chromium
 	tests/netns.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint pytest

@@ -58,8 +58,9 @@ async def test_speak_and_interrupt_validation(client: Client, session_id: str) -
     url = f"/v1/sessions/{session_id}"
     assert "required" in await error_of(await client.post(f"{url}/speak", json={}), 400)
     assert "empty" in await error_of(await client.post(f"{url}/speak", json={"text": "  "}), 400)
-    assert "JSON" in await error_of(
-        await client.post(f"{url}/speak", data=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    bad_json = await client.post(f"{url}/speak", data=b"{not json",
+                                 headers={"Content-Type": "application/json"})
+    assert "JSON" in await error_of(bad_json, 400)
     assert "JSON object" in await error_of(await client.post(f"{url}/speak", json=["a"]), 400)
     assert "task_type" in await error_of(
         await client.post(f"{url}/speak", json={"text": "hi", "task_type": "sing"}), 400)
@@ -87,9 +88,11 @@ async def test_unknown_ids_are_404(client: Client, session_id: str) -> None:
         ("DELETE", "/v1/sessions/nope/whep/nope"),
         ("GET", "/no/such/route"),
     ]:
-        response = await client.request(method, path, json={"text": "x"} if method == "POST" else None)
+        body = {"text": "x"} if method == "POST" else None
+        response = await client.request(method, path, json=body)
         assert "no " in (await error_of(response, 404)).lower() or path == "/no/such/route"
-    patch = await client.patch(f"/v1/sessions/{session_id}/whep/nope", data="a=end-of-candidates", headers=FRAG)
+    patch = await client.patch(f"/v1/sessions/{session_id}/whep/nope", data="a=end-of-candidates",
+                               headers=FRAG)
     await error_of(patch, 404)
     offer = await client.post("/v1/sessions/nope/whep", data=minimal_offer(), headers=SDP)
     await error_of(offer, 404)
@@ -100,7 +103,8 @@ async def test_unknown_ids_are_404(client: Client, session_id: str) -> None:
     [
         ("hello", 400, "v=0"),
         ("v=0\r\nthis is not sdp\r\n", 400, "malformed"),
-        ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF x\r\n", 400, "malformed"),
+        ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF x\r\n",
+         400, "malformed"),
         (minimal_offer(video=False), 400, "no video"),
         (minimal_offer(video_codec="H264"), 400, "VP8"),
         (minimal_offer().replace("a=fingerprint", "a=x-fingerprint"), 400, "fingerprint"),

@@ -10,6 +10,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket
 
+from gateway.media.codecs import Packet
 from gateway.media.hub import Hub, HubConfig
 from gateway.media.tracks import PacketTrack, attach_sender
 from gateway.metrics import Metrics
@@ -51,7 +52,7 @@ async def encode(hub: Hub, first: int, count: int) -> None:
                 await asyncio.sleep(0.002)
 
 
-def drain(track: PacketTrack) -> list[av.Packet]:
+def drain(track: PacketTrack) -> list[Packet]:
     out = []
     while track._queue:
         out.append(track._queue.popleft())
@@ -110,7 +111,7 @@ async def test_slow_viewer_skips_to_next_keyframe_without_disturbing_others() ->
     hub = make_hub(video_queue=4, keyframe_interval=60.0, keyframe_min_gap=0.0)
     slow = hub.subscribe("video")
     fast = hub.subscribe("video")
-    got_fast: list[av.Packet] = []
+    got_fast: list[Packet] = []
     for index in range(12):
         await encode(hub, index, 1)
         got_fast += drain(fast)

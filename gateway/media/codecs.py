@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import fractions
 import logging
+from typing import Any, TypeAlias
 
 import av
 from av.video.frame import PictureType
 
 logger = logging.getLogger(__name__)
+
+Packet: TypeAlias = "av.Packet[Any]"
+"""An encoded packet (no container stream behind it)."""
 
 VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
 AUDIO_RATE = 48_000
@@ -34,7 +38,7 @@ class VideoEncoder:
         self._fps = fps
         self._context: av.VideoCodecContext | None = None
 
-    def encode(self, frame: av.VideoFrame, keyframe: bool) -> list[av.Packet]:
+    def encode(self, frame: av.VideoFrame, keyframe: bool) -> list[Packet]:
         if frame.format.name != "yuv420p":
             # Upstreams convert once at the source; this is a safety net for odd inputs.
             frame = frame.reformat(format="yuv420p")
@@ -45,8 +49,8 @@ class VideoEncoder:
         frame.pict_type = PictureType.I if keyframe else PictureType.NONE
         packets = ctx.encode(frame)
         for packet in packets:
-            if packet.time_base is None:
-                packet.time_base = VIDEO_TIME_BASE
+            # libvpx leaves it unset; aiortc needs it to compute RTP timestamps.
+            packet.time_base = VIDEO_TIME_BASE
         return packets
 
     def _open(self, width: int, height: int) -> av.VideoCodecContext:
@@ -103,11 +107,10 @@ class AudioEncoder:
             format="s16", layout="mono", rate=AUDIO_RATE, frame_size=OPUS_FRAME_SAMPLES
         )
 
-    def encode(self, frame: av.AudioFrame) -> list[av.Packet]:
-        packets: list[av.Packet] = []
+    def encode(self, frame: av.AudioFrame) -> list[Packet]:
+        packets: list[Packet] = []
         for chunk in self._resampler.resample(frame):
             packets.extend(self._context.encode(chunk))
         for packet in packets:
-            if packet.time_base is None:
-                packet.time_base = AUDIO_TIME_BASE
+            packet.time_base = AUDIO_TIME_BASE
         return packets

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import av
 
 from ..metrics import Metrics
-from .codecs import AudioEncoder, VideoEncoder
+from .codecs import AudioEncoder, Packet, VideoEncoder
 from .tracks import FrameTrack, PacketTrack
 
 logger = logging.getLogger(__name__)
@@ -76,15 +76,21 @@ class Hub:
     def viewer_tracks(self) -> int:
         return len(self._video_tracks) + len(self._audio_tracks) + len(self._naive_tracks)
 
-    def subscribe(
-        self, kind: str, on_first_packet: Callable[[], None] | None = None
-    ) -> PacketTrack | FrameTrack:
+    @property
+    def naive(self) -> bool:
+        return self._config.naive
+
+    def subscribe_frames(self, kind: str) -> FrameTrack:
+        """Benchmark baseline: raw frames, for a sender that encodes them itself."""
         if self._closed:
             raise RuntimeError("hub is closed")
-        if self._config.naive:
-            naive = FrameTrack(self, kind, 2 if kind == "video" else 10)
-            self._naive_tracks.add(naive)
-            return naive
+        track = FrameTrack(self, kind, 2 if kind == "video" else 10)
+        self._naive_tracks.add(track)
+        return track
+
+    def subscribe(self, kind: str, on_first_packet: Callable[[], None] | None = None) -> PacketTrack:
+        if self._closed:
+            raise RuntimeError("hub is closed")
         if kind == "video":
             track = PacketTrack(self, "video", self._config.video_queue, on_first_packet)
             self._video_tracks.add(track)
@@ -174,7 +180,7 @@ class Hub:
             return self._keyframe_reason
         return None
 
-    def _encode_timed(self, frame: av.VideoFrame, keyframe: bool) -> tuple[list[av.Packet], float]:
+    def _encode_timed(self, frame: av.VideoFrame, keyframe: bool) -> tuple[list[Packet], float]:
         started = time.perf_counter()
         packets = self._video_encoder.encode(frame, keyframe)
         return packets, time.perf_counter() - started

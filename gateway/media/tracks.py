@@ -25,6 +25,8 @@ from aiortc.rtp import (
     RtcpRtpfbPacket,
 )
 
+from .codecs import Packet
+
 if TYPE_CHECKING:
     from .hub import Hub
 
@@ -48,7 +50,7 @@ class PacketTrack(MediaStreamTrack):
         self.kind = kind
         self._hub = hub
         self._capacity = capacity
-        self._queue: collections.deque[av.Packet] = collections.deque()
+        self._queue: collections.deque[Packet] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._awaiting_keyframe = kind == "video"
         self._on_first_packet = on_first_packet
@@ -58,7 +60,7 @@ class PacketTrack(MediaStreamTrack):
     def awaiting_keyframe(self) -> bool:
         return self._awaiting_keyframe
 
-    def push(self, packet: av.Packet, keyframe: bool) -> None:
+    def push(self, packet: Packet, keyframe: bool) -> None:
         """Called by the hub, on the loop, for every packet of this track's kind."""
         if self._awaiting_keyframe:
             if not keyframe:
@@ -83,7 +85,7 @@ class PacketTrack(MediaStreamTrack):
         self.dropped += count
         self._hub.count_dropped(self.kind, count)
 
-    async def recv(self) -> av.Packet:
+    async def recv(self) -> Packet:
         while not self._queue:
             if self.readyState != "live":
                 raise MediaStreamError
@@ -125,7 +127,7 @@ class FrameTrack(MediaStreamTrack):
             self._hub.count_dropped(self.kind, 1)
         self._queue.put_nowait(frame)
 
-    async def recv(self) -> av.VideoFrame | av.AudioFrame:  # type: ignore[override]
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         return await self._queue.get()

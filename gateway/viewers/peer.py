@@ -113,8 +113,12 @@ class Viewer:
         return pc.localDescription.sdp
 
     def _add_sender(self, kind: str) -> RTCRtpTransceiver:
-        on_first = self._first_video_packet if kind == "video" else None
-        track = self._hub.subscribe(kind, on_first)
+        track: PacketTrack | FrameTrack
+        if self._hub.naive:
+            track = self._hub.subscribe_frames(kind)
+        else:
+            on_first = self._first_video_packet if kind == "video" else None
+            track = self._hub.subscribe(kind, on_first)
         self._tracks.append(track)
         transceiver = self._pc.addTransceiver(track, direction="sendonly")
         if isinstance(track, PacketTrack) and kind == "video":
@@ -133,7 +137,7 @@ class Viewer:
                 candidate.sdpMid = self._pc.getTransceivers()[0].mid
             await self._pc.addIceCandidate(candidate)
         if fragment.end_of_candidates:
-            await self._pc.addIceCandidate(None)  # type: ignore[arg-type]
+            await self._pc.addIceCandidate(None)
 
     def send_event(self, payload: str) -> bool:
         """Queue one JSON event on the viewer's data channel, if it opened one."""

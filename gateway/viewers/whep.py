@@ -37,7 +37,7 @@ def parse_offer(text: str) -> Offer:
     try:
         parsed = SessionDescription.parse(sdp.replace("\n", "\r\n") + "\r\n")
     except (ValueError, KeyError, IndexError, AssertionError, TypeError) as exc:
-        raise BadSDP(f"malformed SDP: {exc or type(exc).__name__}") from None
+        raise BadSDP(f"malformed SDP: {str(exc) or type(exc).__name__}") from None
     videos = [m for m in parsed.media if m.kind == "video"]
     audios = [m for m in parsed.media if m.kind == "audio"]
     if not videos:
