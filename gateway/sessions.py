@@ -8,7 +8,6 @@ no peer connection, task or upstream session outlives its session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import secrets
@@ -238,6 +237,7 @@ class Session:
             self._metrics.session_duration.labels(self.upstream.kind).observe(
                 time.monotonic() - self._started)
             self._on_closed(self)
+            logger.info("session %s closed (%s)", self.id, reason)
 
 
 class SessionRegistry:
@@ -305,5 +305,4 @@ class SessionRegistry:
 
     async def close_all(self, reason: str = "shutdown") -> None:
         self._accepting = False
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*(s.close(reason) for s in self.list()), return_exceptions=True)
+        await asyncio.gather(*(s.close(reason) for s in self.list()), return_exceptions=True)
