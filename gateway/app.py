@@ -3,6 +3,7 @@ typed state, and the lifecycle that closes every session on shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -142,6 +143,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
 
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_session_lifecycle)
+    app.cleanup_ctx.append(_loop_lag_monitor)
     return app
 
 
@@ -150,6 +152,23 @@ async def _drain(app: web.Application) -> None:
     app[LIFECYCLE].draining = True
     app[METRICS].ready.set(0)
     await app[SESSIONS].close_all("shutdown")
+
+
+async def _loop_lag_monitor(app: web.Application) -> AsyncIterator[None]:
+    histogram = app[METRICS].loop_lag
+    period = 0.25
+
+    async def measure() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(period)
+            histogram.observe(max(0.0, loop.time() - started - period))
+
+    task = asyncio.get_running_loop().create_task(measure(), name="loop-lag-monitor")
+    yield
+    task.cancel()
+    await asyncio.wait([task])
 
 
 async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -97,6 +97,12 @@ class Metrics:
         self.rtcp_feedback = Counter(f"{NS}_rtcp_feedback_received_total",
                                      "RTCP feedback from viewers.", ["type"], registry=r)
 
+        self.loop_lag = Histogram(f"{NS}_event_loop_lag_seconds",
+                                  "How late the event loop runs a timer (starved loops fail "
+                                  "ICE consent checks and stall media).",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+                                  registry=r)
+
         # HTTP
         self.http_requests = Counter(f"{NS}_http_requests_total", "HTTP requests.",
                                      ["route", "method", "code"], registry=r)

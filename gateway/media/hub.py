@@ -195,9 +195,15 @@ class Hub:
             if frame is None:
                 continue
             reason = self._take_keyframe_decision()
-            packets, took = await loop.run_in_executor(
-                self._executor, self._encode_timed, frame, reason is not None
-            )
+            try:
+                packets, took = await loop.run_in_executor(
+                    self._executor, self._encode_timed, frame, reason is not None
+                )
+            except (av.FFmpegError, ValueError) as exc:
+                # One bad frame (odd size, codec hiccup) must not end the stream for everyone.
+                logger.warning("video encode failed, frame dropped: %s", exc)
+                self._skip("video", "encode_error")
+                continue
             self.stats.video_frames_encoded += 1
             self._metrics.frames_encoded.labels("video", codec).inc()
             self._metrics.encode_duration.labels(codec).observe(took)

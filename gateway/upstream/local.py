@@ -96,6 +96,16 @@ class LocalUpstream(Upstream):
             loop.create_task(self._audio_clock(origin), name="local-avatar-audio"),
             loop.create_task(self._video_clock(origin), name="local-avatar-video"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._clock_ended)
+
+    def _clock_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stopped:
+            return
+        exc = task.exception()
+        logger.error("local avatar clock %s failed", task.get_name(), exc_info=exc)
+        if self._sink is not None:
+            self._sink.on_upstream_ended(f"local avatar failed: {exc!r}")
 
     async def speak(self, text: str, task_type: TaskType = TaskType.REPEAT) -> SpeakResult:
         if task_type is not TaskType.REPEAT:
