@@ -1,0 +1,668 @@
+"""The local avatar: a cartoon face rendered to yuv420p frames.
+
+All drawing happens once, at construction: the figure is a parametric scene
+of implicit shapes (anti-aliased from each shape's distance estimate) drawn
+in float RGB and converted to BT.601 limited-range YUV. What varies per frame
+is pre-rendered as opaque patches cut from the same scene with different
+parameters: one per eye for every (blink level, gaze) pair, and one mouth
+patch per quantised (open, width) pose, including the jaw drop. A frame is
+then a crop of the base canvas (the crop offset is the idle sway) plus three
+patch copies -- no per-pixel maths at run time.
+
+Chroma is kept in four phases (even/odd crop offset in x and y) so the sway
+can move in single-pixel steps without misaligning chroma against luma.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+from .lipsync import MouthPose
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FaceRenderer"]
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+Shape = Callable[[F32, F32], F32]
+Color = tuple[float, float, float]
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in figure units
+
+# Figure units: 1.0 = frame height; x = 0 is the frame centre, y = 0 its top.
+SKIN, SKIN_SHADE, OUTLINE = (0.97, 0.80, 0.67), (0.87, 0.62, 0.50), (0.55, 0.33, 0.27)
+HAIR, HAIR_HI = (0.31, 0.19, 0.13), (0.52, 0.34, 0.22)
+SHIRT, SHIRT_DARK = (0.20, 0.55, 0.60), (0.12, 0.40, 0.45)
+BG_TOP, BG_BOTTOM = (0.72, 0.84, 0.93), (0.93, 0.95, 0.97)
+LIP, LIP_DARK, MOUTH_IN = (0.85, 0.47, 0.47), (0.45, 0.17, 0.18), (0.36, 0.08, 0.11)
+TONGUE, TEETH = (0.88, 0.42, 0.47), (0.99, 0.98, 0.95)
+SCLERA, IRIS, IRIS_DARK = (0.99, 0.99, 0.98), (0.25, 0.55, 0.50), (0.10, 0.28, 0.27)
+PUPIL, LASH, BLUSH = (0.06, 0.05, 0.05), (0.16, 0.09, 0.07), (0.98, 0.52, 0.52)
+
+HEAD_CY, HEAD_RX, HEAD_RY_TOP, HEAD_RY_BOT = 0.42, 0.182, 0.232, 0.222
+HAIR_CY = 0.40
+JAW_DROP = 0.014  # chin travel at full mouth opening
+EYE_DX, EYE_CY, EYE_RX, EYE_RY = 0.073, 0.432, 0.036, 0.040
+MOUTH_CY = 0.572
+# Patch regions: everything a parameter can change must lie inside them.
+EYE_PATCH: Box = (-0.056, 0.374, 0.056, 0.484)  # relative x, absolute y
+MOUTH_PATCH: Box = (-0.118, 0.532, 0.118, 0.75)
+
+BLINK_LEVELS = (0.0, 0.35, 0.65, 0.88, 1.0)
+GAZES: tuple[tuple[float, float], ...] = (
+    (0.0, 0.0), (-0.0075, 0.001), (0.0075, 0.001), (-0.005, -0.004), (0.005, 0.004),
+)
+MOUTH_OPEN_LEVELS = 12
+MOUTH_WIDTH_LEVELS = 5
+_PAD = 4  # patch render border, so gradients at its edge match the full render
+SWAY_X, SWAY_Y = 0.011, 0.006  # idle motion amplitude in figure units
+
+
+def _f(a: npt.ArrayLike) -> F32:
+    """float32 view of a numpy result (no copy when it already is one)."""
+    return np.asarray(a, dtype=np.float32)
+
+
+def _smoothstep(e0: float, e1: float, x: npt.ArrayLike) -> F32:
+    t = np.clip((_f(x) - e0) / (e1 - e0), 0.0, 1.0)
+    return _f(t * t * (3.0 - 2.0 * t))
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float) -> Shape:
+    def f(x: F32, y: F32) -> F32:
+        return _f(np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2) - 1.0)
+
+    return f
+
+
+def _mix(a: Color | F32, b: Color, t: F32) -> F32:
+    a_ = np.asarray(a, dtype=np.float32)
+    b_ = np.asarray(b, dtype=np.float32)
+    return (a_ + (b_ - a_) * t[..., None]).astype(np.float32)
+
+
+class _Region:
+    """A rectangle of the canvas being painted, in float RGB."""
+
+    def __init__(self, scale: float, cx: float, top: float, x0: int, y0: int, w: int, h: int):
+        self.scale = scale
+        self.xs = ((np.arange(x0, x0 + w) + 0.5 - cx) / scale).astype(np.float32)
+        self.ys = ((np.arange(y0, y0 + h) + 0.5 - top) / scale).astype(np.float32)
+        self.rgb = np.zeros((h, w, 3), dtype=np.float32)
+
+    def paint(
+        self,
+        box: Box,
+        shape: Shape,
+        color: Color | Callable[[F32, F32], F32],
+        *,
+        opacity: float = 1.0,
+        soft: float = 1.0,
+        grow: float = 0.0,
+        clip: Shape | None = None,
+    ) -> None:
+        """Fill `shape` (negative inside) over `box`, anti-aliased over `soft` px."""
+        ix = np.searchsorted(self.xs, (box[0], box[2]))
+        iy = np.searchsorted(self.ys, (box[1], box[3]))
+        if ix[1] - ix[0] < 2 or iy[1] - iy[0] < 2:
+            return
+        sx, sy = slice(int(ix[0]), int(ix[1])), slice(int(iy[0]), int(iy[1]))
+        x = self.xs[sx][None, :]
+        y = self.ys[sy][:, None]
+        full = (iy[1] - iy[0], ix[1] - ix[0])
+        alpha = self._coverage(np.broadcast_to(shape(x, y), full), soft, grow) * opacity
+        if clip is not None:
+            alpha *= self._coverage(np.broadcast_to(clip(x, y), full), 1.0, 0.0)
+        col = color(x, y) if callable(color) else np.asarray(color, dtype=np.float32)
+        dst = self.rgb[sy, sx]
+        dst += (col - dst) * alpha[..., None]
+
+    def outlined(self, box: Box, shape: Shape, color: Color | Callable[[F32, F32], F32],
+                 clip: Shape | None = None) -> None:
+        """A cartoon outline (the shape grown by ~2 px at 720p) under the fill."""
+        self.paint(box, shape, OUTLINE, grow=0.003, clip=clip)
+        self.paint(box, shape, color)
+
+    def _coverage(self, f: F32, soft: float, grow: float) -> F32:
+        # Distance in pixels from the implicit value and its numeric gradient.
+        gy, gx = np.gradient(f.astype(np.float32))
+        d = f / np.maximum(np.hypot(gx, gy), 1e-9) - grow * self.scale
+        return _f(np.clip(0.5 - d / soft, 0.0, 1.0))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pose:
+    blink: float = 0.0
+    gaze: tuple[float, float] = (0.0, 0.0)
+    mouth_open: float = 0.0
+    mouth_width: float = 0.5
+
+
+def _head_shape(jaw: float) -> Shape:
+    def f(x: F32, y: F32) -> F32:
+        dy = y - HEAD_CY
+        below = np.clip(dy / HEAD_RY_BOT, 0.0, 1.0)
+        rx = HEAD_RX * (1.0 - 0.2 * below * below)  # taper toward the chin
+        ry_bot = HEAD_RY_BOT + JAW_DROP * jaw * _smoothstep(0.60, 0.66, y)
+        ry = np.where(dy < 0, np.float32(HEAD_RY_TOP), ry_bot)
+        return _f(np.sqrt((x / rx) ** 2 + (dy / ry) ** 2) - 1.0)
+
+    return f
+
+
+def _hairline(x: F32) -> F32:
+    # Side-swept fringe: a dip right of centre, a parting on the left.
+    return _f(
+        0.262
+        + 0.11 * (x / 0.19) ** 2
+        + 0.042 * np.exp(-(((x - 0.055) / 0.075) ** 2))
+        - 0.012 * np.exp(-(((x + 0.075) / 0.03) ** 2))
+    )
+
+
+def _torso(x: F32, y: F32) -> F32:
+    # Sloping trapezius to the shoulder, a rounded corner, then the arms.
+    ax = np.abs(x)
+    top = 0.725 + 0.10 * (ax / 0.34) ** 2 - y
+    side = ax - 0.405 - 0.03 * _smoothstep(0.85, 1.1, y)
+    k = np.float32(0.07)
+    return _f(0.5 * (top + side + np.sqrt((top - side) ** 2 + k * k)))
+
+
+def _hair_back(x: F32, y: F32) -> F32:
+    # Elliptic crown, boxier below so the bob ends in rounded corners.
+    dy = y - HAIR_CY
+    n = np.where(dy < 0, np.float32(2.0), np.float32(4.0))
+    ry = np.where(dy < 0, np.float32(0.245), np.float32(0.175))
+    return _f(((np.abs(x) / 0.212) ** 2 + (np.abs(dy) / ry) ** n) ** 0.5 - 1.0)
+
+
+def _hair_front(x: F32, y: F32) -> F32:
+    return _f(np.maximum(_hair_back(x, y), (y - _hairline(x)) * 6.0))
+
+
+def _hair_color(x: F32, y: F32) -> F32:
+    rr = _ellipse(-0.02, HAIR_CY, 0.2, 0.25)(x, y) + 1.0
+    hi = np.exp(-(((rr - 0.80) / 0.06) ** 2)) * _smoothstep(0.33, 0.2, y)
+    # Faint strands: stripes that fan out from the parting.
+    ang = np.arctan2(y - 0.12, x + 0.06)
+    strands = 0.5 + 0.5 * np.sin(ang * 60.0)
+    return _mix(HAIR, HAIR_HI, (0.75 * hi + 0.12 * strands * _smoothstep(0.2, 0.3, y)))
+
+
+def _draw_figure(r: _Region, p: _Pose) -> None:
+    """Everything except eyes and mouth; the jaw follows the mouth opening."""
+    chin = HEAD_CY + HEAD_RY_BOT + JAW_DROP * p.mouth_open
+    r.rgb[:] = _mix(BG_TOP, BG_BOTTOM, np.broadcast_to(_smoothstep(-0.1, 1.1, r.ys)[:, None],
+                                                        r.rgb.shape[:2]))
+    glow = np.exp(-((r.xs[None, :] / 0.42) ** 2 + ((r.ys[:, None] - 0.45) / 0.5) ** 2))
+    r.rgb += (np.float32(1.0) - r.rgb) * (0.55 * glow)[..., None].astype(np.float32)
+    # Hair behind the head, showing at the sides.
+    r.outlined((-0.26, 0.12, 0.26, 0.62), _hair_back, _hair_color)
+
+    def neck(x: F32, y: F32) -> F32:
+        hw = 0.071 + 0.02 * _smoothstep(0.69, 0.79, y)
+        return _f(np.maximum(np.abs(x) - hw, (0.55 - y) * 0.3))
+
+    def neck_color(x: F32, y: F32) -> F32:
+        shade = 0.85 * (1.0 - _smoothstep(chin - 0.01, chin + 0.055, y))
+        shade = np.maximum(shade, 0.6 * _smoothstep(0.03, 0.075, np.abs(x)))
+        return _mix(SKIN, SKIN_SHADE, np.broadcast_to(shade, np.broadcast_shapes(x.shape, y.shape)))
+
+    r.outlined((-0.12, 0.5, 0.12, 1.1), neck, neck_color)
+    neckline = _ellipse(0.0, 0.722, 0.094, 0.05)
+    collar = _ellipse(0.0, 0.724, 0.11, 0.064)
+
+    def torso(x: F32, y: F32) -> F32:
+        return _f(np.maximum(_torso(x, y), -neckline(x, y) * 0.05))
+
+    def shirt_color(x: F32, y: F32) -> F32:
+        t = 0.85 * _smoothstep(0.25, 0.55, np.abs(x)) + 0.25 * _smoothstep(0.79, 0.73, y)
+        return _mix(SHIRT, SHIRT_DARK, t)
+
+    body_box = (-0.6, 0.7, 0.6, 1.2)
+    r.outlined(body_box, torso, shirt_color)
+    r.paint(body_box, lambda x, y: np.maximum(collar(x, y), -neckline(x, y)), SHIRT_DARK,
+            clip=_torso)
+    # Ears, then the head over them.
+    for s in (-1.0, 1.0):
+        ear_box = (s * 0.176 - 0.05, 0.38, s * 0.176 + 0.05, 0.51)
+        r.outlined(ear_box, _ellipse(s * 0.176, 0.447, 0.031, 0.05), SKIN)
+        r.paint(ear_box, _ellipse(s * 0.181, 0.45, 0.014, 0.029), SKIN_SHADE, soft=2.5, opacity=0.8)
+    head = _head_shape(p.mouth_open)
+
+    def skin(x: F32, y: F32) -> F32:
+        rr = head(x, y) + 1.0
+        shade = 0.55 * _smoothstep(0.62, 1.02, rr) + 0.25 * _smoothstep(0.0, 0.25, x * 0.6 + 0.02)
+        return _mix(SKIN, SKIN_SHADE, np.clip(shade, 0.0, 1.0))
+
+    head_box = (-0.21, 0.17, 0.21, 0.69)
+    r.outlined(head_box, head, skin)
+    # Cheeks, nose.
+    for s in (-1.0, 1.0):
+        r.paint((s * 0.115 - 0.07, 0.47, s * 0.115 + 0.07, 0.56),
+                _ellipse(s * 0.115, 0.515, 0.042, 0.026), BLUSH, soft=14.0, opacity=0.45)
+    r.paint((-0.05, 0.46, 0.05, 0.54), _ellipse(0.004, 0.503, 0.022, 0.016), SKIN_SHADE,
+            soft=5.0, opacity=0.7)
+    r.paint((-0.05, 0.46, 0.05, 0.54), _ellipse(-0.004, 0.497, 0.012, 0.009), SKIN,
+            soft=4.0, opacity=0.8)
+    r.paint((-0.05, 0.46, 0.05, 0.54),
+            lambda x, y: np.maximum(np.abs(y - 0.5125 + 0.004 * (1 - (x / 0.013) ** 2)) - 0.0012,
+                                    np.abs(x) - 0.013),
+            OUTLINE, soft=1.6, opacity=0.5)
+    # Shadow of the fringe on the forehead, then the fringe.
+    r.paint(head_box, lambda x, y: _hair_front(x, y - 0.012), SKIN_SHADE, soft=8.0,
+            opacity=0.55, clip=head)
+    r.outlined((-0.26, 0.12, 0.26, 0.46), _hair_front, _hair_color, clip=head)
+    # Eyebrows: tapered arcs.
+    for s in (-1.0, 1.0):
+        cx = s * EYE_DX
+
+        def brow(x: F32, y: F32, cx: float = cx, s: float = s) -> F32:
+            u = np.clip((x - cx) / 0.036, -1.0, 1.0)
+            centre = 0.347 - 0.011 * (1 - u * u) - 0.003 * s * u
+            half = 0.0052 * (1.0 - 0.45 * (s * u + 1) / 2) * np.sqrt(1 - 0.7 * u * u)
+            return _f(np.maximum(np.abs(y - centre) - half, np.abs(x - cx) - 0.036))
+
+        r.paint((cx - 0.05, 0.31, cx + 0.05, 0.37), brow, HAIR, soft=1.2)
+
+
+def _draw_eye(r: _Region, cx: float, p: _Pose) -> None:
+    cy = EYE_CY
+
+    def edges(x: F32) -> tuple[F32, F32]:
+        u = np.clip((x - cx) / EYE_RX, -1.0, 1.0)
+        half = EYE_RY * np.sqrt(1.0 - u * u)
+        return cy - half, cy + half * 0.92
+
+    lid_level = 0.13 + 0.87 * p.blink  # relaxed lids cover the iris top a little
+
+    def lid(x: F32) -> F32:
+        top, bot = edges(x)
+        return top + (bot - top) * lid_level
+
+    sclera = _ellipse(cx, cy, EYE_RX, EYE_RY)
+
+    def opening(x: F32, y: F32) -> F32:
+        return _f(np.maximum(sclera(x, y), (lid(x) - y) * 30.0))
+
+    box = (cx - 0.055, EYE_PATCH[1], cx + 0.055, EYE_PATCH[3])
+    if lid_level < 0.995:
+        r.paint(box, opening, lambda x, y: _mix(SCLERA, (0.80, 0.80, 0.86),
+                                                 _smoothstep(0.012, 0.0, y - lid(x))))
+        gx, gy = cx + p.gaze[0], cy + p.gaze[1] + 0.002
+
+        def iris_color(x: F32, y: F32) -> F32:
+            rr = np.sqrt((x - gx) ** 2 + (y - gy) ** 2) / 0.0235
+            base = _mix(IRIS, (0.45, 0.72, 0.62), _smoothstep(-0.2, 1.0, y - gy))
+            ring = _smoothstep(0.7, 1.0, rr)
+            top = _smoothstep(0.008, -0.002, y - lid(x)) * 0.6
+            return _mix(base, IRIS_DARK, np.clip(ring + top, 0.0, 1.0))
+
+        r.paint(box, _ellipse(gx, gy, 0.0235, 0.0235), iris_color, clip=opening)
+        r.paint(box, _ellipse(gx, gy, 0.0115, 0.0115), PUPIL, clip=opening)
+        r.paint(box, _ellipse(gx - 0.0085, gy - 0.0085, 0.0062, 0.0058), (1.0, 1.0, 1.0),
+                clip=opening)
+        r.paint(box, _ellipse(gx + 0.007, gy + 0.008, 0.0028, 0.0028), (1.0, 1.0, 1.0),
+                clip=opening, opacity=0.9)
+        # Lower lid line.
+        r.paint(box, lambda x, y: np.maximum(np.abs(y - edges(x)[1]) - 0.0009,
+                                             np.abs(x - cx) - EYE_RX * 0.85), OUTLINE,
+                opacity=0.45)
+    side = 1.0 if cx > 0 else -1.0
+
+    def lash(x: F32, y: F32) -> F32:
+        u = np.clip((x - cx) / EYE_RX, -1.0, 1.0)
+        outer = (side * u + 1.0) / 2.0  # 0 at the inner corner, 1 at the outer
+        thick = (0.0022 + 0.0042 * outer**1.5) * np.minimum(1.0, outer * 6.0 + 0.2)
+        line = np.abs(y - (lid(x) - thick * 0.55)) - thick * 0.6
+        # Both ends stop short of the corners, where the lid edge turns vertical
+        # (the outer end only when the lid is down: then it reads as a stray tick).
+        outer_end, inner_end = 1.03 - 0.13 * p.blink, 0.92
+        shift = side * (outer_end - inner_end) / 2 * EYE_RX
+        return _f(np.maximum(line, np.abs(x - cx - shift) - EYE_RX * (outer_end + inner_end) / 2))
+
+    r.paint(box, lash, LASH, soft=1.1)
+
+
+def _draw_mouth(r: _Region, p: _Pose) -> None:
+    o, w = p.mouth_open, p.mouth_width
+    hw = (0.034 + 0.028 * w) * (1.0 - 0.15 * o)
+    gap = 0.074 * o
+    up, down = 0.28 * gap, 0.72 * gap
+    smile = 0.010 * (0.6 + 0.4 * w) * (1.0 - 0.6 * o)
+    top_pow = 0.5 + 0.5 * w  # wider mouths have flatter upper edges
+    cy = MOUTH_CY
+
+    def u2(x: F32) -> F32:
+        return _f(np.clip(x / hw, -1.0, 1.0) ** 2)
+
+    def mid(x: F32) -> F32:
+        return cy - smile * u2(x)
+
+    def top(x: F32) -> F32:
+        return mid(x) - up * (1.0 - u2(x)) ** top_pow
+
+    def bot(x: F32) -> F32:
+        return mid(x) + down * (1.0 - u2(x)) ** 0.55
+
+    def opening(x: F32, y: F32) -> F32:
+        return _f(np.maximum(np.maximum(np.abs(x) - hw, top(x) - y), y - bot(x)))
+
+    lip_up = 0.0085 * (1.25 - 0.5 * w)
+    lip_dn = 0.0125 * (1.25 - 0.5 * w)
+
+    def lips(x: F32, y: F32) -> F32:
+        taper = np.sqrt(1.0 - u2(x) * 0.93)
+        upper = top(x) - lip_up * taper - y
+        return _f(np.maximum(np.maximum(np.abs(x) - hw * 1.04, upper), y - bot(x) - lip_dn * taper))
+
+    box = (-0.11, 0.53, 0.11, 0.67)
+    r.paint(box, lips, LIP, soft=2.0, opacity=0.85)
+    r.paint(box, _ellipse(0.0, bot(np.zeros(1, np.float32))[0] + lip_dn * 0.45,
+                          hw * 0.45, lip_dn * 0.3), (1.0, 0.75, 0.72), soft=4.0, opacity=0.4)
+    if gap * r.scale > 1.0:
+        r.paint(box, opening, LIP_DARK, grow=0.0018)
+        r.paint(box, opening, lambda x, y: _mix(MOUTH_IN, (0.18, 0.03, 0.05),
+                                                  _smoothstep(0.02, 0.0, y - top(x))))
+        bottom_mid = cy + down
+        r.paint(box, _ellipse(0.0, bottom_mid + 0.25 * gap * 0.2, hw * 0.62, 0.45 * gap + 1e-4),
+                TONGUE, clip=opening)
+        teeth = min(0.0105, 0.42 * gap)
+        r.paint(box, lambda x, y: y - (top(x) + teeth * (1 - u2(x) * 0.5)),
+                lambda x, y: _mix(TEETH, (0.85, 0.83, 0.82), _smoothstep(0.0, 0.06, np.abs(x))),
+                clip=opening)
+    # Seam line: the closed-mouth stroke, fading out as the lips part.
+    seam = max(0.0, 1.0 - gap * r.scale / 3.0)
+    if seam > 0.0:
+        r.paint(box, lambda x, y: np.maximum(np.abs(y - mid(x)) - 0.0016, np.abs(x) - hw),
+                LIP_DARK, opacity=seam)
+    for s in (-1.0, 1.0):  # corner dimples make the resting face read as a smile
+        r.paint(box, _ellipse(s * hw * 1.06, cy - smile - 0.002, 0.004, 0.005), SKIN_SHADE,
+                soft=3.0, opacity=0.7)
+
+
+def _to_yuv(rgb: F32) -> tuple[F32, F32, F32]:
+    # BT.601 limited range, the matrix libvpx/browsers assume for untagged video.
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + 65.481 * r + 128.553 * g + 24.966 * b
+    u = 128.0 - 37.797 * r - 74.203 * g + 112.0 * b
+    v = 128.0 + 112.0 * r - 93.786 * g - 18.214 * b
+    return y.astype(np.float32), u.astype(np.float32), v.astype(np.float32)
+
+
+def _q(a: F32) -> U8:
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _chroma_phase(c: F32, py: int, px: int, h2: int, w2: int) -> U8:
+    s = c[py : py + 2 * h2, px : px + 2 * w2]
+    return _q(0.25 * (s[0::2, 0::2] + s[1::2, 0::2] + s[0::2, 1::2] + s[1::2, 1::2]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Patch:
+    """Opaque pre-rendered pixels at an even canvas position."""
+
+    x: int
+    y: int
+    luma: U8
+    chroma: tuple[tuple[U8, U8], ...]  # (U, V) per phase py * 2 + px
+
+
+@dataclass(frozen=True, slots=True)
+class _Assets:
+    margin: int
+    base: _Patch
+    eyes: tuple[tuple[_Patch, ...], tuple[_Patch, ...]]  # [eye][blink * len(GAZES) + gaze]
+    mouths: tuple[_Patch, ...]  # [open * MOUTH_WIDTH_LEVELS + width]
+
+
+class _Builder:
+    def __init__(self, width: int, height: int) -> None:
+        self.w, self.h = width, height
+        self.scale = float(height)
+        self.margin = math.ceil(max(SWAY_X, SWAY_Y) * self.scale) + 1
+        self.cw, self.ch = width + 2 * self.margin, height + 2 * self.margin
+        self.cx = self.cw / 2.0
+
+    def rect(self, box: Box) -> tuple[int, int, int, int]:
+        """Even-aligned canvas pixel rectangle (x, y, w, h) covering `box`."""
+        x0 = (math.floor((self.cx + box[0] * self.scale) / 2)) * 2
+        y0 = (math.floor((self.margin + box[1] * self.scale) / 2)) * 2
+        x1 = (math.ceil((self.cx + box[2] * self.scale) / 2)) * 2
+        y1 = (math.ceil((self.margin + box[3] * self.scale) / 2)) * 2
+        x0, y0 = max(0, x0), max(0, y0)
+        x1, y1 = min(self.cw - self.cw % 2, x1), min(self.ch - self.ch % 2, y1)
+        return x0, y0, x1 - x0, y1 - y0
+
+    def region(self, x: int, y: int, w: int, h: int) -> _Region:
+        return _Region(self.scale, self.cx, float(self.margin), x, y, w, h)
+
+    def cut(self, rgb: F32, x: int, y: int, w: int, h: int, pad: int) -> _Patch:
+        """Quantise `rgb` (the canvas rectangle x, y, w, h plus `pad` px around)."""
+        yy, uu, vv = _to_yuv(rgb)
+        # Odd-phase chroma reads one pixel past the rectangle: the pad covers it.
+        phases = []
+        for py, px in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            h2, w2 = min(h // 2, (h + pad - py) // 2), min(w // 2, (w + pad - px) // 2)
+            phases.append((_chroma_phase(uu, pad + py, pad + px, h2, w2),
+                           _chroma_phase(vv, pad + py, pad + px, h2, w2)))
+        chroma = tuple(phases)
+        return _Patch(x, y, _q(yy[pad : pad + h, pad : pad + w]), chroma)
+
+    def patch(self, rect: tuple[int, int, int, int], under: F32,
+              draw: Callable[[_Region], None]) -> _Patch:
+        """`draw` over a copy of `under` (the figure around `rect`, padded by _PAD)."""
+        x, y, w, h = rect
+        r = self.region(x - _PAD, y - _PAD, w + 2 * _PAD, h + 2 * _PAD)
+        r.rgb[:] = under
+        draw(r)
+        return self.cut(r.rgb, x, y, w, h, _PAD)
+
+    def build(self) -> _Assets:
+        full = self.region(0, 0, self.cw, self.ch)
+        _draw_figure(full, _Pose())
+        base = self.cut(full.rgb, 0, 0, self.cw, self.ch, 0)
+
+        def crop(rect: tuple[int, int, int, int]) -> F32:
+            x, y, w, h = rect
+            if x < _PAD or y < _PAD or x + w + _PAD > self.cw or y + h + _PAD > self.ch:
+                raise ValueError("frame too small for the avatar layout")
+            return full.rgb[y - _PAD : y + h + _PAD, x - _PAD : x + w + _PAD]
+
+        # Eyes do not change the figure, so they are drawn over the base render.
+        eyes: list[tuple[_Patch, ...]] = []
+        for s in (-1.0, 1.0):
+            ex = s * EYE_DX
+            rect = self.rect((ex + EYE_PATCH[0], EYE_PATCH[1], ex + EYE_PATCH[2], EYE_PATCH[3]))
+            under = crop(rect)
+            eyes.append(tuple(
+                self.patch(rect, under, functools.partial(_draw_eye, cx=ex, p=_Pose(blink=b, gaze=g)))
+                for b in BLINK_LEVELS
+                for g in GAZES
+            ))
+        # The jaw depends on the opening only: one figure render per open level.
+        mrect = self.rect(MOUTH_PATCH)
+        base_under = crop(mrect)
+        mouths: list[_Patch] = []
+        for i in range(MOUTH_OPEN_LEVELS):
+            o = i / (MOUTH_OPEN_LEVELS - 1)
+            under = base_under
+            if i > 0:
+                x, y, w, h = mrect
+                jaw = self.region(x - _PAD, y - _PAD, w + 2 * _PAD, h + 2 * _PAD)
+                _draw_figure(jaw, _Pose(mouth_open=o))
+                under = jaw.rgb
+            for j in range(MOUTH_WIDTH_LEVELS):
+                pose = _Pose(mouth_open=o, mouth_width=j / (MOUTH_WIDTH_LEVELS - 1))
+                mouths.append(self.patch(mrect, under, functools.partial(_draw_mouth, p=pose)))
+        return _Assets(self.margin, base, (eyes[0], eyes[1]), tuple(mouths))
+
+
+_CACHE: dict[tuple[int, int], _Assets] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _assets(width: int, height: int) -> _Assets:
+    # Assets are immutable, so renderers of the same size share one copy.
+    with _CACHE_LOCK:
+        hit = _CACHE.get((width, height))
+        if hit is None:
+            hit = _Builder(width, height).build()
+            _CACHE[(width, height)] = hit
+        return hit
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _hash01(k: int, salt: int) -> float:
+    """Deterministic uniform [0, 1) from an integer (splitmix64 finaliser)."""
+    z = (k * 0x9E3779B97F4A7C15 + salt * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
+
+
+_BLINK_SLOT = 4.0  # one blink per slot at a random offset: 1..7 s apart, ~15/min
+_BLINK_CLOSE, _BLINK_HOLD, _BLINK_OPEN = 0.07, 0.05, 0.12
+_GAZE_SLOT = 1.9
+
+
+def _blink_shape(dt: float) -> float:
+    # Lids drop fast, rest a moment, rise more slowly.
+    if dt < 0.0 or dt < _BLINK_CLOSE:
+        return max(0.0, dt / _BLINK_CLOSE)
+    return min(1.0, max(0.0, 1.0 - (dt - _BLINK_CLOSE - _BLINK_HOLD) / _BLINK_OPEN))
+
+
+def blink_closure(t: float) -> float:
+    """Lid closure 0..1 at media time t (deterministic, natural-looking)."""
+    k = math.floor(t / _BLINK_SLOT)
+    start = k * _BLINK_SLOT + 0.4 + 3.0 * _hash01(k, 1)
+    c = _blink_shape(t - start)
+    if _hash01(k, 2) < 0.15:  # occasional double blink
+        c = max(c, _blink_shape(t - start - 0.32))
+    return c
+
+
+def gaze_index(t: float) -> int:
+    """Index into GAZES: mostly at the viewer, with short saccades away."""
+    k = math.floor(t / _GAZE_SLOT)
+    if _hash01(k, 3) < 0.65:
+        return 0
+    return 1 + int(_hash01(k, 4) * (len(GAZES) - 1))
+
+
+def sway(t: float) -> tuple[float, float]:
+    """Idle motion in figure units: slow sway plus a breathing bob."""
+    tau = 2 * math.pi * t
+    dx = SWAY_X * (0.65 * math.sin(tau / 9.7) + 0.35 * math.sin(tau / 4.3 + 1.3))
+    dy = SWAY_Y * (0.7 * math.sin(tau / 5.1 + 0.4) + 0.3 * math.sin(tau / 2.9))
+    return dx, dy
+
+
+class FaceRenderer:
+    """Renders yuv420p frames of the avatar.
+
+    Construction draws all assets (about a few hundred ms at 720p, cached per
+    size for the process); `render` only copies memory. Instances may be used
+    from any thread; each call builds a fresh frame.
+    """
+
+    def __init__(self, width: int, height: int) -> None:
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"frame size must be positive and even, got {width}x{height}")
+        if height < 64:
+            raise ValueError("frame height must be at least 64")
+        self._w, self._h = width, height
+        self._a = _assets(width, height)
+        # Frame-space boxes: the patch rectangles swept over all crop offsets,
+        # plus a pixel for odd-phase chroma and one for decoder chroma upsampling.
+        self._eye_box = self._swept(self._a.eyes[0][0], self._a.eyes[1][0])
+        self._mouth_box = self._swept(self._a.mouths[0], self._a.mouths[0])
+
+    def _swept(self, a: _Patch, b: _Patch) -> tuple[int, int, int, int]:
+        m, pad = self._a.margin, 2
+        ax, ay = round(SWAY_X * self._h), round(SWAY_Y * self._h)
+        x0 = max(0, min(a.x, b.x) - (m + ax) - pad)
+        y0 = max(0, min(a.y, b.y) - (m + ay) - pad)
+        x1 = min(self._w, max(a.x + a.luma.shape[1], b.x + b.luma.shape[1]) - (m - ax) + pad)
+        y1 = min(self._h, max(a.y + a.luma.shape[0], b.y + b.luma.shape[0]) - (m - ay) + pad)
+        return x0, y0, x1 - x0, y1 - y0
+
+    @property
+    def width(self) -> int:
+        return self._w
+
+    @property
+    def height(self) -> int:
+        return self._h
+
+    @property
+    def mouth_box(self) -> tuple[int, int, int, int]:
+        """(x, y, w, h) in frame pixels containing the mouth at any idle offset."""
+        return self._mouth_box
+
+    @property
+    def eye_box(self) -> tuple[int, int, int, int]:
+        """(x, y, w, h) in frame pixels containing both eyes at any idle offset."""
+        return self._eye_box
+
+    def offset(self, t: float) -> tuple[int, int]:
+        """Crop offset into the canvas at time t (margin = centred)."""
+        dx, dy = sway(t)
+        m = self._a.margin
+        ox = min(2 * m, max(0, m + round(dx * self._h)))
+        oy = min(2 * m, max(0, m + round(dy * self._h)))
+        return ox, oy
+
+    def render(self, t: float, mouth: MouthPose) -> av.VideoFrame:
+        ox, oy = self.offset(t)
+        blink = blink_closure(t)
+        b = min(range(len(BLINK_LEVELS)), key=lambda i: abs(BLINK_LEVELS[i] - blink))
+        eye_state = b * len(GAZES) + gaze_index(t)
+        mo = mouth.open if math.isfinite(mouth.open) else 0.0
+        mw = mouth.width if math.isfinite(mouth.width) else 0.5
+        oi = round(min(1.0, max(0.0, mo)) * (MOUTH_OPEN_LEVELS - 1))
+        wi = round(min(1.0, max(0.0, mw)) * (MOUTH_WIDTH_LEVELS - 1))
+
+        frame = av.VideoFrame(self._w, self._h, "yuv420p")
+        h2, w2 = self._h // 2, self._w // 2
+        # Write straight into the frame's buffers (minding line padding): one copy.
+        planes = [
+            np.frombuffer(memoryview(pl), dtype=np.uint8).reshape(-1, pl.line_size)[:rows, :cols]
+            for pl, rows, cols in zip(frame.planes, (self._h, h2, h2), (self._w, w2, w2),
+                                      strict=True)
+        ]
+        ph = (oy & 1) * 2 + (ox & 1)
+        cy0, cx0 = oy >> 1, ox >> 1
+        base = self._a.base
+        planes[0][:] = base.luma[oy : oy + self._h, ox : ox + self._w]
+        planes[1][:] = base.chroma[ph][0][cy0 : cy0 + h2, cx0 : cx0 + w2]
+        planes[2][:] = base.chroma[ph][1][cy0 : cy0 + h2, cx0 : cx0 + w2]
+        for patch in (self._a.eyes[0][eye_state], self._a.eyes[1][eye_state],
+                      self._a.mouths[oi * MOUTH_WIDTH_LEVELS + wi]):
+            self._blit(planes, patch, ox, oy, ph)
+        return frame
+
+    def _blit(self, planes: list[U8], p: _Patch, ox: int, oy: int, ph: int) -> None:
+        # Patches lie more than the sway margin inside the canvas, so their
+        # frame-space targets are in bounds at every crop offset.
+        fy, fx = p.y - oy, p.x - ox
+        h, w = p.luma.shape
+        planes[0][fy : fy + h, fx : fx + w] = p.luma
+        cy, cx = (p.y >> 1) - (oy >> 1), (p.x >> 1) - (ox >> 1)
+        u, v = p.chroma[ph]
+        planes[1][cy : cy + u.shape[0], cx : cx + u.shape[1]] = u
+        planes[2][cy : cy + v.shape[0], cx : cx + v.shape[1]] = v
