@@ -260,11 +260,13 @@ class SessionRegistry:
         except KeyError:
             raise NotFound(f"no session {session_id!r}") from None
 
-    def _synthesizer(self, voice: str) -> SpeechSynthesizer:
+    async def _synthesizer(self, voice: str) -> SpeechSynthesizer:
         if voice not in self._synthesizers:
+            # The first use of a voice takes eSpeak's process-wide lock: not on the loop.
+            loop = asyncio.get_running_loop()
             try:
-                self._synthesizers[voice] = SpeechSynthesizer(
-                    voice, self._settings.tts_words_per_minute)
+                self._synthesizers[voice] = await loop.run_in_executor(
+                    None, SpeechSynthesizer, voice, self._settings.tts_words_per_minute)
             except ValueError as exc:
                 raise BadRequest(f"unknown voice {voice!r}: {exc}") from None
         return self._synthesizers[voice]
@@ -279,12 +281,13 @@ class SessionRegistry:
         tier_name = quality or self._settings.default_quality
         if tier_name not in QUALITY_TIERS:
             raise BadRequest(f"quality must be one of {', '.join(QUALITY_TIERS)}, not {tier_name!r}")
+        synthesizer = await self._synthesizer(voice or self._settings.tts_voice)
+        # No await between the limit check and the registration: concurrent creates can't overshoot.
         if len(self._sessions) >= self._settings.max_sessions:
             raise CapacityError(
                 f"the gateway runs its maximum of {self._settings.max_sessions} sessions",
                 retry_after=30)
         tier = QUALITY_TIERS[tier_name]
-        synthesizer = self._synthesizer(voice or self._settings.tts_voice)
         source = LocalUpstream(tier, synthesizer, fps=self._settings.video_fps,
                                max_text_chars=self._settings.max_text_chars)
         session = Session(source, tier, self._settings, self._metrics, self._forget)

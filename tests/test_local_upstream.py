@@ -37,6 +37,11 @@ class CaptureSink:
         self.ended.append(reason)
 
 
+def pts(frame: av.VideoFrame | av.AudioFrame) -> int:
+    assert frame.pts is not None
+    return frame.pts
+
+
 def make_upstream() -> LocalUpstream:
     return LocalUpstream(QUALITY_TIERS["low"], SpeechSynthesizer("en-us"), fps=30)
 
@@ -63,12 +68,12 @@ async def test_mouth_follows_the_audio_within_one_frame() -> None:
     x, y, w, h = upstream.renderer.mouth_box
     # Mouth openness per video frame, on the media clock (pts in 1/90000 s).
     fps = 30
-    video_t = np.array([f.pts / 90_000 for f in sink.video])
+    video_t = np.array([pts(f) / 90_000 for f in sink.video])
     openness = np.array([(f.to_ndarray(format="gray")[y:y + h, x:x + w] < 70).mean()
                          for f in sink.video])
     # Audio loudness for the same 1/30 s windows.
     pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in sink.audio]).astype(np.float64)
-    audio_start = sink.audio[0].pts / 48_000
+    audio_start = pts(sink.audio[0]) / 48_000
     loudness = []
     for t in video_t:
         a = int((t - audio_start) * 48_000)
@@ -120,8 +125,8 @@ async def test_utterances_queue_back_to_back_and_audio_is_continuous() -> None:
                      (EventType.AVATAR_STOP_TALKING, first.task_id),
                      (EventType.AVATAR_START_TALKING, second.task_id),
                      (EventType.AVATAR_STOP_TALKING, second.task_id)]
-    pts = [f.pts for f in sink.audio]
-    assert pts == list(range(pts[0], pts[0] + 960 * len(pts), 960))  # no gap, no overlap
+    stamps = [pts(f) for f in sink.audio]
+    assert stamps == list(range(stamps[0], stamps[0] + 960 * len(stamps), 960))  # no gap, no overlap
 
 
 async def test_no_rendering_while_nobody_watches() -> None:

@@ -118,8 +118,7 @@ class LocalUpstream(Upstream):
         if len(text) > self._max_text_chars:
             raise BadRequest(f"text is longer than {self._max_text_chars} characters")
         loop = asyncio.get_running_loop()
-        utterance = await loop.run_in_executor(self._tts_pool, self._synthesizer.synthesize, text)
-        lipsync = LipSync(utterance)
+        utterance, lipsync = await loop.run_in_executor(self._tts_pool, self._prepare, text)
         task_id = uuid.uuid4().hex
         # Queue behind whatever is already scheduled, never in the past.
         start = self._samples_played + self._lead
@@ -129,6 +128,10 @@ class LocalUpstream(Upstream):
         chunks = _word_chunks(text, [w.text for w in utterance.words])
         self._schedule.append(_Scheduled(task_id, utterance, lipsync, start, end, chunks))
         return SpeakResult(task_id=task_id, duration_ms=round(utterance.duration * 1000.0, 1))
+
+    def _prepare(self, text: str) -> tuple[Utterance, LipSync]:
+        utterance = self._synthesizer.synthesize(text)
+        return utterance, LipSync(utterance)
 
     async def interrupt(self) -> None:
         now = self._samples_played
