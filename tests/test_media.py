@@ -52,6 +52,13 @@ async def encode(hub: Hub, first: int, count: int) -> None:
                 await asyncio.sleep(0.002)
 
 
+def subscribe(hub: Hub, kind: str = "video") -> PacketTrack:
+    """A track whose (imaginary) sender has started reading."""
+    track = hub.subscribe(kind)
+    track.activate()
+    return track
+
+
 def drain(track: PacketTrack) -> list[Packet]:
     out = []
     while track._queue:
@@ -61,7 +68,7 @@ def drain(track: PacketTrack) -> list[Packet]:
 
 async def test_one_encode_serves_every_viewer() -> None:
     hub = make_hub()
-    tracks = [hub.subscribe("video") for _ in range(3)]
+    tracks = [subscribe(hub) for _ in range(3)]
     await encode(hub, 0, 10)
     received = [drain(t) for t in tracks]
     assert hub.stats.video_frames_encoded == 10
@@ -75,10 +82,10 @@ async def test_one_encode_serves_every_viewer() -> None:
 
 async def test_late_viewer_starts_on_a_keyframe_it_asked_for() -> None:
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
-    early = hub.subscribe("video")
+    early = subscribe(hub)
     await encode(hub, 0, 5)
     assert sum(p.is_keyframe for p in drain(early)) == 1
-    late = hub.subscribe("video")
+    late = subscribe(hub)
     await encode(hub, 5, 5)
     packets = drain(late)
     assert packets and packets[0].is_keyframe  # nothing before its keyframe
@@ -88,7 +95,7 @@ async def test_late_viewer_starts_on_a_keyframe_it_asked_for() -> None:
 
 async def test_keyframe_requests_are_coalesced() -> None:
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=30.0)
-    hub.subscribe("video")
+    subscribe(hub)
     for index in range(20):
         hub.request_keyframe("pli")
         await encode(hub, index, 1)
@@ -99,7 +106,7 @@ async def test_keyframe_requests_are_coalesced() -> None:
 
 async def test_periodic_keyframe_bounds_recovery() -> None:
     hub = make_hub(keyframe_interval=0.05, keyframe_min_gap=0.01)
-    hub.subscribe("video")
+    subscribe(hub)
     for index in range(4):
         await encode(hub, index, 1)
         await asyncio.sleep(0.06)
@@ -109,8 +116,8 @@ async def test_periodic_keyframe_bounds_recovery() -> None:
 
 async def test_slow_viewer_skips_to_next_keyframe_without_disturbing_others() -> None:
     hub = make_hub(video_queue=4, keyframe_interval=60.0, keyframe_min_gap=0.0)
-    slow = hub.subscribe("video")
-    fast = hub.subscribe("video")
+    slow = subscribe(hub)
+    fast = subscribe(hub)
     got_fast: list[Packet] = []
     for index in range(12):
         await encode(hub, index, 1)
@@ -137,12 +144,29 @@ async def test_nobody_watching_costs_no_encode() -> None:
 
 async def test_audio_is_encoded_once_to_opus() -> None:
     hub = make_hub()
-    tracks = [hub.subscribe("audio") for _ in range(2)]
+    tracks = [subscribe(hub, "audio") for _ in range(2)]
     for index in range(10):
         hub.push_audio(audio_frame(index))
     a, b = (drain(t) for t in tracks)
     assert len(a) >= 9 and [p is q for p, q in zip(a, b, strict=True)] == [True] * len(a)
     assert all(p.time_base == fractions.Fraction(1, 48_000) for p in a)
+    await hub.close()
+
+
+async def test_nothing_queues_before_the_sender_reads() -> None:
+    """A viewer still in its ICE/DTLS handshake must not collect a backlog to burst later."""
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    watching = subscribe(hub)
+    connecting = hub.subscribe("video")
+    await encode(hub, 0, 5)
+    assert len(drain(watching)) == 5 and len(connecting._queue) == 0
+    requests = hub.stats.keyframe_requests
+    first = asyncio.ensure_future(connecting.recv())  # the sender starts: DTLS is up
+    await asyncio.sleep(0)
+    assert hub.stats.keyframe_requests == requests + 1
+    await encode(hub, 5, 1)
+    packet = await asyncio.wait_for(first, 5)
+    assert packet.is_keyframe and packet.pts == 5 * 3000  # fresh, not the backlog
     await hub.close()
 
 

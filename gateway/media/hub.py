@@ -94,7 +94,6 @@ class Hub:
         if kind == "video":
             track = PacketTrack(self, "video", self._config.video_queue, on_first_packet)
             self._video_tracks.add(track)
-            self.request_keyframe("join")
         elif kind == "audio":
             track = PacketTrack(self, "audio", self._config.audio_queue, on_first_packet)
             self._audio_tracks.add(track)

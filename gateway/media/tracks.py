@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 class PacketTrack(MediaStreamTrack):
     """One viewer's view of a shared encoder: a bounded queue of encoded packets.
 
-    Video starts at a keyframe and, if the viewer falls behind (queue full), the queue is
-    flushed and the viewer resumes at the next keyframe, which it requests. Audio drops the
-    oldest packet instead. Either way memory is bounded and every drop is reported.
+    Nothing is queued until the sender first reads (aiortc starts reading only once DTLS is
+    up), so a slow handshake never turns into a burst of stale video. Video then starts at a
+    keyframe it requests and, if the viewer falls behind (queue full), the queue is flushed and
+    the viewer resumes at the next keyframe. Audio drops the oldest packet instead. Either way
+    memory is bounded and every drop is reported.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class PacketTrack(MediaStreamTrack):
         self._queue: collections.deque[Packet] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._awaiting_keyframe = kind == "video"
+        self._reading = False
         self._on_first_packet = on_first_packet
         self.dropped = 0
 
@@ -60,8 +63,17 @@ class PacketTrack(MediaStreamTrack):
     def awaiting_keyframe(self) -> bool:
         return self._awaiting_keyframe
 
+    def activate(self) -> None:
+        """The sender started reading: from now on packets are queued."""
+        if not self._reading:
+            self._reading = True
+            if self.kind == "video":
+                self._hub.request_keyframe("join")
+
     def push(self, packet: Packet, keyframe: bool) -> None:
         """Called by the hub, on the loop, for every packet of this track's kind."""
+        if not self._reading:
+            return
         if self._awaiting_keyframe:
             if not keyframe:
                 return
@@ -86,6 +98,7 @@ class PacketTrack(MediaStreamTrack):
         self._hub.count_dropped(self.kind, count)
 
     async def recv(self) -> Packet:
+        self.activate()
         while not self._queue:
             if self.readyState != "live":
                 raise MediaStreamError
