@@ -86,6 +86,8 @@ class Settings:
     """Seconds between periodic keyframes: bounds recovery for a viewer whose PLI is lost."""
     keyframe_min_gap: float = 0.5
     """Forced keyframes (joins, PLI/FIR) are coalesced to at most one per this many seconds."""
+    viewer_connect_timeout: float = 30.0
+    """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
     viewer_video_queue: int = 30
     viewer_audio_queue: int = 50
 
@@ -113,7 +115,7 @@ class Settings:
                               f"got {self.media_design!r}")
         if not 1 <= self.video_fps <= 60:
             raise ConfigError(f"video_fps must be 1..60, got {self.video_fps}")
-        for name in ("keyframe_interval", "keyframe_min_gap"):
+        for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions",

@@ -199,6 +199,7 @@ class Session:
         except BaseException:
             await viewer.close("negotiation_failed")
             raise
+        viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
         return viewer, answer
 
     def viewer(self, viewer_id: str) -> Viewer:

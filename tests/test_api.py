@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.api.common import SESSIONS
+from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
 
 from .conftest import ClientFactory, make_settings
@@ -161,6 +162,22 @@ async def test_whep_lifecycle_without_media(client: Client, session_id: str) -> 
     await error_of(await client.delete(location), 404)
     session = client.app[SESSIONS].get(session_id)
     assert session.viewer_count == 0 and session.hub.viewer_tracks == 0
+
+
+async def test_viewer_that_never_connects_is_closed(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(make_settings(viewer_connect_timeout=0.3)))
+    created = await (await client.post("/v1/sessions")).json()
+    response = await client.post(created["whep_url"], data=minimal_offer(), headers=SDP)
+    assert response.status == 201
+    session = client.app[SESSIONS].get(created["id"])
+    assert session.viewer_count == 1
+    async with asyncio.timeout(5):
+        while session.viewer_count:
+            await asyncio.sleep(0.05)
+    assert session.hub.viewer_tracks == 0
+    metrics = client.app[METRICS]
+    assert metrics.viewer_disconnects.labels("connect_timeout")._value.get() == 1
+    assert metrics.viewers.labels("connecting")._value.get() == 0
 
 
 async def test_cors_preflight(client: Client, session_id: str) -> None:

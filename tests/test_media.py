@@ -158,6 +158,7 @@ async def test_nothing_queues_before_the_sender_reads() -> None:
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
     watching = subscribe(hub)
     connecting = hub.subscribe("video")
+    assert hub.viewer_tracks == 1  # the one still connecting costs nothing yet
     await encode(hub, 0, 5)
     assert len(drain(watching)) == 5 and len(connecting._queue) == 0
     requests = hub.stats.keyframe_requests

@@ -89,17 +89,23 @@ class Hub:
         return track
 
     def subscribe(self, kind: str, on_first_packet: Callable[[], None] | None = None) -> PacketTrack:
+        """A track for one viewer's sender. It joins the fan-out when the sender first reads
+        (see :meth:`attach`), so nothing is encoded or queued for a handshake in progress."""
         if self._closed:
             raise RuntimeError("hub is closed")
-        if kind == "video":
-            track = PacketTrack(self, "video", self._config.video_queue, on_first_packet)
-            self._video_tracks.add(track)
-        elif kind == "audio":
-            track = PacketTrack(self, "audio", self._config.audio_queue, on_first_packet)
-            self._audio_tracks.add(track)
-        else:
+        if kind not in ("video", "audio"):
             raise ValueError(f"unknown kind {kind!r}")
-        return track
+        capacity = self._config.video_queue if kind == "video" else self._config.audio_queue
+        return PacketTrack(self, kind, capacity, on_first_packet)
+
+    def attach(self, track: PacketTrack) -> None:
+        if self._closed:
+            track.stop()
+        elif track.kind == "video":
+            self._video_tracks.add(track)
+            self.request_keyframe("join")
+        else:
+            self._audio_tracks.add(track)
 
     def unsubscribe(self, track: PacketTrack | FrameTrack) -> None:
         if isinstance(track, FrameTrack):

@@ -64,16 +64,13 @@ class PacketTrack(MediaStreamTrack):
         return self._awaiting_keyframe
 
     def activate(self) -> None:
-        """The sender started reading: from now on packets are queued."""
-        if not self._reading:
+        """The sender started reading: join the hub's fan-out (and ask for a keyframe)."""
+        if not self._reading and self.readyState == "live":
             self._reading = True
-            if self.kind == "video":
-                self._hub.request_keyframe("join")
+            self._hub.attach(self)
 
     def push(self, packet: Packet, keyframe: bool) -> None:
         """Called by the hub, on the loop, for every packet of this track's kind."""
-        if not self._reading:
-            return
         if self._awaiting_keyframe:
             if not keyframe:
                 return

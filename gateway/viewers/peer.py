@@ -80,6 +80,7 @@ class Viewer:
         self._remote_ufrag = ""
         self._state = "connecting"
         self._closing: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self.close_reason: str | None = None
         metrics.viewers.labels("connecting").inc()
 
@@ -111,6 +112,20 @@ class Viewer:
             raise BadSDP(f"the offer cannot be used: {exc}") from None
         self._remote_ufrag = offer.ice_ufrag
         return pc.localDescription.sdp
+
+    def expire_unless_connected(self, timeout: float) -> None:
+        """Close the viewer if ICE/DTLS has not connected within ``timeout`` seconds.
+
+        A player that POSTs an offer and vanishes before sending a single ICE check would
+        otherwise hold its peer connection and hub tracks forever: aioice waits for remote
+        candidates without a deadline.
+        """
+        async def expire() -> None:
+            await asyncio.sleep(timeout)
+            if self._state == "connecting":
+                await self.close("connect_timeout")
+
+        self._watchdog = asyncio.get_running_loop().create_task(expire(), name="viewer-watchdog")
 
     def _add_sender(self, kind: str) -> RTCRtpTransceiver:
         track: PacketTrack | FrameTrack
@@ -179,6 +194,8 @@ class Viewer:
         if self.close_reason is not None:
             return
         self.close_reason = reason
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
         self._set_state("closed")
         self._metrics.viewer_disconnects.labels(reason).inc()
         self._metrics.viewer_duration.observe(time.monotonic() - self.created)
