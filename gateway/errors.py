@@ -15,7 +15,10 @@
     ├── Unprocessable                 422  understood but not supported (ICE restart)
     ├── CapacityError                 429  session / viewer limit reached (Retry-After)
     └── UpstreamError                 502  the avatar upstream failed
-        └── UpstreamUnavailable       503  the avatar upstream cannot be reached now
+        ├── UpstreamAuthError         502  the provider refused the gateway's API key
+        ├── UpstreamSessionGone       502  the provider no longer knows the session
+        ├── UpstreamQuotaExceeded     429  the provider's concurrency/plan limit (Retry-After)
+        └── UpstreamUnavailable       503  the provider cannot be reached now (5xx, timeout)
 """
 
 from __future__ import annotations
@@ -89,6 +92,19 @@ class CapacityError(GatewayError):
 class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
+
+
+class UpstreamAuthError(UpstreamError):
+    code = "upstream_auth"
+
+
+class UpstreamSessionGone(UpstreamError):
+    code = "upstream_session_gone"
+
+
+class UpstreamQuotaExceeded(UpstreamError):
+    status = 429
+    code = "upstream_quota"
 
 
 class UpstreamUnavailable(UpstreamError):

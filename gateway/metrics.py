@@ -53,6 +53,13 @@ class Metrics:
         self.upstream_frames = Counter(f"{NS}_upstream_frames_received_total",
                                        "Frames the upstream handed to the hub.",
                                        ["upstream", "kind"], registry=r)
+        self.upstream_api_requests = Counter(f"{NS}_upstream_api_requests_total",
+                                             "REST calls to avatar providers.",
+                                             ["provider", "endpoint", "code"], registry=r)
+        self.upstream_api_duration = Histogram(f"{NS}_upstream_api_request_duration_seconds",
+                                               "Latency of REST calls to avatar providers.",
+                                               ["provider", "endpoint"], buckets=_LATENCY_BUCKETS,
+                                               registry=r)
         self.events_dropped = Counter(f"{NS}_events_dropped_total",
                                       "Session events not delivered to a slow consumer.",
                                       ["channel"], registry=r)

@@ -37,6 +37,8 @@ class EventType(enum.StrEnum):
     AVATAR_TALKING_MESSAGE = "avatar_talking_message"
     AVATAR_END_MESSAGE = "avatar_end_message"
     AVATAR_STOP_TALKING = "avatar_stop_talking"
+    USER_START = "user_start"
+    USER_STOP = "user_stop"
     USER_TALKING_MESSAGE = "user_talking_message"
     USER_END_MESSAGE = "user_end_message"
     STREAM_DISCONNECTED = "stream_disconnected"

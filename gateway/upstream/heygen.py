@@ -1,0 +1,153 @@
+"""HeyGen Interactive Avatar (streaming API v2, LiveKit transport): the REST client.
+
+Follows specs/heygen-api.md. The gateway authenticates with its API key (``x-api-key``) on
+every call, the server-side style pipecat uses; browsers never see the key or a session token.
+Only requests that cannot cost money or speak twice are retried: ``streaming.new`` (a new paid
+session) and ``streaming.task`` (an utterance) get exactly one attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from ..config import Secret
+from ..errors import (
+    Conflict,
+    GatewayError,
+    UpstreamError,
+    UpstreamQuotaExceeded,
+    UpstreamSessionGone,
+)
+from ..metrics import Metrics
+from .base import SpeakResult, TaskMode, TaskType
+from .rest import JsonApi, RetryPolicy
+
+HEYGEN_QUALITIES = ("high", "medium", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class HeyGenSession:
+    session_id: str
+    url: str
+    """LiveKit server URL."""
+    access_token: str
+    """LiveKit token for the client identity."""
+    agent_token: str | None
+    """LiveKit token for a backend agent, when the provider issues one (preferred)."""
+    duration_limit: float | None
+    """``session_duration_limit`` in seconds."""
+
+
+def _classify(status: int, code: Any, message: str) -> GatewayError | None:
+    """HeyGen's own codes (spec §4). Codes are documented as unstable, so messages count too."""
+    text = message.lower()
+    if code in (10007, 10014, 10015) or "concurrent limit" in text:
+        return UpstreamQuotaExceeded("", retry_after=30)
+    if code == 10006 or ("not found" in text and "session" in text):
+        return UpstreamSessionGone("")
+    if "state wrong" in text:
+        # closing/closed: the session is over; new/connecting: asked too early.
+        if code in (10004, 10005) or "clos" in text:
+            return UpstreamSessionGone("")
+        return Conflict("")
+    return None
+
+
+class HeyGenClient:
+    provider = "heygen"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Secret,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        timeout: float = 15.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._api = JsonApi(self.provider, base_url, session, metrics, timeout=timeout,
+                            retry=retry, classify=_classify)
+        self._headers = {"x-api-key": api_key.reveal(), "Content-Type": "application/json"}
+
+    async def _post(self, action: str, body: dict[str, Any], *, safe: bool) -> Any:
+        return await self._api.call("POST", f"/v1/streaming.{action}", endpoint=f"streaming.{action}",
+                                    headers=self._headers, body=body, safe_to_retry=safe)
+
+    async def new_session(
+        self,
+        *,
+        avatar_id: str,
+        quality: str = "high",
+        voice_id: str | None = None,
+        video_encoding: str = "VP8",
+        knowledge_base: str | None = None,
+        activity_idle_timeout: int | None = None,
+    ) -> HeyGenSession:
+        body: dict[str, Any] = {
+            "version": "v2",
+            "avatar_id": avatar_id,
+            "quality": quality,
+            "video_encoding": video_encoding,
+        }
+        if voice_id:
+            body["voice"] = {"voice_id": voice_id}
+        if knowledge_base:
+            body["knowledge_base"] = knowledge_base
+        if activity_idle_timeout is not None:
+            body["activity_idle_timeout"] = activity_idle_timeout
+        data = await self._post("new", body, safe=False)
+        try:
+            return HeyGenSession(
+                session_id=str(data["session_id"]),
+                url=str(data["url"]),
+                access_token=str(data["access_token"]),
+                agent_token=data.get("livekit_agent_token") or None,
+                duration_limit=float(data["session_duration_limit"])
+                if data.get("session_duration_limit") else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"heygen streaming.new: unusable response ({exc!r})") from None
+
+    async def start(self, session_id: str) -> None:
+        # Safe: starting an already started session is a state error, never a second session.
+        await self._post("start", {"session_id": session_id}, safe=True)
+
+    async def task(
+        self, session_id: str, text: str, task_type: TaskType = TaskType.REPEAT,
+        task_mode: TaskMode = TaskMode.ASYNC,
+    ) -> SpeakResult:
+        data = await self._post("task", {"session_id": session_id, "text": text,
+                                         "task_type": str(task_type), "task_mode": str(task_mode)},
+                                safe=False)
+        try:
+            return SpeakResult(task_id=str(data["task_id"]), duration_ms=float(data["duration_ms"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"heygen streaming.task: unusable response ({exc!r})") from None
+
+    async def interrupt(self, session_id: str) -> None:
+        await self._post("interrupt", {"session_id": session_id}, safe=True)
+
+    async def keep_alive(self, session_id: str) -> None:
+        await self._post("keep_alive", {"session_id": session_id}, safe=True)
+
+    async def start_listening(self, session_id: str) -> None:
+        await self._post("start_listening", {"session_id": session_id}, safe=True)
+
+    async def stop_listening(self, session_id: str) -> None:
+        await self._post("stop_listening", {"session_id": session_id}, safe=True)
+
+    async def stop(self, session_id: str) -> None:
+        """Stop a session; a session the provider no longer knows counts as stopped."""
+        with contextlib.suppress(UpstreamSessionGone):
+            await self._post("stop", {"session_id": session_id}, safe=True)
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        data = await self._api.call("GET", "/v1/streaming.list", endpoint="streaming.list",
+                                    headers=self._headers, safe_to_retry=True)
+        sessions = data.get("sessions", []) if isinstance(data, dict) else []
+        return [s for s in sessions if isinstance(s, dict)]
