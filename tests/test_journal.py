@@ -1,0 +1,41 @@
+"""The upstream-session journal on real SQLite: rows survive the process, orphans are listed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.journal import SessionJournal
+
+
+async def test_open_close_and_list(tmp_path: Path) -> None:
+    journal = SessionJournal(tmp_path / "state" / "journal.sqlite3")
+    await journal.opened("heygen", "s1", {"x": 1})
+    await journal.opened("liveavatar", "s2", {"session_token": "tok"})
+    await journal.closed("heygen", "s1")
+    entries = await journal.entries()
+    assert [(e.provider, e.session_id, e.stop_info) for e in entries] == [
+        ("liveavatar", "s2", {"session_token": "tok"})]
+    await journal.closed("heygen", "never-opened")  # harmless
+    await journal.close()
+
+
+async def test_rows_survive_a_killed_process(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    script = (
+        "import asyncio, os, signal\n"
+        "from gateway.journal import SessionJournal\n"
+        "async def main():\n"
+        f"    j = SessionJournal({str(path)!r})\n"
+        "    await j.opened('heygen', 'orphan', {'why': 'killed'})\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], timeout=30)
+    assert result.returncode == -9
+    journal = SessionJournal(path)
+    entries = await journal.entries()
+    assert [(e.session_id, e.stop_info) for e in entries] == [("orphan", {"why": "killed"})]
+    assert entries[0].opened_at > 0
+    await journal.close()
