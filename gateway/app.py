@@ -17,7 +17,9 @@ from .api import ops, sessions, whep
 from .api.common import LIFECYCLE, METRICS, SESSIONS, SETTINGS, Lifecycle
 from .config import Settings
 from .errors import GatewayError, Unauthorized
+from .journal import SessionJournal
 from .metrics import Metrics
+from .providers import Providers
 from .sessions import SessionRegistry
 from .viewers.peer import configure_ice_host_addresses
 
@@ -131,7 +133,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
-    app[SESSIONS] = SessionRegistry(settings, metrics)
+    journal = SessionJournal(Path(settings.state_dir) / "journal.sqlite3")
+    app[SESSIONS] = SessionRegistry(settings, metrics, Providers(settings, metrics, journal))
     configure_ice_host_addresses(settings.ice_host_addresses)
 
     app.add_routes(ops.routes)
@@ -172,6 +175,13 @@ async def _loop_lag_monitor(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Before serving: stop the paid sessions a killed predecessor left open. After: close all."""
+    registry = app[SESSIONS]
+    await registry.providers.start()
+    orphans = await registry.providers.reap_orphans()
+    if orphans:
+        logger.warning("stopped %d upstream session(s) left open by a previous run", orphans)
     app[METRICS].ready.set(1)
     yield
-    await app[SESSIONS].close_all("shutdown")
+    await registry.close_all("shutdown")
+    await registry.providers.close()

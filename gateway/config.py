@@ -102,6 +102,28 @@ class Settings:
     tts_voice: str = "en-us"
     tts_words_per_minute: int = 165
 
+    default_upstream: str = "local"
+    """``local`` (embedded avatar), ``heygen`` or ``liveavatar``."""
+    heygen_api_key: Secret = Secret("")
+    heygen_base_url: str = "https://api.heygen.com"
+    heygen_avatar_id: str = "default"
+    heygen_voice_id: str = ""
+    liveavatar_api_key: Secret = Secret("")
+    liveavatar_base_url: str = "https://api.liveavatar.com"
+    liveavatar_avatar_id: str = "default"
+    upstream_timeout: float = 15.0
+    """Seconds for one provider REST call."""
+    max_upstream_sessions: int = 3
+    """Paid sessions open at once (HeyGen trial plans allow 3); more is a 429 with Retry-After."""
+    idle_grace: float = 60.0
+    """A session with no viewer and no controller activity for this long is stopped."""
+    keep_alive_interval: float = 30.0
+    """How often a watched session tells its provider it is in use."""
+    max_session_duration: float = 3600.0
+    """Hard cap on any session's lifetime (a provider's own limit may be lower)."""
+    state_dir: str = ".avatar-gateway"
+    """Where the journal of open upstream sessions lives (SQLite)."""
+
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}")
@@ -115,10 +137,15 @@ class Settings:
                               f"got {self.media_design!r}")
         if not 1 <= self.video_fps <= 60:
             raise ConfigError(f"video_fps must be 1..60, got {self.video_fps}")
-        for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout"):
+        if self.default_upstream not in ("local", "heygen", "liveavatar"):
+            raise ConfigError(f"default_upstream must be local, heygen or liveavatar, "
+                              f"got {self.default_upstream!r}")
+        for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout",
+                     "upstream_timeout", "idle_grace", "keep_alive_interval",
+                     "max_session_duration"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions",
+        for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions", "max_upstream_sessions",
                      "max_viewers_per_session", "max_body_bytes", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -82,6 +82,10 @@ class EventLog:
         self._closed = False
 
     @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    @property
     def last_id(self) -> int:
         return self._next_id - 1
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import av
 
-from .avatar import SpeechSynthesizer
 from .config import QUALITY_TIERS, QualityTier, Settings
-from .errors import BadRequest, CapacityError, Conflict, NotFound
+from .errors import BadRequest, CapacityError, Conflict, NotFound, UpstreamError, UpstreamSessionGone
 from .events import EventLog
 from .media.hub import Hub, HubConfig
 from .metrics import Metrics
+from .providers import Providers
 from .upstream.base import (
     AvatarEvent,
     EventType,
@@ -31,14 +31,10 @@ from .upstream.base import (
     TaskType,
     Upstream,
 )
-from .upstream.local import LocalUpstream
 from .viewers.peer import Viewer, rtc_configuration
 from .viewers.whep import parse_offer
 
 logger = logging.getLogger(__name__)
-
-UPSTREAMS = ("local",)
-
 
 class SessionState(enum.StrEnum):
     NEW = "new"
@@ -85,7 +81,9 @@ class Session:
             settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
         )
         self._closing: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self.close_reason: str | None = None
+        self._last_activity = time.monotonic()
         self._video_frames = metrics.upstream_frames.labels(upstream.kind, "video")
         self._audio_frames = metrics.upstream_frames.labels(upstream.kind, "audio")
 
@@ -148,6 +146,58 @@ class Session:
         self._set_state(SessionState.STARTING)
         await self.upstream.start(self)
         self._set_state(SessionState.LIVE)
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(), name=f"session-{self.id[:8]}-supervisor")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def touch(self) -> None:
+        """A controller did something: the session is in use."""
+        self._last_activity = time.monotonic()
+
+    @property
+    def in_use(self) -> bool:
+        """Someone watches (a viewer, an event stream) or controlled it within the idle grace."""
+        if self._viewers or self.events.subscribers:
+            self._last_activity = time.monotonic()
+            return True
+        return time.monotonic() - self._last_activity < self._settings.idle_grace
+
+    @property
+    def lifetime_limit(self) -> float:
+        limit = self._settings.max_session_duration
+        provider_limit = getattr(self.upstream, "duration_limit", None)
+        if isinstance(provider_limit, (int, float)) and provider_limit > 0:
+            limit = min(limit, float(provider_limit))
+        return limit
+
+    async def _supervise(self) -> None:
+        """Keep the provider session alive while it is used; end it when it is not.
+
+        Idle sessions (no viewer, no event stream, no control for ``idle_grace``) and sessions
+        past their lifetime are stopped: a paid minute nobody watches is a wasted minute.
+        """
+        s = self._settings
+        tick = min(1.0, s.idle_grace / 4, s.keep_alive_interval / 2)
+        last_keep_alive = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - self._started >= self.lifetime_limit:
+                self.close_soon("max_duration")
+                return
+            if not self.in_use:
+                self.close_soon("idle")
+                return
+            if now - last_keep_alive >= s.keep_alive_interval:
+                last_keep_alive = now
+                try:
+                    await self.upstream.keep_alive()
+                except UpstreamSessionGone:
+                    self.on_upstream_ended("provider session gone")
+                    return
+                except UpstreamError as exc:
+                    logger.warning("session %s: keep-alive failed: %s", self.id, exc.message)
 
     def _require_live(self) -> None:
         if self._state is not SessionState.LIVE:
@@ -157,6 +207,7 @@ class Session:
         self, text: str, task_type: TaskType = TaskType.REPEAT, task_mode: TaskMode = TaskMode.ASYNC
     ) -> SpeakResult:
         self._require_live()
+        self.touch()
         if len(text) > self._settings.max_text_chars:
             raise BadRequest(f"text is longer than {self._settings.max_text_chars} characters")
         self._metrics.speak_requests.labels(self.upstream.kind, task_type).inc()
@@ -177,7 +228,18 @@ class Session:
 
     async def interrupt(self) -> None:
         self._require_live()
+        self.touch()
         await self.upstream.interrupt()
+
+    async def set_listening(self, listening: bool) -> None:
+        self._require_live()
+        self.touch()
+        await self.upstream.set_listening(listening)
+
+    async def keep_alive(self) -> None:
+        self._require_live()
+        self.touch()
+        await self.upstream.keep_alive()
 
     # -- viewers -----------------------------------------------------------------------------
 
@@ -223,14 +285,17 @@ class Session:
             return
         self.close_reason = reason
         self._set_state(SessionState.CLOSING)
+        if self._supervisor is not None and self._supervisor is not asyncio.current_task():
+            self._supervisor.cancel()
         try:
             await asyncio.gather(*(v.close("session_closed") for v in tuple(self._viewers.values())),
                                  return_exceptions=True)
             await self.hub.close()
             try:
                 await self.upstream.stop()
-            except Exception:
-                logger.exception("session %s: upstream stop failed", self.id)
+            except UpstreamError as exc:
+                # The journal keeps the row; the next start stops it.
+                logger.error("session %s: upstream stop failed: %s", self.id, exc.message)
         finally:
             self._set_state(SessionState.CLOSED)
             self.events.close()
@@ -242,11 +307,11 @@ class Session:
 
 
 class SessionRegistry:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, providers: Providers) -> None:
         self._settings = settings
         self._metrics = metrics
+        self.providers = providers
         self._sessions: dict[str, Session] = {}
-        self._synthesizers: dict[str, SpeechSynthesizer] = {}
         self._accepting = True
 
     def __len__(self) -> int:
@@ -261,36 +326,34 @@ class SessionRegistry:
         except KeyError:
             raise NotFound(f"no session {session_id!r}") from None
 
-    async def _synthesizer(self, voice: str) -> SpeechSynthesizer:
-        if voice not in self._synthesizers:
-            # The first use of a voice takes eSpeak's process-wide lock: not on the loop.
-            loop = asyncio.get_running_loop()
-            try:
-                self._synthesizers[voice] = await loop.run_in_executor(
-                    None, SpeechSynthesizer, voice, self._settings.tts_words_per_minute)
-            except ValueError as exc:
-                raise BadRequest(f"unknown voice {voice!r}: {exc}") from None
-        return self._synthesizers[voice]
+    def _check_limits(self, upstream: str) -> None:
+        s = self._settings
+        if len(self._sessions) >= s.max_sessions:
+            raise CapacityError(f"the gateway runs its maximum of {s.max_sessions} sessions",
+                                retry_after=30)
+        if upstream != "local":
+            paid = sum(1 for x in self._sessions.values() if x.upstream.kind != "local")
+            if paid >= s.max_upstream_sessions:
+                raise CapacityError(
+                    f"{paid} provider sessions are open, the configured maximum "
+                    f"(AVATAR_GATEWAY_MAX_UPSTREAM_SESSIONS={s.max_upstream_sessions})",
+                    retry_after=30)
 
     async def create(
-        self, upstream: str = "local", quality: str | None = None, voice: str | None = None
+        self, upstream: str | None = None, quality: str | None = None, voice: str | None = None,
+        avatar_id: str | None = None,
     ) -> Session:
         if not self._accepting:
             raise Conflict("the gateway is shutting down")
-        if upstream not in UPSTREAMS:
-            raise BadRequest(f"unknown upstream {upstream!r}; available: {', '.join(UPSTREAMS)}")
+        kind = upstream or self._settings.default_upstream
         tier_name = quality or self._settings.default_quality
         if tier_name not in QUALITY_TIERS:
             raise BadRequest(f"quality must be one of {', '.join(QUALITY_TIERS)}, not {tier_name!r}")
-        synthesizer = await self._synthesizer(voice or self._settings.tts_voice)
-        # No await between the limit check and the registration: concurrent creates can't overshoot.
-        if len(self._sessions) >= self._settings.max_sessions:
-            raise CapacityError(
-                f"the gateway runs its maximum of {self._settings.max_sessions} sessions",
-                retry_after=30)
         tier = QUALITY_TIERS[tier_name]
-        source = LocalUpstream(tier, synthesizer, fps=self._settings.video_fps,
-                               max_text_chars=self._settings.max_text_chars)
+        self._check_limits(kind)
+        source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id)
+        # Checked again with no await before the registration: concurrent creates can't overshoot.
+        self._check_limits(kind)
         session = Session(source, tier, self._settings, self._metrics, self._forget)
         self._sessions[session.id] = session
         try:
@@ -298,7 +361,7 @@ class SessionRegistry:
         except BaseException:
             await session.close("start_failed")
             raise
-        logger.info("session %s started (%s, %s)", session.id, upstream, tier.name)
+        logger.info("session %s started (%s, %s)", session.id, kind, tier.name)
         return session
 
     def _forget(self, session: Session) -> None:

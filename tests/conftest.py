@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,7 +27,8 @@ def _network_rule() -> None:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"default_quality": "low", "keyframe_interval": 2.0}
+    base: dict[str, Any] = {"default_quality": "low", "keyframe_interval": 2.0,
+                            "state_dir": tempfile.mkdtemp(prefix="avatar-gateway-test-")}
     base.update(overrides)
     return Settings.from_env({}, **base)
 

@@ -45,7 +45,8 @@ async def test_session_crud(client: Client) -> None:
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"upstream": "nope"}, "unknown upstream"),
+        ({"upstream": "nope"}, "is not available"),
+        ({"upstream": "heygen"}, "AVATAR_GATEWAY_HEYGEN_API_KEY"),
         ({"quality": "ultra"}, "quality must be one of"),
         ({"voice": "xx-nonexistent"}, "unknown voice"),
         ({"quality": 5}, "'quality' must be a string"),

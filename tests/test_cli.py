@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 
@@ -27,9 +28,10 @@ def call(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int
         return response.status, json.loads(response.read() or b"null")
 
 
-def test_serve_prints_url_and_drains_on_sigterm() -> None:
+def test_serve_prints_url_and_drains_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "AVATAR_GATEWAY_DEFAULT_QUALITY": "low"}
+    env = {**os.environ, "AVATAR_GATEWAY_DEFAULT_QUALITY": "low",
+           "AVATAR_GATEWAY_STATE_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

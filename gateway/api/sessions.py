@@ -20,9 +20,10 @@ SSE_KEEPALIVE = 15.0
 async def create_session(request: web.Request) -> web.Response:
     data = await read_json(request, required=False)
     session = await request.app[SESSIONS].create(
-        upstream=optional_str(data, "upstream") or "local",
+        upstream=optional_str(data, "upstream"),
         quality=optional_str(data, "quality"),
         voice=optional_str(data, "voice"),
+        avatar_id=optional_str(data, "avatar_id"),
     )
     return web.json_response(session.to_dict(), status=201,
                              headers={"Location": f"/v1/sessions/{session.id}"})
@@ -72,6 +73,25 @@ async def interrupt(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     await session.interrupt()
     return web.json_response({"id": session.id, "interrupted": True})
+
+
+@routes.post("/v1/sessions/{session_id}/keep-alive")
+async def keep_alive(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    await session.keep_alive()
+    return web.json_response({"id": session.id, "kept_alive": True})
+
+
+@routes.post("/v1/sessions/{session_id}/listen")
+async def listen(request: web.Request) -> web.Response:
+    """``{"listening": true|false}``: the avatar's listening state for voice chat."""
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    data = await read_json(request)
+    listening = data.get("listening")
+    if not isinstance(listening, bool):
+        raise BadRequest("'listening' must be true or false")
+    await session.set_listening(listening)
+    return web.json_response({"id": session.id, "listening": listening})
 
 
 @routes.get("/v1/sessions/{session_id}/events")

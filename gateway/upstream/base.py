@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Protocol
 
 import av
 
+from ..errors import Unprocessable
+
 
 class TaskType(enum.StrEnum):
     REPEAT = "repeat"
@@ -114,6 +116,14 @@ class Upstream(abc.ABC):
 
     async def keep_alive(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Tell the provider the session is in use (idle timers)."""
+
+    async def set_listening(self, listening: bool) -> None:
+        """Put the avatar in (or out of) its listening state, for voice chat."""
+        raise Unprocessable(f"the {self.kind} upstream has no listening mode")
+
+    async def push_microphone(self, frame: av.AudioFrame) -> None:
+        """Forward a controller's microphone audio to the avatar."""
+        raise Unprocessable(f"the {self.kind} upstream takes no microphone audio")
 
     @abc.abstractmethod
     async def stop(self) -> None:

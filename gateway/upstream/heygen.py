@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from ..config import Secret
+from ..config import QualityTier, Secret
 from ..errors import (
     Conflict,
     GatewayError,
@@ -22,8 +22,10 @@ from ..errors import (
     UpstreamQuotaExceeded,
     UpstreamSessionGone,
 )
+from ..journal import SessionJournal
 from ..metrics import Metrics
 from .base import SpeakResult, TaskMode, TaskType
+from .cloud import ProviderSession, ReconnectPolicy, RoomCredentials, RoomUpstream
 from .rest import JsonApi, RetryPolicy
 
 HEYGEN_QUALITIES = ("high", "medium", "low")
@@ -151,3 +153,67 @@ class HeyGenClient:
                                     headers=self._headers, safe_to_retry=True)
         sessions = data.get("sessions", []) if isinstance(data, dict) else []
         return [s for s in sessions if isinstance(s, dict)]
+
+
+class HeyGenUpstream(RoomUpstream):
+    """A HeyGen streaming session (v2): REST for control, its LiveKit room for media/events."""
+
+    kind = "heygen"
+
+    def __init__(
+        self,
+        client: HeyGenClient,
+        quality: QualityTier,
+        journal: SessionJournal,
+        *,
+        avatar_id: str,
+        voice_id: str | None = None,
+        video_encoding: str = "VP8",
+        activity_idle_timeout: int | None = None,
+        reconnect: ReconnectPolicy | None = None,
+    ) -> None:
+        super().__init__(quality, journal, reconnect)
+        self._client = client
+        self._avatar_id = avatar_id
+        self._voice_id = voice_id
+        self._video_encoding = video_encoding
+        self._idle_timeout = activity_idle_timeout
+        self._heygen: HeyGenSession | None = None
+
+    async def _create_session(self) -> ProviderSession:
+        session = await self._client.new_session(
+            avatar_id=self._avatar_id, quality=self._quality.name, voice_id=self._voice_id,
+            video_encoding=self._video_encoding, activity_idle_timeout=self._idle_timeout)
+        self._heygen = session
+        return ProviderSession(session.session_id, {"session_id": session.session_id})
+
+    async def _start_session(self, session: ProviderSession) -> RoomCredentials:
+        await self._client.start(session.session_id)
+        assert self._heygen is not None
+        heygen = self._heygen
+        # The agent token is meant for a server-side participant like us (spec §6.2).
+        return RoomCredentials(heygen.url, heygen.agent_token or heygen.access_token,
+                               heygen.duration_limit)
+
+    async def _close_session(self, session: ProviderSession) -> None:
+        await self._client.stop(session.session_id)
+
+    def _id(self) -> str:
+        if self._heygen is None:
+            raise Conflict("the HeyGen session is not open")
+        return self._heygen.session_id
+
+    async def speak(self, text: str, task_type: TaskType = TaskType.REPEAT) -> SpeakResult:
+        return await self._client.task(self._id(), text, task_type, TaskMode.ASYNC)
+
+    async def interrupt(self) -> None:
+        await self._client.interrupt(self._id())
+
+    async def keep_alive(self) -> None:
+        await self._client.keep_alive(self._id())
+
+    async def set_listening(self, listening: bool) -> None:
+        if listening:
+            await self._client.start_listening(self._id())
+        else:
+            await self._client.stop_listening(self._id())

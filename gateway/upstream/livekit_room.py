@@ -29,21 +29,21 @@ AUDIO_RATE = 48_000
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
 _KNOWN_EVENTS = {e.value for e in EventType}
 
-EventDecoder = Callable[[bytes, str], AvatarEvent | None]
-"""(payload, topic) -> the event it carries, or None to ignore the packet."""
+EventDecoder = Callable[[bytes, str], list[AvatarEvent]]
+"""(payload, topic) -> the events it carries (none for a packet to ignore)."""
 
 
-def decode_heygen_event(payload: bytes, topic: str) -> AvatarEvent | None:
+def decode_heygen_event(payload: bytes, topic: str) -> list[AvatarEvent]:
     """HeyGen v2 data packets: JSON ``{"type": ..., "task_id": ..., ...}`` (spec §6.5)."""
     try:
         body = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        return []
     if not isinstance(body, dict) or body.get("type") not in _KNOWN_EVENTS:
-        return None
+        return []
     kind = EventType(body.pop("type"))
     task_id = body.pop("task_id", None)
-    return AvatarEvent(kind, str(task_id) if task_id is not None else None, body)
+    return [AvatarEvent(kind, str(task_id) if task_id is not None else None, body)]
 
 
 def video_to_av(frame: rtc.VideoFrame, pts: int) -> av.VideoFrame:
@@ -175,8 +175,7 @@ class RoomLink:
         sender = packet.participant.identity if packet.participant else None
         if sender is not None and sender != self._avatar:
             return
-        event = self._decode(packet.data, packet.topic or "")
-        if event is not None:
+        for event in self._decode(packet.data, packet.topic or ""):
             self._sink.on_event(event)
 
     # -- loss --------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Builds upstreams from settings: the local avatar and the cloud providers whose keys are set.
+
+One aiohttp client pool serves every provider call. The journal's orphans (sessions a killed
+gateway left open) are stopped here, at start-up, before the gateway serves anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from .avatar import SpeechSynthesizer
+from .config import QualityTier, Settings
+from .errors import BadRequest, UpstreamError
+from .journal import SessionJournal
+from .metrics import Metrics
+from .upstream.base import Upstream
+from .upstream.heygen import HeyGenClient, HeyGenUpstream
+from .upstream.liveavatar import LiveAvatarClient, LiveAvatarUpstream
+from .upstream.local import LocalUpstream
+
+logger = logging.getLogger(__name__)
+
+
+class Providers:
+    def __init__(self, settings: Settings, metrics: Metrics, journal: SessionJournal) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.journal = journal
+        self._http: aiohttp.ClientSession | None = None
+        self._heygen: HeyGenClient | None = None
+        self._liveavatar: LiveAvatarClient | None = None
+        self._synthesizers: dict[str, SpeechSynthesizer] = {}
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        kinds = ["local"]
+        if self._settings.heygen_api_key:
+            kinds.append("heygen")
+        if self._settings.liveavatar_api_key:
+            kinds.append("liveavatar")
+        return tuple(kinds)
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession()
+        s, timeout = self._settings, self._settings.upstream_timeout
+        if s.heygen_api_key:
+            self._heygen = HeyGenClient(s.heygen_base_url, s.heygen_api_key, self._http,
+                                        self._metrics, timeout=timeout)
+        if s.liveavatar_api_key:
+            self._liveavatar = LiveAvatarClient(s.liveavatar_base_url, s.liveavatar_api_key,
+                                                self._http, self._metrics, timeout=timeout)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        await self.journal.close()
+
+    async def synthesizer(self, voice: str) -> SpeechSynthesizer:
+        if voice not in self._synthesizers:
+            # The first use of a voice takes eSpeak's process-wide lock: not on the loop.
+            loop = asyncio.get_running_loop()
+            try:
+                self._synthesizers[voice] = await loop.run_in_executor(
+                    None, SpeechSynthesizer, voice, self._settings.tts_words_per_minute)
+            except ValueError as exc:
+                raise BadRequest(f"unknown voice {voice!r}: {exc}") from None
+        return self._synthesizers[voice]
+
+    async def make(self, kind: str, quality: QualityTier, *, voice: str | None = None,
+                   avatar_id: str | None = None) -> Upstream:
+        s = self._settings
+        if kind not in self.available:
+            known = ", ".join(self.available)
+            hint = "" if kind not in ("heygen", "liveavatar") else \
+                f" (set AVATAR_GATEWAY_{kind.upper()}_API_KEY to enable it)"
+            raise BadRequest(f"upstream {kind!r} is not available{hint}; available: {known}")
+        if kind == "local":
+            synthesizer = await self.synthesizer(voice or s.tts_voice)
+            return LocalUpstream(quality, synthesizer, fps=s.video_fps,
+                                 max_text_chars=s.max_text_chars)
+        if kind == "heygen":
+            assert self._heygen is not None
+            return HeyGenUpstream(self._heygen, quality, self.journal,
+                                  avatar_id=avatar_id or s.heygen_avatar_id,
+                                  voice_id=voice or s.heygen_voice_id or None)
+        assert self._liveavatar is not None
+        return LiveAvatarUpstream(self._liveavatar, quality, self.journal,
+                                  avatar_id=avatar_id or s.liveavatar_avatar_id)
+
+    async def reap_orphans(self) -> int:
+        """Stop every session the journal says a previous run left open. Returns how many."""
+        stopped = 0
+        for entry in await self.journal.entries():
+            try:
+                if entry.provider == "heygen" and self._heygen is not None:
+                    await self._heygen.stop(entry.session_id)
+                elif entry.provider == "liveavatar" and self._liveavatar is not None:
+                    await self._liveavatar.stop(entry.session_id,
+                                                str(entry.stop_info.get("session_token", "")))
+                else:
+                    logger.error("journal: orphan %s session %s but no %s key is configured",
+                                 entry.provider, entry.session_id, entry.provider)
+                    continue
+            except UpstreamError as exc:
+                logger.error("journal: could not stop orphan %s session %s: %s",
+                             entry.provider, entry.session_id, exc.message)
+                continue
+            await self.journal.closed(entry.provider, entry.session_id)
+            logger.warning("journal: stopped orphan %s session %s left by a previous run",
+                           entry.provider, entry.session_id)
+            stopped += 1
+        return stopped

@@ -1,0 +1,180 @@
+"""What HeyGen and LiveAvatar upstreams share: a paid provider session reached through a
+LiveKit room, journaled while open, rejoined with backoff when the room link drops.
+
+Subclasses say how to open, speak to and close a session at their provider; this class owns
+the order of things so that no exit path forgets the stop call that ends the billing.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+
+from ..config import QualityTier
+from ..errors import UpstreamError
+from ..journal import SessionJournal
+from .base import AvatarEvent, EventType, MediaSink, Upstream
+from .livekit_room import EventDecoder, RoomLink, decode_heygen_event
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSession:
+    session_id: str
+    stop_info: dict[str, Any] = field(default_factory=dict)
+    """Written to the journal: what is needed to stop this session from another process."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomCredentials:
+    url: str
+    token: str
+    duration_limit: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    attempts: int = 5
+    first_delay: float = 0.5
+    max_delay: float = 8.0
+    ready_within: float = 20.0
+
+
+class RoomUpstream(Upstream, abc.ABC):
+    avatar_identity = "heygen"
+
+    def __init__(self, quality: QualityTier, journal: SessionJournal,
+                 reconnect: ReconnectPolicy | None = None) -> None:
+        self._quality = quality
+        self._journal = journal
+        self._policy = reconnect or ReconnectPolicy()
+        self._sink: MediaSink | None = None
+        self._link: RoomLink | None = None
+        self._session: ProviderSession | None = None
+        self._credentials: RoomCredentials | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.reconnects = 0
+
+    # -- provider hooks ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _create_session(self) -> ProviderSession:
+        """Create the provider session (billing may start here)."""
+
+    @abc.abstractmethod
+    async def _start_session(self, session: ProviderSession) -> RoomCredentials:
+        """Start it and say how to join its room."""
+
+    @abc.abstractmethod
+    async def _close_session(self, session: ProviderSession) -> None:
+        """Stop the provider session; a session the provider no longer knows is stopped."""
+
+    def _decode_event(self, payload: bytes, topic: str) -> list[AvatarEvent]:
+        return decode_heygen_event(payload, topic)
+
+    # -- Upstream ----------------------------------------------------------------------------
+
+    @property
+    def video_size(self) -> tuple[int, int]:
+        return self._quality.width, self._quality.height
+
+    @property
+    def provider_session_id(self) -> str | None:
+        return self._session.session_id if self._session else None
+
+    @property
+    def duration_limit(self) -> float | None:
+        return self._credentials.duration_limit if self._credentials else None
+
+    @property
+    def link(self) -> RoomLink | None:
+        return self._link
+
+    async def start(self, sink: MediaSink) -> None:
+        self._sink = sink
+        session = self._session = await self._create_session()
+        # Journal before anything else can fail: from here on a crash leaves a row to reap.
+        await self._journal.opened(self.kind, session.session_id, session.stop_info)
+        try:
+            self._credentials = await self._start_session(session)
+            self._link = await self._join(self._credentials)
+        except BaseException:
+            with contextlib.suppress(UpstreamError):
+                await self.stop()
+            raise
+
+    async def _join(self, credentials: RoomCredentials) -> RoomLink:
+        assert self._sink is not None
+        decoder: EventDecoder = self._decode_event
+        link = RoomLink(self._sink, avatar_identity=self.avatar_identity, decode_event=decoder,
+                        on_lost=self._on_lost)
+        await link.connect(credentials.url, credentials.token,
+                           ready_within=self._policy.ready_within)
+        return link
+
+    def _on_lost(self, reason: str) -> None:
+        if self._stopping or self._reconnecting is not None:
+            return
+        self._reconnecting = asyncio.get_running_loop().create_task(
+            self._reconnect(reason), name=f"{self.kind}-reconnect")
+
+    async def _reconnect(self, reason: str) -> None:
+        sink, credentials = self._sink, self._credentials
+        assert sink is not None and credentials is not None
+        sink.on_event(AvatarEvent(EventType.SESSION_STATE,
+                                  data={"state": "reconnecting", "reason": reason}))
+        old, self._link = self._link, None
+        if old is not None:
+            await old.close()
+        delay = self._policy.first_delay
+        for attempt in range(1, self._policy.attempts + 1):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._policy.max_delay)
+            try:
+                self._link = await self._join(credentials)
+            except UpstreamError as exc:
+                logger.warning("%s session %s: rejoin %d/%d failed: %s", self.kind,
+                               self.provider_session_id, attempt, self._policy.attempts,
+                               exc.message)
+                continue
+            self.reconnects += 1
+            self._reconnecting = None
+            sink.on_event(AvatarEvent(EventType.SESSION_STATE, data={"state": "live"}))
+            return
+        self._reconnecting = None
+        sink.on_upstream_ended(f"{reason}; rejoin failed {self._policy.attempts} times")
+
+    async def push_microphone(self, frame: av.AudioFrame) -> None:
+        if self._link is not None and self._link.connected:
+            await self._link.push_microphone(frame)
+
+    async def stop(self) -> None:
+        """Leave the room, stop the provider session, clear the journal row. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+        if self._link is not None:
+            await self._link.close()
+        session = self._session
+        if session is None:
+            return
+        try:
+            await self._close_session(session)
+        except UpstreamError as exc:
+            # The row stays in the journal: the next start's reaper tries again.
+            logger.error("%s session %s could not be stopped: %s", self.kind,
+                         session.session_id, exc.message)
+            raise
+        await self._journal.closed(self.kind, session.session_id)
