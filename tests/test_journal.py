@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 import sys
 from pathlib import Path
 
@@ -32,8 +32,8 @@ async def test_rows_survive_a_killed_process(tmp_path: Path) -> None:
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], timeout=30)
-    assert result.returncode == -9
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+    assert await asyncio.wait_for(proc.wait(), 30) == -9
     journal = SessionJournal(path)
     entries = await journal.entries()
     assert [(e.session_id, e.stop_info) for e in entries] == [("orphan", {"why": "killed"})]
