@@ -256,13 +256,19 @@ class Session:
                 f"{self._settings.max_viewers_per_session} viewers", retry_after=10)
         viewer = Viewer(self.hub, self._rtc, self._metrics, self._viewer_closed)
         self._viewers[viewer.id] = viewer
+        # Only an upstream that listens gets a microphone (the local avatar has no ears).
+        microphone = self._forward_microphone if self.upstream.kind != "local" else None
         try:
-            answer = await viewer.negotiate(offer)
+            answer = await viewer.negotiate(offer, microphone)
         except BaseException:
             await viewer.close("negotiation_failed")
             raise
         viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
         return viewer, answer
+
+    async def _forward_microphone(self, frame: av.AudioFrame) -> None:
+        self._last_activity = time.monotonic()
+        await self.upstream.push_microphone(frame)
 
     def viewer(self, viewer_id: str) -> Viewer:
         try:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aioice.ice
+import av
 from aiortc import (
+    MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
@@ -19,7 +22,9 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from ..errors import BadSDP, Unprocessable
+from aiortc.mediastreams import MediaStreamError
+
+from ..errors import BadSDP, GatewayError, Unprocessable
 from ..media.hub import Hub
 from ..media.tracks import FrameTrack, PacketTrack, attach_sender
 from ..metrics import Metrics
@@ -81,6 +86,7 @@ class Viewer:
         self._state = "connecting"
         self._closing: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._microphone: asyncio.Task[None] | None = None
         self.close_reason: str | None = None
         metrics.viewers.labels("connecting").inc()
 
@@ -96,12 +102,21 @@ class Viewer:
     def connection_state(self) -> str:
         return str(self._pc.connectionState)
 
-    async def negotiate(self, offer: Offer) -> str:
-        """Apply the viewer's offer and return the answer, with every candidate gathered."""
+    async def negotiate(
+        self, offer: Offer, on_microphone: Callable[[av.AudioFrame], Awaitable[None]] | None = None
+    ) -> str:
+        """Apply the viewer's offer and return the answer, with every candidate gathered.
+
+        With ``on_microphone``, a player that offers its microphone (audio ``sendrecv``) gets
+        a two-way audio m-line and its decoded audio is handed over frame by frame.
+        """
         pc = self._pc
         video = self._add_sender("video")
         if offer.has_audio:
-            self._add_sender("audio")
+            audio = self._add_sender("audio")
+            if offer.sends_audio and on_microphone is not None:
+                audio.direction = "sendrecv"
+                pc.on("track", lambda track: self._receive_microphone(track, on_microphone))
         video_codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
                         if c.mimeType.lower() in ("video/vp8", "video/rtx")]
         video.setCodecPreferences(video_codecs)
@@ -139,6 +154,25 @@ class Viewer:
         if isinstance(track, PacketTrack) and kind == "video":
             attach_sender(transceiver.sender, self._hub)
         return transceiver
+
+    def _receive_microphone(self, track: MediaStreamTrack,
+                            forward: Callable[[av.AudioFrame], Awaitable[None]]) -> None:
+        if track.kind != "audio" or self._microphone is not None:
+            return
+
+        async def pump() -> None:
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await track.recv()
+                    assert isinstance(frame, av.AudioFrame)
+                    try:
+                        await forward(frame)
+                    except GatewayError as exc:
+                        logger.warning("viewer %s: microphone audio refused: %s", self.id,
+                                       exc.message)
+                        return
+
+        self._microphone = asyncio.get_running_loop().create_task(pump(), name="viewer-microphone")
 
     def _first_video_packet(self) -> None:
         self._metrics.time_to_first_frame.observe(time.monotonic() - self.created)
@@ -194,8 +228,9 @@ class Viewer:
         if self.close_reason is not None:
             return
         self.close_reason = reason
-        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._microphone):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         self._set_state("closed")
         self._metrics.viewer_disconnects.labels(reason).inc()
         self._metrics.viewer_duration.observe(time.monotonic() - self.created)

@@ -25,6 +25,8 @@ class Offer:
     has_audio: bool
     has_data_channel: bool
     ice_ufrag: str
+    sends_audio: bool = False
+    """The player offers its microphone (audio ``sendrecv``): a controller doing voice chat."""
 
 
 def parse_offer(text: str) -> Offer:
@@ -63,6 +65,7 @@ def parse_offer(text: str) -> Offer:
         has_audio=bool(audios),
         has_data_channel=any(m.kind == "application" for m in parsed.media),
         ice_ufrag=ufrag,
+        sends_audio=bool(audios) and audios[0].direction == "sendrecv",
     )
 
 
