@@ -53,6 +53,20 @@ class Metrics:
         self.upstream_frames = Counter(f"{NS}_upstream_frames_received_total",
                                        "Frames the upstream handed to the hub.",
                                        ["upstream", "kind"], registry=r)
+        self.upstream_starts = Counter(f"{NS}_upstream_session_starts_total",
+                                       "Attempts to open an upstream session, by outcome.",
+                                       ["upstream", "result"], registry=r)
+        self.upstream_start_duration = Histogram(
+            f"{NS}_upstream_session_start_duration_seconds",
+            "Create to live (room joined, media flowing).", ["upstream"],
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0), registry=r)
+        self.upstream_reconnects = Counter(f"{NS}_upstream_reconnects_total",
+                                           "Rejoins of a dropped upstream room, by outcome.",
+                                           ["upstream", "result"], registry=r)
+        self.upstream_last_frame = Gauge(f"{NS}_upstream_last_frame_timestamp_seconds",
+                                         "Unix time of the newest frame from any upstream "
+                                         "(alert on time() - x > 5: frozen video).",
+                                         ["upstream", "kind"], registry=r)
         self.upstream_api_requests = Counter(f"{NS}_upstream_api_requests_total",
                                              "REST calls to avatar providers.",
                                              ["provider", "endpoint", "code"], registry=r)

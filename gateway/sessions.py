@@ -18,7 +18,17 @@ from typing import Any
 import av
 
 from .config import QUALITY_TIERS, QualityTier, Settings
-from .errors import BadRequest, CapacityError, Conflict, NotFound, UpstreamError, UpstreamSessionGone
+from .errors import (
+    BadRequest,
+    CapacityError,
+    Conflict,
+    NotFound,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamQuotaExceeded,
+    UpstreamSessionGone,
+    UpstreamUnavailable,
+)
 from .events import EventLog
 from .media.hub import Hub, HubConfig
 from .metrics import Metrics
@@ -86,6 +96,9 @@ class Session:
         self._last_activity = time.monotonic()
         self._video_frames = metrics.upstream_frames.labels(upstream.kind, "video")
         self._audio_frames = metrics.upstream_frames.labels(upstream.kind, "audio")
+        self._video_clock = metrics.upstream_last_frame.labels(upstream.kind, "video")
+        self._audio_clock = metrics.upstream_last_frame.labels(upstream.kind, "audio")
+        self._reconnecting = False
 
     # -- state -------------------------------------------------------------------------------
 
@@ -124,19 +137,30 @@ class Session:
 
     def on_video_frame(self, frame: av.VideoFrame) -> None:
         self._video_frames.inc()
+        self._video_clock.set_to_current_time()
         self.hub.push_video(frame)
 
     def on_audio_frame(self, frame: av.AudioFrame) -> None:
         self._audio_frames.inc()
+        self._audio_clock.set_to_current_time()
         self.hub.push_audio(frame)
 
     def on_event(self, event: AvatarEvent) -> None:
+        if event.type is EventType.SESSION_STATE:
+            state = event.data.get("state")
+            if state == "reconnecting":
+                self._reconnecting = True
+            elif state == "live" and self._reconnecting:
+                self._reconnecting = False
+                self._metrics.upstream_reconnects.labels(self.upstream.kind, "ok").inc()
         self.events.publish(event)
         payload = event.to_json()
         for viewer in tuple(self._viewers.values()):
             viewer.send_event(payload)
 
     def on_upstream_ended(self, reason: str) -> None:
+        if self._reconnecting:
+            self._metrics.upstream_reconnects.labels(self.upstream.kind, "failed").inc()
         self.on_event(AvatarEvent(EventType.STREAM_DISCONNECTED, data={"reason": reason}))
         self.close_soon("upstream_ended")
 
@@ -144,7 +168,19 @@ class Session:
 
     async def start(self) -> None:
         self._set_state(SessionState.STARTING)
-        await self.upstream.start(self)
+        kind = self.upstream.kind
+        began = time.monotonic()
+        try:
+            await self.upstream.start(self)
+        except BaseException as exc:
+            outcomes: dict[type[BaseException], str] = {
+                UpstreamQuotaExceeded: "quota", UpstreamAuthError: "auth",
+                UpstreamUnavailable: "unavailable"}
+            result = outcomes.get(type(exc), "error")
+            self._metrics.upstream_starts.labels(kind, result).inc()
+            raise
+        self._metrics.upstream_starts.labels(kind, "ok").inc()
+        self._metrics.upstream_start_duration.labels(kind).observe(time.monotonic() - began)
         self._set_state(SessionState.LIVE)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"session-{self.id[:8]}-supervisor")
