@@ -108,10 +108,10 @@ class LiveAvatarClient:
                                  safe_to_retry=True)
 
 
-def command(event_type: str, session_id: str, **fields: Any) -> bytes:
+def command(event_type: str, session_id: str, event_id: str | None = None, **fields: Any) -> bytes:
     """One FULL-mode command for the ``agent-control`` topic."""
-    body = {"event_id": uuid.uuid4().hex, "event_type": event_type, "session_id": session_id,
-            **fields}
+    body = {"event_id": event_id or uuid.uuid4().hex, "event_type": event_type,
+            "session_id": session_id, **fields}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -137,9 +137,10 @@ def decode_response(payload: bytes, topic: str) -> list[AvatarEvent]:
     if not isinstance(body, dict):
         return []
     kinds = _RESPONSES.get(str(body.get("event_type")), ())
-    task_id = body.get("task_id")
+    # Responses name the command they answer (``source_event_id``): that is the task id.
+    task_id = body.get("task_id") or body.get("source_event_id")
     data = {k: v for k, v in body.items()
-            if k not in ("event_type", "event_id", "session_id", "task_id")}
+            if k not in ("event_type", "event_id", "session_id", "task_id", "source_event_id")}
     if "text" in data and "message" not in data:
         data["message"] = data.pop("text")
     return [AvatarEvent(kind, str(task_id) if task_id is not None else None, data) for kind in kinds]
@@ -167,7 +168,7 @@ class LiveAvatarUpstream(RoomUpstream):
         self._encoding = encoding
         self._token = ""
         self._wpm = words_per_minute
-        self._started: asyncio.Future[AvatarEvent] | None = None
+        self._started: dict[str, asyncio.Future[AvatarEvent]] = {}
 
     async def _create_session(self) -> ProviderSession:
         # LiveAvatar names one rung more than HeyGen; our tiers map onto its lower three.
@@ -187,38 +188,39 @@ class LiveAvatarUpstream(RoomUpstream):
     def _decode_event(self, payload: bytes, topic: str) -> list[AvatarEvent]:
         events = decode_response(payload, topic)
         for event in events:
-            if (event.type is EventType.AVATAR_START_TALKING and self._started is not None
-                    and not self._started.done()):
-                self._started.set_result(event)
+            if event.type is EventType.AVATAR_START_TALKING and event.task_id is not None:
+                waiter = self._started.get(event.task_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(event)
         return events
 
-    async def _command(self, event_type: str, **fields: Any) -> str:
+    async def _command(self, event_type: str, event_id: str | None = None, **fields: Any) -> None:
         link, session_id = self.link, self.provider_session_id
         if link is None or session_id is None:
             raise Conflict("the LiveAvatar session is not connected")
-        payload = command(event_type, session_id, **fields)
+        payload = command(event_type, session_id, event_id=event_id, **fields)
         await link.send_data(payload, topic=CONTROL_TOPIC)
-        return str(json.loads(payload)["event_id"])
 
     async def speak(self, text: str, task_type: TaskType = TaskType.REPEAT) -> SpeakResult:
         """FULL mode has no REST task: the command goes over LiveKit data, and the task id is
         the one the avatar reports when it starts speaking (or the command's id if it doesn't)."""
         kind = "avatar.speak_text" if task_type is TaskType.REPEAT else "avatar.speak_response"
-        loop = asyncio.get_running_loop()
-        self._started = loop.create_future()
-        command_id = await self._command(kind, text=text)
-        estimate = len(text.split()) / self._wpm * 60_000
+        command_id = uuid.uuid4().hex
+        waiter = self._started[command_id] = asyncio.get_running_loop().create_future()
+        # LiveAvatar reports no duration: estimate from the words at a speaking rate.
+        estimate = round(len(text.split()) / self._wpm * 60_000, 1)
         try:
+            await self._command(kind, event_id=command_id, text=text)
             async with asyncio.timeout(10.0):
-                started = await self._started
+                started = await waiter
         except TimeoutError:
-            return SpeakResult(task_id=command_id, duration_ms=round(estimate, 1))
+            return SpeakResult(task_id=command_id, duration_ms=estimate)
         finally:
-            self._started = None
+            self._started.pop(command_id, None)
         duration = started.data.get("duration_ms")
-        return SpeakResult(task_id=started.task_id or command_id,
+        return SpeakResult(task_id=command_id,
                            duration_ms=float(duration) if isinstance(duration, (int, float))
-                           else round(estimate, 1))
+                           else estimate)
 
     async def interrupt(self) -> None:
         await self._command("avatar.interrupt")
