@@ -41,7 +41,7 @@ class WhepViewer:
     """Offers recvonly video + audio + an ``events`` data channel, like the web page does."""
 
     def __init__(self, client: TestClient[Any, Any], session_id: str, mouth_box: Box | None = None,
-                 audio: bool = True) -> None:
+                 audio: bool = True, microphone: MediaStreamTrack | None = None) -> None:
         self.client = client
         self.session_id = session_id
         self.mouth_box = mouth_box
@@ -50,6 +50,7 @@ class WhepViewer:
         self.location: str | None = None
         self.etag: str | None = None
         self._audio = audio
+        self._microphone = microphone
         self._consumers: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self.first_frame = asyncio.Event()
@@ -57,7 +58,9 @@ class WhepViewer:
     async def offer_sdp(self) -> str:
         pc = self.pc
         pc.addTransceiver("video", direction="recvonly")
-        if self._audio:
+        if self._microphone is not None:
+            pc.addTransceiver(self._microphone, direction="sendrecv")
+        elif self._audio:
             pc.addTransceiver("audio", direction="recvonly")
         channel = pc.createDataChannel("events")
         channel.on("message", self._on_message)

@@ -1,0 +1,228 @@
+"""The real path, end to end: gateway → simulator REST → LiveKit room (real livekit SDK) →
+encode-once hub → aiortc viewers. Everything inside the test run's network namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from aiortc import MediaStreamTrack
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.api.common import METRICS, SESSIONS
+from gateway.app import create_app
+from gateway.sessions import Session
+from gateway.sim.app import create_sim_app
+from gateway.sim.config import SimSettings
+from gateway.sim.ledger import Ledger
+from gateway.upstream.cloud import RoomUpstream
+
+from .conftest import IN_NETNS, make_settings
+from .rtc_client import WhepViewer
+
+pytestmark = pytest.mark.skipif(
+    not IN_NETNS, reason="the livekit SDK needs the private network namespace (tests/netns.sh)")
+
+Client = TestClient[Any, Any]
+TEXT = "Hello from the cloud avatar, relayed once to everyone."
+
+
+@dataclass
+class Rig:
+    gateway: Client
+    sim: TestServer
+    ledger: Ledger
+
+    async def admin(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.gateway.session.request(method, self.sim.make_url(path), json=body) as r:
+            assert r.status < 400, await r.text()
+            return await r.json()
+
+    def open_sessions(self) -> int:
+        return sum(1 for e in self.ledger.entries() if e.open)
+
+    async def create(self, upstream: str = "heygen", status: int = 201) -> dict[str, Any]:
+        response = await self.gateway.post("/v1/sessions",
+                                           json={"upstream": upstream, "quality": "low"})
+        body: dict[str, Any] = await response.json()
+        assert response.status == status, body
+        return body
+
+    def session(self, session_id: str) -> Session:
+        return self.gateway.app[SESSIONS].get(session_id)
+
+    def provider_id(self, session_id: str) -> str:
+        upstream = self.session(session_id).upstream
+        assert isinstance(upstream, RoomUpstream) and upstream.provider_session_id
+        return upstream.provider_session_id
+
+
+@pytest.fixture
+async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+              tmp_path: Any) -> AsyncIterator[Rig]:
+    ledger = Ledger(":memory:")
+    sim = await aiohttp_server(create_sim_app(SimSettings.from_env({}), ledger=ledger))
+    base = str(sim.make_url("")).rstrip("/")
+    settings = make_settings(
+        heygen_api_key="sim-heygen-key", heygen_base_url=base,
+        liveavatar_api_key="sim-liveavatar-key", liveavatar_base_url=base,
+        upstream_timeout=3.0, state_dir=str(tmp_path),
+    )
+    gateway = await aiohttp_client(create_app(settings))
+    rig = Rig(gateway, sim, ledger)
+    yield rig
+    await gateway.close()
+    assert rig.open_sessions() == 0, "the gateway left a paid session open"
+    ledger.close()
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def kinds(viewer: WhepViewer, task_id: str) -> list[str]:
+    return [e["type"] for e in viewer.received.events if e.get("task_id") == task_id]
+
+
+async def test_heygen_session_through_livekit_to_three_viewers(rig: Rig) -> None:
+    created = await rig.create("heygen")
+    assert (created["upstream"], created["width"], created["height"]) == ("heygen", 640, 360)
+    assert rig.open_sessions() == 1
+    viewers = [WhepViewer(rig.gateway, created["id"]) for _ in range(3)]
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+        response = await rig.gateway.post(f"/v1/sessions/{created['id']}/speak",
+                                          json={"text": TEXT, "task_type": "repeat"})
+        task = await response.json()
+        assert response.status == 200, task
+        await wait_for(lambda: all("avatar_stop_talking" in kinds(v, task["task_id"])
+                                   for v in viewers))
+        for viewer in viewers:
+            got = viewer.received
+            assert {(s.width, s.height) for s in got.video} == {(640, 360)}
+            assert len(got.video) > 20
+            events = kinds(viewer, task["task_id"])
+            assert events[0] == "avatar_start_talking" and events[-1] == "avatar_stop_talking"
+            assert "avatar_end_message" in events and "avatar_talking_message" in events
+            assert max(rms for _, rms in got.audio_rms) > 500  # the avatar was heard
+
+        talk = await rig.gateway.post(f"/v1/sessions/{created['id']}/speak",
+                                      json={"text": "What can you do?", "task_type": "talk"})
+        talk_task = await talk.json()
+        assert talk.status == 200, talk_task
+        await wait_for(lambda: "avatar_start_talking" in kinds(viewers[0], talk_task["task_id"]))
+        assert (await rig.gateway.post(f"/v1/sessions/{created['id']}/interrupt")).status == 200
+        await wait_for(lambda: "avatar_stop_talking" in kinds(viewers[0], talk_task["task_id"]),
+                       timeout=5)
+        metrics = rig.gateway.app[METRICS]
+        assert metrics.upstream_starts.labels("heygen", "ok")._value.get() == 1
+        assert metrics.upstream_frames.labels("heygen", "video")._value.get() > 20
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+    assert (await rig.gateway.delete(f"/v1/sessions/{created['id']}")).status == 200
+    assert rig.open_sessions() == 0
+    entry = rig.ledger.get(rig_provider_id_after_close(rig, created["id"]))
+    assert entry is not None and entry.stop_reason == "stopped"
+
+
+def rig_provider_id_after_close(rig: Rig, gateway_session_id: str) -> str:
+    # The gateway session is gone; the ledger holds exactly one HeyGen session.
+    entries = [e for e in rig.ledger.entries() if e.provider == "heygen"]
+    assert len(entries) == 1
+    return entries[0].session_id
+
+
+async def test_liveavatar_full_mode_session(rig: Rig) -> None:
+    created = await rig.create("liveavatar")
+    viewer = WhepViewer(rig.gateway, created["id"])
+    try:
+        await viewer.connect()
+        async with asyncio.timeout(20):
+            await viewer.first_frame.wait()
+        response = await rig.gateway.post(f"/v1/sessions/{created['id']}/speak",
+                                          json={"text": "Hello from LiveAvatar."})
+        task = await response.json()
+        assert response.status == 200, task
+        await wait_for(lambda: "avatar_stop_talking" in kinds(viewer, task["task_id"]))
+        assert kinds(viewer, task["task_id"])[-2:] == ["avatar_end_message", "avatar_stop_talking"]
+    finally:
+        await viewer.close()
+    assert (await rig.gateway.delete(f"/v1/sessions/{created['id']}")).status == 200
+    assert rig.open_sessions() == 0
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone that says "aaa" loudly: 48 kHz, 20 ms frames, paced in real time."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._index = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        delay = self._start + self._index * 0.02 - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = (np.arange(960) + self._index * 960) / 48_000
+        pcm = (np.sin(2 * np.pi * 220 * t) * 12_000).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts = self._index * 960
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self._index += 1
+        return frame
+
+
+async def test_controller_microphone_reaches_the_avatar_room(rig: Rig) -> None:
+    created = await rig.create("heygen")
+    provider_id = rig.provider_id(created["id"])
+    controller = WhepViewer(rig.gateway, created["id"], microphone=ToneTrack())
+    try:
+        await controller.connect()
+        async with asyncio.timeout(20):
+            await controller.first_frame.wait()
+        listen = await rig.gateway.post(f"/v1/sessions/{created['id']}/listen",
+                                        json={"listening": True})
+        assert listen.status == 200, await listen.text()
+
+        async def mic() -> dict[str, Any]:
+            described: dict[str, Any] = await rig.admin("GET", f"/sim/sessions/{provider_id}")
+            return described["room"]
+
+        async with asyncio.timeout(20):
+            while (await mic())["mic_frames"] < 50:
+                await asyncio.sleep(0.2)
+        room = await mic()
+        assert room["mic_peak"] > 5000 and room["listening"] is True
+        await wait_for(lambda: any(e["type"] == "user_start" for e in controller.received.events))
+    finally:
+        await controller.close()
+    assert (await rig.gateway.delete(f"/v1/sessions/{created['id']}")).status == 200
+
+
+async def test_upstream_limit_is_429_and_local_is_unaffected(rig: Rig) -> None:
+    settings = rig.gateway.app[SESSIONS]._settings
+    assert settings.max_upstream_sessions == 3
+    ids = [(await rig.create("heygen"))["id"] for _ in range(3)]
+    response = await rig.gateway.post("/v1/sessions", json={"upstream": "heygen"})
+    assert response.status == 429 and int(response.headers["Retry-After"]) > 0
+    assert (await rig.create("local"))["upstream"] == "local"
+    for session_id in ids:
+        assert (await rig.gateway.delete(f"/v1/sessions/{session_id}")).status == 200
+    assert rig.open_sessions() == 0
