@@ -56,7 +56,9 @@ class Rig:
         return body
 
     def session(self, session_id: str) -> Session:
-        return self.gateway.app[SESSIONS].get(session_id)
+        registry = self.gateway.app[SESSIONS]
+        session: Session = registry.get(session_id)
+        return session
 
     def provider_id(self, session_id: str) -> str:
         upstream = self.session(session_id).upstream
@@ -203,7 +205,8 @@ async def test_controller_microphone_reaches_the_avatar_room(rig: Rig) -> None:
 
         async def mic() -> dict[str, Any]:
             described: dict[str, Any] = await rig.admin("GET", f"/sim/sessions/{provider_id}")
-            return described["room"]
+            room: dict[str, Any] = described["room"]
+            return room
 
         async with asyncio.timeout(20):
             while (await mic())["mic_frames"] < 50:
