@@ -1,4 +1,4 @@
-"""Command line: ``avatar-gateway serve [--host H] [--port P] [--log-level L]``."""
+"""Command line: ``avatar-gateway serve|sim [--host H] [--port P] [--log-level L]``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 8080)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    sim = commands.add_parser(
+        "sim", help="run HeyGen-in-a-box: HeyGen + LiveAvatar APIs and a LiveKit server, "
+                    "locally (settings from AVATAR_GATEWAY_SIM_* variables)")
+    sim.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, help="port to bind (default 8090)")
+    sim.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -36,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port))
                                  if v is not None}
+    if args.command == "sim":
+        return _sim(overrides)
     try:
         settings = Settings.from_env(**overrides)
     except ConfigError as exc:
@@ -46,6 +55,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"avatar-gateway {__version__}: open {settings.base_url}/ to watch the avatar "
           f"and make it speak (Ctrl-C to stop)", flush=True)
     web.run_app(create_app(settings), host=settings.host, port=settings.port,
+                print=None, access_log=None, shutdown_timeout=10.0)
+    return 0
+
+
+def _sim(overrides: dict[str, Any]) -> int:
+    from .sim.config import (
+        DEFAULT_HEYGEN_API_KEY,
+        DEFAULT_LIVEAVATAR_API_KEY,
+        SIM_ENV_PREFIX,
+        SimSettings,
+    )
+
+    try:
+        settings = SimSettings.from_env(**overrides)
+    except ConfigError as exc:
+        print(f"avatar-gateway sim: {exc}", file=sys.stderr)
+        return 2
+    from .sim.app import create_sim_app  # heavy imports (aiortc, livekit) after argument errors
+
+    def shown(name: str, key: str, default: str) -> str:
+        # The defaults are the simulator's own public test keys; keys a user chose stay hidden.
+        return default if key == default else f"(from {SIM_ENV_PREFIX}{name.upper()})"
+
+    base = settings.base_url
+    livekit = "ws" + base.removeprefix("http")
+    heygen_key = shown("heygen_api_key", settings.heygen_api_key.reveal(), DEFAULT_HEYGEN_API_KEY)
+    liveavatar_key = shown("liveavatar_api_key", settings.liveavatar_api_key.reveal(),
+                           DEFAULT_LIVEAVATAR_API_KEY)
+    print(f"avatar-gateway sim {__version__}: HeyGen-in-a-box on {base} (Ctrl-C to stop)\n"
+          f"  HeyGen API base:      {base}   x-api-key: {heygen_key}\n"
+          f"  LiveAvatar API base:  {base}   X-API-KEY: {liveavatar_key}\n"
+          f"  LiveKit server:       {livekit}   (the 'url' the session APIs return)\n"
+          f"  Session ledger:       {base}/sim/ledger   (faults: {base}/sim/faults)",
+          flush=True)
+    web.run_app(create_sim_app(settings), host=settings.host, port=settings.port,
                 print=None, access_log=None, shutdown_timeout=10.0)
     return 0
 

@@ -119,6 +119,10 @@ class Settings:
     """A session with no viewer and no controller activity for this long is stopped."""
     keep_alive_interval: float = 30.0
     """How often a watched session tells its provider it is in use."""
+    reconnect_attempts: int = 5
+    """Rejoins of a dropped provider room before the session is given up (and stopped)."""
+    reconnect_ready_within: float = 20.0
+    """Seconds a (re)join may take until the avatar's video and audio flow."""
     max_session_duration: float = 3600.0
     """Hard cap on any session's lifetime (a provider's own limit may be lower)."""
     state_dir: str = ".avatar-gateway"
@@ -142,10 +146,12 @@ class Settings:
                               f"got {self.default_upstream!r}")
         for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout",
                      "upstream_timeout", "idle_grace", "keep_alive_interval",
+                     "reconnect_ready_within",
                      "max_session_duration"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions", "max_upstream_sessions",
+                     "reconnect_attempts",
                      "max_viewers_per_session", "max_body_bytes", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -17,6 +17,7 @@ from .errors import BadRequest, UpstreamError
 from .journal import SessionJournal
 from .metrics import Metrics
 from .upstream.base import Upstream
+from .upstream.cloud import ReconnectPolicy
 from .upstream.heygen import HeyGenClient, HeyGenUpstream
 from .upstream.liveavatar import LiveAvatarClient, LiveAvatarUpstream
 from .upstream.local import LocalUpstream
@@ -81,14 +82,16 @@ class Providers:
             synthesizer = await self.synthesizer(voice or s.tts_voice)
             return LocalUpstream(quality, synthesizer, fps=s.video_fps,
                                  max_text_chars=s.max_text_chars)
+        policy = ReconnectPolicy(attempts=s.reconnect_attempts,
+                                 ready_within=s.reconnect_ready_within)
         if kind == "heygen":
             assert self._heygen is not None
             return HeyGenUpstream(self._heygen, quality, self.journal,
                                   avatar_id=avatar_id or s.heygen_avatar_id,
-                                  voice_id=voice or s.heygen_voice_id or None)
+                                  voice_id=voice or s.heygen_voice_id or None, reconnect=policy)
         assert self._liveavatar is not None
         return LiveAvatarUpstream(self._liveavatar, quality, self.journal,
-                                  avatar_id=avatar_id or s.liveavatar_avatar_id)
+                                  avatar_id=avatar_id or s.liveavatar_avatar_id, reconnect=policy)
 
     async def reap_orphans(self) -> int:
         """Stop every session the journal says a previous run left open. Returns how many."""

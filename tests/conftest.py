@@ -54,3 +54,7 @@ async def session_id(client: TestClient[Any, Any]) -> AsyncIterator[str]:
     assert response.status == 201, await response.text()
     data = await response.json()
     yield str(data["id"])
+
+
+# The gateway + simulator rig for the cloud-upstream tests.
+from .cloud_rig import gateway_overrides, rig  # noqa: E402, F401

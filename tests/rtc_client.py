@@ -123,7 +123,7 @@ class WhepViewer:
         return response.status
 
     async def close(self) -> None:
-        await self.pc.close()
+        await asyncio.shield(self.pc.close())
         for task in self._consumers:
             task.cancel()
         for task in self._consumers:

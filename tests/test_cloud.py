@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import av
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from aiortc import MediaStreamTrack
-from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.api.common import METRICS, SESSIONS
-from gateway.app import create_app
-from gateway.sessions import Session
-from gateway.sim.app import create_sim_app
-from gateway.sim.config import SimSettings
-from gateway.sim.ledger import Ledger
-from gateway.upstream.cloud import RoomUpstream
 
-from .conftest import IN_NETNS, make_settings
+from .cloud_rig import Rig
+from .conftest import IN_NETNS
 from .rtc_client import WhepViewer
 
 pytestmark = pytest.mark.skipif(
@@ -32,57 +24,6 @@ pytestmark = pytest.mark.skipif(
 
 Client = TestClient[Any, Any]
 TEXT = "Hello from the cloud avatar, relayed once to everyone."
-
-
-@dataclass
-class Rig:
-    gateway: Client
-    sim: TestServer
-    ledger: Ledger
-
-    async def admin(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.gateway.session.request(method, self.sim.make_url(path), json=body) as r:
-            assert r.status < 400, await r.text()
-            return await r.json()
-
-    def open_sessions(self) -> int:
-        return sum(1 for e in self.ledger.entries() if e.open)
-
-    async def create(self, upstream: str = "heygen", status: int = 201) -> dict[str, Any]:
-        response = await self.gateway.post("/v1/sessions",
-                                           json={"upstream": upstream, "quality": "low"})
-        body: dict[str, Any] = await response.json()
-        assert response.status == status, body
-        return body
-
-    def session(self, session_id: str) -> Session:
-        registry = self.gateway.app[SESSIONS]
-        session: Session = registry.get(session_id)
-        return session
-
-    def provider_id(self, session_id: str) -> str:
-        upstream = self.session(session_id).upstream
-        assert isinstance(upstream, RoomUpstream) and upstream.provider_session_id
-        return upstream.provider_session_id
-
-
-@pytest.fixture
-async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
-              tmp_path: Any) -> AsyncIterator[Rig]:
-    ledger = Ledger(":memory:")
-    sim = await aiohttp_server(create_sim_app(SimSettings.from_env({}), ledger=ledger))
-    base = str(sim.make_url("")).rstrip("/")
-    settings = make_settings(
-        heygen_api_key="sim-heygen-key", heygen_base_url=base,
-        liveavatar_api_key="sim-liveavatar-key", liveavatar_base_url=base,
-        upstream_timeout=3.0, state_dir=str(tmp_path),
-    )
-    gateway = await aiohttp_client(create_app(settings))
-    rig = Rig(gateway, sim, ledger)
-    yield rig
-    await gateway.close()
-    assert rig.open_sessions() == 0, "the gateway left a paid session open"
-    ledger.close()
 
 
 async def wait_for(predicate: Any, timeout: float = 20.0) -> None:

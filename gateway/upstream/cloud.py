@@ -17,7 +17,7 @@ from typing import Any
 import av
 
 from ..config import QualityTier
-from ..errors import UpstreamError
+from ..errors import UpstreamError, UpstreamSessionGone
 from ..journal import SessionJournal
 from .base import AvatarEvent, EventType, MediaSink, Upstream
 from .livekit_room import EventDecoder, RoomLink, decode_heygen_event
@@ -138,6 +138,17 @@ class RoomUpstream(Upstream, abc.ABC):
         for attempt in range(1, self._policy.attempts + 1):
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._policy.max_delay)
+            try:
+                # Ask the provider first: an expired or stopped session is not worth rejoining.
+                await self.keep_alive()
+            except UpstreamSessionGone as exc:
+                self._reconnecting = None
+                sink.on_upstream_ended(f"{reason}; the provider ended the session ({exc.message})")
+                return
+            except UpstreamError as exc:
+                logger.warning("%s session %s: provider unreachable while rejoining: %s",
+                               self.kind, self.provider_session_id, exc.message)
+                continue
             try:
                 self._link = await self._join(credentials)
             except UpstreamError as exc:

@@ -237,6 +237,7 @@ class Viewer:
         for track in self._tracks:
             track.stop()
         try:
-            await self._pc.close()
+            # Shielded: a cancelled waiter would cancel aiortc's own close future (InvalidStateError).
+            await asyncio.shield(self._pc.close())
         finally:
             self._on_closed(self)
