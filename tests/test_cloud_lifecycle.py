@@ -36,7 +36,9 @@ async def test_idle_grace_stops_the_paid_session(rig: Rig) -> None:
         while rig.open_sessions():
             await asyncio.sleep(0.1)
     entries = [e for e in rig.ledger.entries() if e.provider == "heygen"]
-    assert len(entries) == 1 and entries[0].billed_seconds < 10
+    assert len(entries) == 1
+    billed = entries[0].billed_seconds
+    assert billed is not None and billed < 10
     assert (await rig.gateway.get(f"/v1/sessions/{created['id']}")).status == 404
 
 
@@ -133,7 +135,7 @@ async def test_sigkill_then_restart_stops_the_orphan(sim_and_ledger: Any, tmp_pa
     try:
         assert open_count(ledger) == 0
         entry = ledger.entries()[0]
-        assert entry.stop_reason == "stopped" and entry.billed_seconds > 0
+        assert entry.stop_reason == "stopped" and (entry.billed_seconds or 0) > 0
         async with aiohttp.ClientSession() as http, http.get(second.url + "/metrics") as r:
             assert "avatargw_upstream_session_starts_total" in await r.text()
         assert json.dumps(created)  # the first run's session id was never reused

@@ -21,7 +21,6 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
-
 from aiortc.mediastreams import MediaStreamError
 
 from ..errors import BadSDP, GatewayError, Unprocessable

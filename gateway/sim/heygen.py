@@ -1,0 +1,390 @@
+"""HeyGen Streaming API v2 (LiveKit) emulation: ``/v1/streaming.*``.
+
+Follows ../shared/specs/heygen-api.md (§2 envelopes, §3 endpoints, §4 errors, §5 lifetime,
+§6 LiveKit conventions, §13 fake design). Where the spec is INFERRED, so is this module:
+
+* Auth: ``x-api-key`` everywhere; ``Authorization: Bearer <session token>`` everywhere except
+  ``create_token``. A session token is single-use for ``streaming.new`` and from then on
+  authorises calls about that one session only (the SDK keeps sending it).
+* Errors: HTTP 400 ``{"code": 100xx, "message"}`` for session errors (10001-10005 "session
+  state wrong: <state>", 10006 "Session not found", 10007 "Concurrent limit reached"),
+  40001 for a missing parameter, 400175 for an invalid one, HTTP 401 + 400112 for bad
+  credentials.
+* Only ``version: "v2"`` is emulated; v1 (raw WebRTC) was retired on 2025-02-28.
+* The room is named after the session id and created at ``streaming.new``; the avatar
+  (identity ``heygen``) joins at ``streaming.start``, which returns once it publishes.
+  ``access_token`` is for identity ``client`` (name ``client``, 24 h), ``livekit_agent_token``
+  for identity ``agent``. ``realtime_endpoint`` is null: bring-your-own-audio is not emulated.
+* ``streaming.task``: ``repeat`` speaks the text; ``talk`` (and v1's ``chat``) speaks
+  :func:`~gateway.sim.sessions.answer` of the text and the session's knowledge base.
+  ``sync`` (the documented default) answers after ``avatar_stop_talking``; ``async`` at once.
+  ``task_id`` and ``duration_ms`` are the ones the avatar's events carry.
+* Activity that resets the idle timer: task, interrupt, keep_alive, start/stop_listening,
+  text sent over LiveKit, voice activity while listening.
+* Listening mode: voice activity in a client's microphone becomes data packets
+  ``{"type": "user_start"}`` / ``{"type": "user_stop"}`` from ``heygen`` (the SDK gets these
+  from its websocket as ``event_type``; in the simulator they ride LiveKit like every event).
+* Text sent by a client as a LiveKit data packet holding a JSON string (the SDK's LiveKit
+  transport for ``talk``) is answered like a ``talk`` task.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..config import QUALITY_TIERS
+from ..errors import Conflict, GatewayError
+from ..upstream.base import AvatarEvent
+from .config import SimSettings
+from .room import heygen_event_json
+from .sessions import (
+    AvatarGone,
+    Provider,
+    SessionBook,
+    SimApiError,
+    SimSession,
+    State,
+    answer,
+    livekit_url,
+    new_session_id,
+)
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/v1/streaming."
+_TOKENS_KEPT = 4096
+_STATE_CODES = {State.NEW: 10001, State.CONNECTING: 10002, State.CONNECTED: 10003,
+                State.CLOSING: 10004, State.CLOSED: 10005}
+
+
+class HeyGenError(SimApiError):
+    @classmethod
+    def unauthorized(cls, why: str) -> HeyGenError:
+        return cls(401, 400112, f"Unauthorized: {why}")
+
+    @classmethod
+    def missing(cls, name: str) -> HeyGenError:
+        return cls(400, 40001, f"Missing required parameter: {name}")
+
+    @classmethod
+    def invalid(cls, message: str) -> HeyGenError:
+        return cls(400, 400175, f"Invalid parameter: {message}")
+
+    @classmethod
+    def state(cls, state: State) -> HeyGenError:
+        return cls(400, _STATE_CODES[state], f"session state wrong: {state}")
+
+
+def ok(data: Any = None) -> web.Response:
+    return web.json_response({"code": 100, "message": "success", "data": data})
+
+
+class HeyGenSession(SimSession):
+    provider = Provider.HEYGEN
+
+    def wire(self, event: AvatarEvent) -> bytes | None:
+        return heygen_event_json(event)
+
+    def on_data(self, sender: str, topic: str, payload: bytes) -> None:
+        try:
+            message = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(message, str) or message.startswith("push_to_talk:"):
+            return
+        self.touch()
+        reply = answer(message, self.knowledge_base)
+
+        async def talk() -> None:
+            await self.speak(reply)
+
+        self.submit(talk)
+
+    def on_voice(self, identity: str, kind: str) -> None:
+        self.touch()
+        payload = json.dumps({"type": kind}).encode()
+        room = self.room
+        if room is not None:
+            self.submit(lambda: room.send_data(payload))
+
+
+@dataclass(slots=True)
+class _SessionToken:
+    session_id: str | None = None
+    """Bound at ``streaming.new``; None while unused."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    api_key: bool
+    token: str | None = None
+
+
+class HeyGenApi:
+    """The ``/v1/streaming.*`` routes over a :class:`SessionBook`."""
+
+    def __init__(self, settings: SimSettings, book: SessionBook) -> None:
+        self._settings = settings
+        self._book = book
+        self._tokens: OrderedDict[str, _SessionToken] = OrderedDict()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post(PREFIX + "create_token", self.create_token)
+        app.router.add_post(PREFIX + "new", self.new)
+        app.router.add_post(PREFIX + "start", self.start)
+        app.router.add_post(PREFIX + "task", self.task)
+        app.router.add_post(PREFIX + "interrupt", self.interrupt)
+        app.router.add_post(PREFIX + "keep_alive", self.keep_alive)
+        app.router.add_post(PREFIX + "start_listening", self.start_listening)
+        app.router.add_post(PREFIX + "stop_listening", self.stop_listening)
+        app.router.add_post(PREFIX + "stop", self.stop)
+        app.router.add_get(PREFIX + "list", self.list)
+
+    def session_for_token(self, token: str) -> str | None:
+        entry = self._tokens.get(token)
+        return entry.session_id if entry is not None else None
+
+    # -- auth and parsing ------------------------------------------------------------------
+
+    def _caller(self, request: web.Request, *, token_allowed: bool = True) -> _Caller:
+        key = request.headers.get("x-api-key")
+        if key is not None:
+            if hmac.compare_digest(key.encode(), self._settings.heygen_api_key.reveal().encode()):
+                return _Caller(api_key=True)
+            raise HeyGenError.unauthorized("invalid API key")
+        header = request.headers.get("Authorization", "")
+        if token_allowed and header.startswith("Bearer "):
+            token = header[7:].strip()
+            if token in self._tokens:
+                return _Caller(api_key=False, token=token)
+            raise HeyGenError.unauthorized("invalid or expired session token")
+        raise HeyGenError.unauthorized(
+            "send your API key as 'x-api-key'" if not token_allowed else
+            "send 'x-api-key: <API key>' or 'Authorization: Bearer <session token>'")
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise HeyGenError.invalid(
+                f"the body is larger than {self._settings.max_body_bytes} bytes") from None
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HeyGenError.invalid(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HeyGenError.invalid("the body must be a JSON object")
+        return body
+
+    async def _session(self, request: web.Request) -> tuple[HeyGenSession, dict[str, Any]]:
+        caller = self._caller(request)
+        body = await self._body(request)
+        session_id = body.get("session_id")
+        if session_id is None or session_id == "":
+            raise HeyGenError.missing("session_id")
+        if not isinstance(session_id, str):
+            raise HeyGenError.invalid("session_id must be a string")
+        if caller.token is not None and self.session_for_token(caller.token) != session_id:
+            raise HeyGenError.unauthorized("this session token does not belong to the session")
+        session = self._book.get(session_id, Provider.HEYGEN)
+        if not isinstance(session, HeyGenSession):
+            raise HeyGenError(400, 10006, "Session not found")
+        return session, body
+
+    @staticmethod
+    def _require(session: HeyGenSession, *states: State) -> None:
+        if session.state not in states:
+            raise HeyGenError.state(session.state)
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def create_token(self, request: web.Request) -> web.Response:
+        self._caller(request, token_allowed=False)
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = _SessionToken()
+        while len(self._tokens) > _TOKENS_KEPT:
+            self._tokens.popitem(last=False)
+        return web.json_response({"error": None, "data": {"token": token}})
+
+    async def new(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)
+        if caller.token is not None and self._tokens[caller.token].session_id is not None:
+            raise HeyGenError.unauthorized("this session token was already used for "
+                                           "streaming.new; create a new token per session")
+        body = await self._body(request)
+        params = self._new_params(body)
+        if self._book.at_capacity(Provider.HEYGEN):
+            raise HeyGenError(400, 10007, "Concurrent limit reached")
+        session = HeyGenSession(session_id=new_session_id(), **params)
+        if caller.token is not None:
+            self._tokens[caller.token].session_id = session.id
+        self._book.add(session)
+        room = self._book.create_room(session)
+        livekit = self._book.livekit
+        limit = session.duration_limit
+        return ok({
+            "session_id": session.id,
+            "url": livekit_url(request, self._settings),
+            "access_token": livekit.token("client", room.name, name="client"),
+            "livekit_agent_token": livekit.token("agent", room.name, name="agent"),
+            "realtime_endpoint": None,
+            "is_paid": True,
+            "session_duration_limit": int(limit) if float(limit).is_integer() else limit,
+            "sdp": None,
+            "ice_servers": None,
+            "ice_servers2": None,
+        })
+
+    def _new_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        settings = self._settings
+        if body.get("version") != "v2":
+            raise HeyGenError.invalid(
+                "version must be 'v2': the simulator emulates the LiveKit flow only "
+                "(raw-WebRTC v1 sessions were retired on 2025-02-28)")
+        if body.get("livekit_settings") is not None:
+            raise HeyGenError.invalid("livekit_settings (your own LiveKit server) is not "
+                                      "emulated; omit it to use the simulator's")
+        quality = _choice(body, "quality", ("low", "medium", "high"), "low")
+        codec = _choice(body, "video_encoding", ("H264", "VP8"), "VP8")
+        avatar = _get(body, "avatar_id", _get(body, "avatar_name", "default"))
+        if not isinstance(avatar, str):
+            raise HeyGenError.invalid("avatar_id must be a string")
+        if not isinstance(_get(body, "voice", {}), dict):
+            raise HeyGenError.invalid("voice must be an object")
+        knowledge = _get(body, "knowledge_base", "")
+        if not isinstance(knowledge, str):
+            raise HeyGenError.invalid("knowledge_base must be a string")
+        disable_idle = _get(body, "disable_idle_timeout", False)
+        if not isinstance(disable_idle, bool):
+            raise HeyGenError.invalid("disable_idle_timeout must be a boolean")
+        idle = body.get("activity_idle_timeout")
+        if idle is None:
+            idle = settings.idle_timeout_default
+        elif (isinstance(idle, bool) or not isinstance(idle, int | float)
+              or not settings.idle_timeout_min <= idle <= settings.idle_timeout_max):
+            raise HeyGenError.invalid(
+                f"activity_idle_timeout must be a number of seconds from "
+                f"{settings.idle_timeout_min:g} to {settings.idle_timeout_max:g}")
+        return {
+            "avatar_id": avatar, "quality": QUALITY_TIERS[quality], "video_codec": codec,
+            "voice": "en-us", "knowledge_base": knowledge, "mode": "v2",
+            "idle_timeout": None if disable_idle else float(idle),
+            "duration_limit": settings.session_duration_limit,
+        }
+
+    async def start(self, request: web.Request) -> web.Response:
+        session, _ = await self._session(request)
+        self._require(session, State.NEW)
+        try:
+            await self._book.start(session)
+        except (TimeoutError, GatewayError) as exc:
+            if session.stop_reason not in (None, "start_failed"):  # expired, shut down, …
+                raise HeyGenError.state(session.state) from None
+            raise HeyGenError(500, 500, f"the avatar could not join the room: {exc}") from None
+        if session.state is not State.CONNECTED:
+            raise HeyGenError.state(session.state)
+        return ok()
+
+    async def task(self, request: web.Request) -> web.Response:
+        session, body = await self._session(request)
+        self._require(session, State.CONNECTED)
+        text = body.get("text")
+        if text is None:
+            raise HeyGenError.missing("text")
+        if not isinstance(text, str) or not text.strip():
+            raise HeyGenError.invalid("text must be a non-empty string")
+        if len(text) > self._settings.max_text_chars:
+            raise HeyGenError.invalid(f"text is longer than {self._settings.max_text_chars} "
+                                      f"characters")
+        task_type = _choice(body, "task_type", ("repeat", "talk", "chat"), "repeat")
+        task_mode = _choice(body, "task_mode", ("sync", "async"), "sync")
+        session.touch()
+        spoken = text if task_type == "repeat" else answer(text, session.knowledge_base)
+        try:
+            result = await session.speak(spoken, wait=task_mode == "sync")
+        except (AvatarGone, Conflict):
+            raise _avatar_gone() from None
+        except GatewayError as exc:  # the avatar refused the text (too long, empty, …)
+            raise HeyGenError.invalid(exc.message) from None
+        except TimeoutError:
+            raise HeyGenError(500, 500, "the avatar never reported the end of the task") from None
+        if session.state is not State.CONNECTED:
+            raise HeyGenError.state(session.state)
+        return ok({"task_id": result.task_id, "duration_ms": result.duration_ms})
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        session, _ = await self._session(request)
+        self._require(session, State.CONNECTED)
+        session.touch()
+        try:
+            await session.avatar().interrupt()
+        except AvatarGone:
+            raise _avatar_gone() from None
+        return ok()
+
+    async def keep_alive(self, request: web.Request) -> web.Response:
+        session, _ = await self._session(request)
+        self._require(session, State.NEW, State.CONNECTING, State.CONNECTED)
+        session.touch()
+        return ok()
+
+    async def start_listening(self, request: web.Request) -> web.Response:
+        return await self._listen(request, True)
+
+    async def stop_listening(self, request: web.Request) -> web.Response:
+        return await self._listen(request, False)
+
+    async def _listen(self, request: web.Request, listening: bool) -> web.Response:
+        session, _ = await self._session(request)
+        self._require(session, State.CONNECTED)
+        session.touch()
+        assert session.room is not None  # connected sessions have a room
+        session.room.listening = listening
+        return ok()
+
+    async def stop(self, request: web.Request) -> web.Response:
+        session, _ = await self._session(request)
+        self._require(session, State.NEW, State.CONNECTING, State.CONNECTED)
+        await self._book.stop(session, "stopped")
+        return ok()
+
+    async def list(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)
+        own = self.session_for_token(caller.token) if caller.token is not None else None
+        sessions = [
+            {"session_id": s.id, "status": str(s.state),
+             "created_at": int(s.created_at)}
+            for s in self._book.open_sessions(Provider.HEYGEN)
+            if caller.api_key or s.id == own
+        ]
+        return ok({"sessions": sessions})
+
+
+def _get(body: dict[str, Any], name: str, default: Any) -> Any:
+    """A field, with JSON ``null`` meaning "not given" (pipecat sends nulls)."""
+    value = body.get(name)
+    return default if value is None else value
+
+
+def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise HeyGenError.invalid(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return str(value)
+
+
+def _avatar_gone() -> HeyGenError:
+    return HeyGenError(500, 500, "the avatar has left the room; stop this session and "
+                                 "create a new one")

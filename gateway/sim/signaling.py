@@ -1,0 +1,502 @@
+"""One joined client: LiveKit's signaling protocol on a WebSocket, and its two peer connections.
+
+This is LiveKit's dual peer connection mode ("v0", ``/rtc``): every WebSocket message is one
+``SignalRequest`` / ``SignalResponse`` protobuf. The *subscriber* connection carries what the
+client receives; the server offers it, right after the JoinResponse (``subscriber_primary``),
+and again whenever the avatar joins or leaves. The *publisher* connection carries what the
+client sends (microphone, data); the client offers it, lazily, and the server answers.
+See ``specs/livekit-signaling.md`` for the sequence and for what the SDKs insist on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+from aiortc import (
+    MediaStreamTrack,
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpCodecCapability,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.exceptions import InvalidAccessError, InvalidStateError
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import candidate_from_sdp
+from google.protobuf.message import DecodeError
+from livekit.protocol import models
+from livekit.protocol import rtc as signal
+
+from .media import FeedTrack
+from .room import State, new_sid
+
+if TYPE_CHECKING:
+    from .room import AvatarParticipant, Room
+
+logger = logging.getLogger(__name__)
+
+SERVER_VERSION = "1.9.0"
+SERVER_PROTOCOL = 16
+PING_INTERVAL = 5
+"""Seconds; must be > 0 (the Rust SDK feeds it to tokio's ``interval``, which panics on 0)."""
+PING_TIMEOUT = 15
+ANSWER_TIMEOUT = 10.0
+LEAVE_GRACE = 1.0
+"""After a LeaveRequest, how long the client gets to hang up by itself."""
+OUTBOX = 256
+"""Signaling messages queued for a client that does not read; then it is dropped."""
+DATA_BACKLOG = 64
+"""Data packets held until the subscriber's data channels open; the oldest go first."""
+MAX_CHANNEL_BUFFER = 1 << 20
+
+PeerError = (InvalidAccessError, InvalidStateError, ValueError)
+"""What aiortc raises for an SDP or a state it cannot use: the client broke the protocol."""
+
+
+def peer_configuration() -> RTCConfiguration:
+    # No ICE servers: aiortc's default is a public STUN server. One bundled transport, so a
+    # renegotiation that adds tracks never starts a second ICE/DTLS session.
+    return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+
+
+def _codecs(kind: str, name: str) -> list[RTCRtpCodecCapability]:
+    wanted = (f"{kind}/{name}".lower(), f"{kind}/rtx")
+    return [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType.lower() in wanted]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a client's token lets it do in the room."""
+
+    identity: str
+    room: str
+    name: str
+    can_publish: bool = True
+    can_subscribe: bool = True
+    can_publish_data: bool = True
+
+
+class ClientConnection:
+    """Signaling and media for one client, from JoinResponse to the end of its socket.
+
+    :meth:`run` owns the connection: it returns once the socket is gone and everything the
+    connection started (tasks, peer connections, avatar tracks) is closed.
+    """
+
+    def __init__(self, room: Room, ws: web.WebSocketResponse, grant: Grant,
+                 transport: asyncio.Transport | None = None) -> None:
+        self.sid = new_sid("PA_")
+        self.identity = grant.identity
+        self.joined_at = time.time()
+        self._room = room
+        self._ws = ws
+        self._grant = grant
+        self._transport = transport
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(OUTBOX)
+        self._subscriber = RTCPeerConnection(peer_configuration())
+        self._publisher: RTCPeerConnection | None = None
+        self._channels: dict[bool, RTCDataChannel] = {}
+        self._backlog: collections.deque[tuple[bytes, bool]] = collections.deque(maxlen=DATA_BACKLOG)
+        self._avatar: AvatarParticipant | None = None
+        self._senders: dict[AvatarParticipant, tuple[tuple[FeedTrack, FeedTrack],
+                                                     tuple[RTCRtpTransceiver, ...]]] = {}
+        self._published: dict[str, models.TrackInfo] = {}
+        # Held by every operation on a peer connection: closing one while another task is
+        # inside setLocalDescription (gathering) would leave the sockets gathered after the
+        # close open forever.
+        self._peer_lock = asyncio.Lock()
+        self._offer_needed = asyncio.Event()
+        self._answered = asyncio.Event()
+        self._offer_id = 0
+        self._version = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.data_dropped = 0
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.identity} {self.sid} room={self._room.name}>"
+
+    @property
+    def peer_connections(self) -> list[RTCPeerConnection]:
+        return [pc for pc in (self._subscriber, self._publisher) if pc is not None]
+
+    def info(self, state: State = models.ParticipantInfo.ACTIVE) -> models.ParticipantInfo:
+        self._version += 1
+        grant = self._grant
+        return models.ParticipantInfo(
+            sid=self.sid, identity=self.identity, name=grant.name, state=state,
+            joined_at=int(self.joined_at), joined_at_ms=int(self.joined_at * 1000),
+            version=self._version, is_publisher=bool(self._published),
+            kind=models.ParticipantInfo.STANDARD,
+            permission=models.ParticipantPermission(
+                can_subscribe=grant.can_subscribe, can_publish=grant.can_publish,
+                can_publish_data=grant.can_publish_data))
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Join, then serve the client's requests until its socket closes; then clean up."""
+        try:
+            avatar = self._room.attach(self)
+            self._post(signal.SignalResponse(join=signal.JoinResponse(
+                room=self._room.info(),
+                participant=self.info(models.ParticipantInfo.JOINED),
+                other_participants=self._room.participants(exclude=self),
+                server_version=SERVER_VERSION,
+                server_info=models.ServerInfo(edition=models.ServerInfo.Standard, version=SERVER_VERSION,
+                                              protocol=SERVER_PROTOCOL, node_id="sim"),
+                subscriber_primary=True, ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
+                ice_servers=[])))
+            # The avatar is in other_participants, so its tracks may ride the first offer.
+            self._avatar = avatar
+            # Tracks before data channels: aiortc (max-bundle) stops the shared transport if
+            # the data channel's transport came first but its m-line comes after the media's.
+            self._sync_avatar_tracks()
+            self._open_data_channels()
+            self._spawn(self._write_loop(), "sim-signal-writer")
+            # Offers wait for answers: never inside the read loop, which must keep reading.
+            self._spawn(self._negotiate_loop(), "sim-subscriber-negotiation")
+            self._offer_needed.set()
+            await self._read_loop()
+        finally:
+            await self.close()
+
+    async def leave(self, reason: models.DisconnectReason) -> None:
+        """Ask the client to leave (LeaveRequest DISCONNECT), then close what is left."""
+        if not self._closing:
+            self._post(signal.SignalResponse(leave=signal.LeaveRequest(
+                can_reconnect=False, reason=reason, action=signal.LeaveRequest.DISCONNECT)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEAVE_GRACE):
+                    await self._closed.wait()
+        await self.close()
+
+    async def abort(self) -> None:
+        """Cut the connection with no goodbye: TCP first, then the peer connections."""
+        if self._transport is not None and not self._closing:
+            self._transport.abort()
+        await self.close()
+
+    async def close(self) -> None:
+        """Idempotent; concurrent callers all return once everything is closed."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            self._room.detach(self)
+            current = asyncio.current_task()
+            others = [t for t in self._tasks if t is not current]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            for avatar, (pair, _) in self._senders.items():
+                avatar.unsubscribe(pair)
+            self._senders.clear()
+            self._backlog.clear()
+            async with self._peer_lock:
+                await self._subscriber.close()
+                if self._publisher is not None:
+                    await self._publisher.close()
+            await self._ws.close()
+        finally:
+            self._closed.set()
+            logger.info("%r closed", self)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # A failed protocol task leaves the client waiting forever: end the connection loudly.
+        logger.error("%r: %s failed; closing", self, task.get_name(), exc_info=task.exception())
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """End the read loop (and so :meth:`run`) from a callback or a helper task."""
+        if not self._closing and not self._ws.closed:
+            task = asyncio.get_running_loop().create_task(self._ws.close(), name="sim-hang-up")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- signaling transport ----------------------------------------------------------------------
+
+    def _post(self, message: signal.SignalResponse) -> None:
+        if self._closing:
+            return
+        try:
+            self._outbox.put_nowait(message.SerializeToString())
+        except asyncio.QueueFull:
+            logger.warning("%r does not read its signaling socket; dropping it", self)
+            self._hang_up()
+
+    async def _write_loop(self) -> None:
+        while True:
+            data = await self._outbox.get()
+            try:
+                await self._ws.send_bytes(data)
+            except ConnectionError as exc:
+                logger.info("%r: signaling socket gone (%s)", self, exc)
+                return
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                message = await self._ws.receive(timeout=PING_TIMEOUT)
+            except TimeoutError:
+                logger.warning("%r: nothing for %d s (no pings); dropping it", self, PING_TIMEOUT)
+                return
+            if message.type is WSMsgType.BINARY:
+                try:
+                    request = signal.SignalRequest.FromString(message.data)
+                except DecodeError:
+                    logger.warning("%r: undecodable signal request; dropping it", self)
+                    return
+                if not await self._handle(request):
+                    return
+            elif message.type is WSMsgType.TEXT:
+                logger.warning("%r: ignoring a text message (LiveKit signaling is binary)", self)
+            else:  # CLOSE, CLOSING, CLOSED, ERROR
+                return
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def _handle(self, request: signal.SignalRequest) -> bool:
+        """Serve one request; False ends the connection."""
+        if self._closing:
+            return False
+        kind = request.WhichOneof("message")
+        if kind == "ping_req":
+            self._post(signal.SignalResponse(pong_resp=signal.Pong(
+                last_ping_timestamp=request.ping_req.timestamp, timestamp=int(time.time() * 1000))))
+        elif kind == "ping":
+            self._post(signal.SignalResponse(pong=int(time.time() * 1000)))
+        elif kind == "trickle":
+            await self._add_candidate(request.trickle)
+        elif kind == "answer":
+            try:
+                async with self._peer_lock:
+                    await self._subscriber.setRemoteDescription(
+                        RTCSessionDescription(sdp=request.answer.sdp, type="answer"))
+            except PeerError as exc:
+                logger.warning("%r: unusable subscriber answer: %s", self, exc)
+                return False
+            self._answered.set()
+        elif kind == "offer":
+            return await self._answer_publisher(request.offer)
+        elif kind == "add_track":
+            self._add_track(request.add_track)
+        elif kind == "mute":
+            for info in self._published.values():
+                if info.sid == request.mute.sid:
+                    info.muted = request.mute.muted
+        elif kind == "leave":
+            logger.info("%r leaves", self)
+            return False
+        else:
+            # subscription, track_setting, subscription_permission, sync_state, update_layers,
+            # ...: a one-avatar room has nothing to adapt, so they need no answer.
+            logger.debug("%r: ignoring %s", self, kind)
+        return True
+
+    async def _add_candidate(self, trickle: signal.TrickleRequest) -> None:
+        pc = self._subscriber if trickle.target == signal.SUBSCRIBER else self._publisher
+        try:
+            init = json.loads(trickle.candidateInit)
+        except json.JSONDecodeError:
+            logger.warning("%r: trickle with bad JSON: %.200s", self, trickle.candidateInit)
+            return
+        text = str(init.get("candidate") or "").removeprefix("candidate:")
+        if pc is None or not text:
+            return  # end of candidates, or no publisher yet: aiortc needs neither
+        if len(text.split()) < 8:
+            logger.warning("%r: malformed ICE candidate %.200s", self, text)
+            return
+        candidate = candidate_from_sdp(text)
+        candidate.sdpMid = init.get("sdpMid")
+        candidate.sdpMLineIndex = init.get("sdpMLineIndex")
+        try:
+            async with self._peer_lock:
+                await pc.addIceCandidate(candidate)
+        except ValueError as exc:
+            logger.debug("%r: candidate not added: %s", self, exc)
+
+    def _add_track(self, request: signal.AddTrackRequest) -> None:
+        if not self._grant.can_publish:
+            # The SDKs check can_publish themselves; one that does not waits for its timeout.
+            logger.warning("%r may not publish; ignoring track %r", self, request.name)
+            return
+        audio = request.type == models.AUDIO
+        info = models.TrackInfo(
+            sid=new_sid("TR_"), type=request.type, name=request.name, source=request.source,
+            muted=request.muted, width=request.width, height=request.height,
+            disable_dtx=request.disable_dtx, stereo=request.stereo, layers=request.layers,
+            mime_type="audio/opus" if audio else "video/VP8")
+        # The cid is the msid track id of this track in the coming publisher offer.
+        self._published[request.cid] = info
+        self._post(signal.SignalResponse(
+            track_published=signal.TrackPublishedResponse(cid=request.cid, track=info)))
+
+    async def _answer_publisher(self, offer: signal.SessionDescription) -> bool:
+        async with self._peer_lock:
+            if self._closing:
+                return False  # a publisher created now would never be closed
+            if self._publisher is None:
+                self._publisher = RTCPeerConnection(peer_configuration())
+                self._publisher.on("track", self._on_track)
+                self._publisher.on("datachannel", self._on_client_channel)
+            pc = self._publisher
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+                await pc.setLocalDescription(await pc.createAnswer())
+            except PeerError as exc:
+                logger.warning("%r: unusable publisher offer: %s", self, exc)
+                return False
+        self._post(signal.SignalResponse(answer=signal.SessionDescription(
+            type="answer", sdp=pc.localDescription.sdp, id=offer.id)))
+        return True
+
+    # -- what the client publishes -----------------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        info = self._published.get(track.id)
+        logger.info("%r publishes %s track %s", self, track.kind, info.sid if info else track.id)
+        if track.kind == "audio":
+            self._spawn(self._room.read_microphone(self.identity, track), "sim-microphone")
+        else:
+            # Nobody watches client video, but aiortc queues decoded frames without bound.
+            self._spawn(_drain(track), "sim-drain-video")
+
+    def _on_client_channel(self, channel: RTCDataChannel) -> None:
+        channel.on("message", self._on_data_message)
+
+    def _on_data_message(self, message: bytes | str) -> None:
+        if not isinstance(message, bytes):
+            logger.warning("%r: ignoring a text data message (DataPackets are binary)", self)
+            return
+        try:
+            packet = models.DataPacket.FromString(message)
+        except DecodeError:
+            logger.warning("%r: undecodable data packet", self)
+            return
+        if not self._grant.can_publish_data:
+            logger.warning("%r may not publish data; packet dropped", self)
+            return
+        self._room.receive_data(self, packet)
+
+    # -- what the client receives ------------------------------------------------------------------
+
+    def announce(self, participants: list[models.ParticipantInfo]) -> None:
+        self._post(signal.SignalResponse(update=signal.ParticipantUpdate(participants=participants)))
+
+    def adopt_avatar(self, avatar: AvatarParticipant) -> None:
+        """The avatar joined: describe it first, then offer its tracks (the SDKs drop a track
+        whose participant or TrackInfo they do not know yet)."""
+        self.announce([avatar.info()])
+        self._avatar = avatar
+        self._offer_needed.set()
+
+    def drop_avatar(self, avatar: AvatarParticipant, gone: models.ParticipantInfo) -> None:
+        self.announce([gone])
+        if self._avatar is avatar:
+            self._avatar = None
+        self._offer_needed.set()
+
+    def send_data(self, data: bytes, reliable: bool) -> None:
+        """Queue one serialized DataPacket on the subscriber's ``_reliable`` / ``_lossy`` channel."""
+        if self._closing:
+            return
+        channel = self._channels.get(reliable)
+        if channel is None or channel.readyState != "open":
+            if len(self._backlog) == self._backlog.maxlen:
+                self.data_dropped += 1
+            self._backlog.append((data, reliable))
+        elif channel.bufferedAmount > MAX_CHANNEL_BUFFER:
+            self.data_dropped += 1
+        else:
+            channel.send(data)
+
+    def _open_data_channels(self) -> None:
+        # In dual-PC mode the client receives on the channels the *server* opens.
+        pc = self._subscriber
+        self._channels[True] = pc.createDataChannel("_reliable", ordered=True)
+        self._channels[False] = pc.createDataChannel("_lossy", ordered=False, maxRetransmits=0)
+        for channel in self._channels.values():
+            channel.on("open", self._flush_backlog)
+            channel.on("message", self._on_data_message)
+
+    def _flush_backlog(self) -> None:
+        waiting = list(self._backlog)
+        self._backlog.clear()
+        for data, reliable in waiting:
+            self.send_data(data, reliable)
+
+    async def _negotiate_loop(self) -> None:
+        """Offer the subscriber connection whenever the avatar's tracks change; one offer at
+        a time, each answered before the next (changes meanwhile coalesce into one offer)."""
+        pc = self._subscriber
+        while True:
+            await self._offer_needed.wait()
+            self._offer_needed.clear()
+            async with self._peer_lock:
+                self._sync_avatar_tracks()
+                await pc.setLocalDescription(await pc.createOffer())
+            self._offer_id += 1
+            self._answered.clear()
+            self._post(signal.SignalResponse(offer=signal.SessionDescription(
+                type="offer", sdp=pc.localDescription.sdp, id=self._offer_id)))
+            try:
+                async with asyncio.timeout(ANSWER_TIMEOUT):
+                    await self._answered.wait()
+            except TimeoutError:
+                logger.warning("%r: no answer to offer %d in %.0f s; dropping it",
+                               self, self._offer_id, ANSWER_TIMEOUT)
+                self._hang_up()
+                return
+
+    def _sync_avatar_tracks(self) -> None:
+        pc = self._subscriber
+        wanted = self._avatar if self._grant.can_subscribe else None
+        for avatar, (pair, transceivers) in list(self._senders.items()):
+            if avatar is not wanted:
+                # aiortc cannot remove a transceiver: its track ends and it goes inactive.
+                avatar.unsubscribe(pair)
+                for transceiver in transceivers:
+                    transceiver.direction = "inactive"
+                del self._senders[avatar]
+        if wanted is None or wanted in self._senders:
+            return
+        pair = wanted.subscribe()
+        video = pc.addTransceiver(pair[0], direction="sendonly")
+        video.setCodecPreferences(_codecs("video", wanted.spec.video_codec))
+        audio = pc.addTransceiver(pair[1], direction="sendonly")
+        audio.setCodecPreferences(_codecs("audio", "opus"))
+        # msid "<participant sid>|<track sid>" is how the SDKs map a track to its TrackInfo.
+        # aiortc has no API for it, but createOffer writes these two sender attributes.
+        for transceiver, track_sid in ((video, wanted.video_sid), (audio, wanted.audio_sid)):
+            transceiver.sender._stream_id = f"{wanted.sid}|{track_sid}"
+            transceiver.sender._track_id = track_sid
+        self._senders[wanted] = (pair, (video, audio))
+
+
+async def _drain(track: MediaStreamTrack) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()
