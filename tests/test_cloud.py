@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from aiortc import MediaStreamTrack
 
 from gateway.api.common import METRICS, SESSIONS
+from gateway.upstream.cloud import RoomUpstream
 
 from .cloud_rig import Rig
 from .conftest import IN_NETNS
@@ -170,3 +171,45 @@ async def test_upstream_limit_is_429_and_local_is_unaffected(rig: Rig) -> None:
     for session_id in ids:
         assert (await rig.gateway.delete(f"/v1/sessions/{session_id}")).status == 200
     assert rig.open_sessions() == 0
+
+
+async def test_no_key_or_provider_token_leaks(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """Scan every response, page, log line and metric of a full session for secrets."""
+    caplog.set_level("DEBUG")
+    seen: list[str] = []
+
+    async def text(method: str, path: str, **kwargs: Any) -> str:
+        async with rig.gateway.request(method, path, **kwargs) as response:
+            body = await response.text()
+            seen.append(body)
+            seen.extend(f"{k}: {v}" for k, v in response.headers.items())
+            return body
+
+    created = await rig.create("heygen")
+    seen.append(str(created))
+    url = f"/v1/sessions/{created['id']}"
+    upstream = rig.session(created["id"]).upstream
+    assert isinstance(upstream, RoomUpstream)
+    viewer = WhepViewer(rig.gateway, created["id"])
+    try:
+        await viewer.connect()
+        await text("POST", f"{url}/speak", json={"text": "Nothing secret here."})
+        await text("POST", f"{url}/speak", json={"text": "x", "task_type": "nonsense"})
+        for path in ("/v1/sessions", url, "/metrics", "/readyz", "/livez", "/", "/web/whep.js"):
+            await text("GET", path)
+        async with asyncio.timeout(10):
+            while not viewer.received.events:
+                await asyncio.sleep(0.05)
+        seen.extend(str(e) for e in viewer.received.events)
+    finally:
+        await viewer.close()
+    await text("DELETE", url)
+    seen.extend(record.getMessage() for record in caplog.records)
+    haystack = "\n".join(seen)
+    assert "avatargw_upstream_api_requests_total" in haystack  # the metrics were scanned
+    secrets = ["sim-heygen-key", "sim-liveavatar-key"]
+    credentials = upstream._credentials
+    assert credentials is not None
+    secrets.append(credentials.token)  # the provider's LiveKit token
+    for secret in secrets:
+        assert secret not in haystack

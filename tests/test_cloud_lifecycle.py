@@ -114,6 +114,7 @@ async def test_sigterm_drains_and_stops_the_paid_session(sim_and_ledger: Any,
     assert open_count(ledger) == 1
     code, stderr = await gateway.stop(signal.SIGTERM)
     assert code == 0, stderr
+    assert "sim-heygen-key" not in stderr  # no key in any log line
     assert open_count(ledger) == 0
     assert [e.stop_reason for e in ledger.entries()] == ["stopped"]
 
