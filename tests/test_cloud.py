@@ -89,20 +89,34 @@ def rig_provider_id_after_close(rig: Rig, gateway_session_id: str) -> str:
 
 async def test_liveavatar_full_mode_session(rig: Rig) -> None:
     created = await rig.create("liveavatar")
-    viewer = WhepViewer(rig.gateway, created["id"])
+    url = f"/v1/sessions/{created['id']}"
+    viewers = [WhepViewer(rig.gateway, created["id"]) for _ in range(3)]
     try:
-        await viewer.connect()
+        await asyncio.gather(*(v.connect() for v in viewers))
         async with asyncio.timeout(20):
-            await viewer.first_frame.wait()
-        response = await rig.gateway.post(f"/v1/sessions/{created['id']}/speak",
-                                          json={"text": "Hello from LiveAvatar."})
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+        response = await rig.gateway.post(f"{url}/speak", json={"text": "Hello from LiveAvatar."})
         task = await response.json()
         assert response.status == 200, task
-        await wait_for(lambda: "avatar_stop_talking" in kinds(viewer, task["task_id"]))
-        assert kinds(viewer, task["task_id"])[-2:] == ["avatar_end_message", "avatar_stop_talking"]
+        await wait_for(lambda: all("avatar_stop_talking" in kinds(v, task["task_id"])
+                                   for v in viewers))
+        for viewer in viewers:
+            events = kinds(viewer, task["task_id"])
+            assert events.index("avatar_start_talking") < events.index("avatar_end_message")
+            assert events[-2:] == ["avatar_end_message", "avatar_stop_talking"]
+            assert {(s.width, s.height) for s in viewer.received.video} == {(640, 360)}
+        # talk (the provider's LLM answers), then barge in.
+        talk = await rig.gateway.post(f"{url}/speak", json={"text": "Tell me a long story.",
+                                                            "task_type": "talk"})
+        talk_task = await talk.json()
+        assert talk.status == 200, talk_task
+        await wait_for(lambda: "avatar_start_talking" in kinds(viewers[0], talk_task["task_id"]))
+        assert (await rig.gateway.post(f"{url}/interrupt")).status == 200
+        await wait_for(lambda: "avatar_stop_talking" in kinds(viewers[0], talk_task["task_id"]),
+                       timeout=5)
     finally:
-        await viewer.close()
-    assert (await rig.gateway.delete(f"/v1/sessions/{created['id']}")).status == 200
+        await asyncio.gather(*(v.close() for v in viewers))
+    assert (await rig.gateway.delete(url)).status == 200
     assert rig.open_sessions() == 0
 
 
