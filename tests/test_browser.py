@@ -10,6 +10,8 @@ from aiohttp.test_utils import TestClient
 
 from gateway.api.common import SESSIONS
 
+from .conftest import IN_NETNS
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -20,8 +22,12 @@ FLAGS = [
 ]
 
 # CI must run it; a developer without root may skip it.
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
-                                reason="Debian chromium is not installed (make test installs it)")
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
+                       reason="Debian chromium is not installed (make test installs it)"),
+    # Chromium, like libwebrtc, never gathers loopback candidates.
+    pytest.mark.skipif(not IN_NETNS, reason="needs the private network namespace (tests/netns.sh)"),
+]
 
 
 async def test_viewer_page_plays_the_avatar_and_makes_it_speak(client: TestClient[Any, Any]) -> None:
