@@ -27,20 +27,33 @@ logger = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
-_CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Location, ETag, Link, Accept-Patch, Retry-After",
-}
+_API_PREFIXES = ("/v1/", "/persona", "/openai")
+"""The gateway REST + WHEP (``/v1/``) and the seed server's JSON API."""
+_SEED_PREFIXES = ("/persona", "/openai")
+_EXPOSE = "Location, ETag, Link, Accept-Patch, Retry-After"
 _PREFLIGHT_HEADERS = {
-    **_CORS_HEADERS,
     "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, Last-Event-ID",
     "Access-Control-Max-Age": "86400",
 }
 
 
-def _error_response(status: int, code: str, message: str) -> web.Response:
+def _error_response(request: web.Request, status: int, code: str,
+                    message: str) -> web.Response:
+    """One error shape per API: the seed's ``{success, message, error}`` on its own paths, so
+    its clients work unchanged; ``{"error": {code, message}}`` everywhere else."""
+    if request.path.startswith(_SEED_PREFIXES):
+        return web.json_response({"success": False, "message": message, "error": code},
+                                 status=status)
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    origins = request.app[SETTINGS].cors_origins
+    if "*" in origins:
+        return "*"
+    origin = request.headers.get("Origin")
+    return origin if origin in origins else None
 
 
 @web.middleware
@@ -65,18 +78,24 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CORS for the API (browsers on other origins play WHEP and read Location/ETag)."""
-    if not request.path.startswith("/v1/"):
+    """CORS for the APIs (browsers on other origins play WHEP and read Location/ETag).
+
+    ``AVATAR_GATEWAY_CORS_ORIGINS`` restricts which origins may; the default allows any, as the
+    seed server did."""
+    if not request.path.startswith(_API_PREFIXES):
         return await handler(request)
+    origin = _allowed_origin(request)
+    allow = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": _EXPOSE,
+             "Vary": "Origin"} if origin else {"Vary": "Origin"}
     if request.method == "OPTIONS":
-        headers = dict(_PREFLIGHT_HEADERS)
+        headers = {**_PREFLIGHT_HEADERS, **allow}
         if request.path.endswith("/whep"):
             headers["Accept-Post"] = "application/sdp"
         elif "/whep/" in request.path:
             headers["Accept-Patch"] = "application/trickle-ice-sdpfrag"
         return web.Response(status=204, headers=headers)
     response = await handler(request)
-    response.headers.update(_CORS_HEADERS)
+    response.headers.update(allow)
     return response
 
 
@@ -86,7 +105,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        response = _error_response(exc.status, exc.code, exc.message)
+        response = _error_response(request, exc.status, exc.code, exc.message)
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(int(exc.retry_after))
         return response
@@ -97,20 +116,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 413:
             message = f"the body is larger than {request.app[SETTINGS].max_body_bytes} bytes"
-        response = _error_response(exc.status, code, message)
+        response = _error_response(request, exc.status, code, message)
         for name in ("Allow", "Retry-After"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(500, "internal_error", "internal server error")
+        return _error_response(request, 500, "internal_error", "internal server error")
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[SETTINGS].api_token
-    if token and request.path.startswith("/v1/"):
+    if token and request.path.startswith(_API_PREFIXES):
         header = request.headers.get("Authorization", "")
         # EventSource cannot set headers; it may pass the token as a query parameter instead.
         given = header[7:] if header.startswith("Bearer ") else request.query.get("access_token", "")

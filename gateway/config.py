@@ -126,7 +126,20 @@ class Settings:
     max_session_duration: float = 3600.0
     """Hard cap on any session's lifetime (a provider's own limit may be lower)."""
     state_dir: str = ".avatar-gateway"
-    """Where the journal of open upstream sessions lives (SQLite)."""
+    """Where the journal of open upstream sessions and the persona store live (SQLite)."""
+    persona_db: str = ""
+    """Persona store file; empty means ``<state_dir>/persona.sqlite3``."""
+    cors_origins: tuple[str, ...] = ("*",)
+    """Origins allowed to call the API from a browser (the seed server allowed any)."""
+
+    openai_api_key: Secret = Secret("")
+    """Empty: chat uses the offline responder (answers from the persona's facts)."""
+    openai_base_url: str = ""
+    """Any OpenAI-compatible server; empty means api.openai.com."""
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout: float = 30.0
+    chat_history_turns: int = 20
+    """Per-session conversation memory (user + assistant messages kept)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -192,6 +205,8 @@ class Settings:
         for f in dataclasses.fields(cls):
             key = ENV_PREFIX + f.name.upper()
             raw = env.get(key)
+            if raw is None and f.name in _STANDARD_NAMES:
+                raw = env.get(_STANDARD_NAMES[f.name])
             if raw is None and f.type == "Secret" and (path := env.get(key + "_FILE")):
                 try:
                     with open(path, encoding="utf-8") as fh:
@@ -204,6 +219,10 @@ class Settings:
         for name, value in overrides.items():
             values[name] = Secret(value) if types.get(name) == "Secret" and isinstance(value, str) else value
         return cls(**values)
+
+
+# Names the wider ecosystem already uses, honoured when the prefixed variable is unset.
+_STANDARD_NAMES = {"openai_api_key": "OPENAI_API_KEY", "openai_base_url": "OPENAI_BASE_URL"}
 
 
 def _is_loopback(host: str) -> bool:

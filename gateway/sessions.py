@@ -12,7 +12,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import av
@@ -283,24 +283,44 @@ class Session:
     def viewer_count(self) -> int:
         return len(self._viewers)
 
-    async def add_viewer(self, offer_sdp: str) -> tuple[Viewer, str]:
+    def _new_viewer(self) -> Viewer:
         self._require_live()
-        offer = parse_offer(offer_sdp)
         if len(self._viewers) >= self._settings.max_viewers_per_session:
             raise CapacityError(
                 f"session {self.id} has its maximum of "
                 f"{self._settings.max_viewers_per_session} viewers", retry_after=10)
         viewer = Viewer(self.hub, self._rtc, self._metrics, self._viewer_closed)
         self._viewers[viewer.id] = viewer
+        return viewer
+
+    @property
+    def _microphone(self) -> Callable[[av.AudioFrame], Awaitable[None]] | None:
         # Only an upstream that listens gets a microphone (the local avatar has no ears).
-        microphone = self._forward_microphone if self.upstream.kind != "local" else None
+        return self._forward_microphone if self.upstream.kind != "local" else None
+
+    async def add_viewer(self, offer_sdp: str) -> tuple[Viewer, str]:
+        """WHEP: the viewer offers, the gateway answers."""
+        offer = parse_offer(offer_sdp)
+        viewer = self._new_viewer()
         try:
-            answer = await viewer.negotiate(offer, microphone)
+            answer = await viewer.negotiate(offer, self._microphone)
         except BaseException:
             await viewer.close("negotiation_failed")
             raise
         viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
         return viewer, answer
+
+    async def add_offering_viewer(self) -> tuple[Viewer, str]:
+        """The seed API (HeyGen v1 style): the gateway offers; the browser answers later
+        through :meth:`Viewer.accept_answer`."""
+        viewer = self._new_viewer()
+        try:
+            offer = await viewer.offer(self._microphone)
+        except BaseException:
+            await viewer.close("negotiation_failed")
+            raise
+        viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
+        return viewer, offer
 
     async def _forward_microphone(self, frame: av.AudioFrame) -> None:
         self._last_activity = time.monotonic()

@@ -10,12 +10,15 @@ import json
 import os
 from typing import Any
 
+import av
 import numpy as np
+import pytest
 from aiohttp.test_utils import TestClient
 from aiortc import RTCPeerConnection
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
+from gateway.errors import Unprocessable
 from gateway.sessions import Session
 from gateway.upstream.local import LocalUpstream
 
@@ -280,3 +283,49 @@ async def test_interrupt_cuts_speech_short(client: Client, session_id: str) -> N
         sse_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sse_task
+
+
+async def test_server_offer_flow_for_the_seed_api(client: Client, session_id: str) -> None:
+    """HeyGen v1 style: the gateway offers, the browser answers, media and events flow."""
+    from aiortc import RTCConfiguration, RTCSessionDescription
+
+    session, _ = local_session(client, session_id)
+    viewer, offer = await session.add_offering_viewer()
+    assert "VP8/90000" in offer and "H264" not in offer and "webrtc-datachannel" in offer
+    browser = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    frames: list[int] = []
+    events: list[str] = []
+    got_frame = asyncio.Event()
+    readers: list[asyncio.Task[None]] = []
+
+    def on_track(track: Any) -> None:
+        async def read() -> None:
+            while True:
+                frame = await track.recv()
+                if isinstance(frame, av.VideoFrame):
+                    frames.append(frame.width)
+                    got_frame.set()
+        if track.kind == "video":
+            readers.append(asyncio.get_running_loop().create_task(read()))
+
+    browser.on("track", on_track)
+    browser.on("datachannel", lambda channel: channel.on("message", events.append))
+    await browser.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+    await browser.setLocalDescription(await browser.createAnswer())
+    await viewer.accept_answer(browser.localDescription.sdp)
+    try:
+        async with asyncio.timeout(20):
+            await got_frame.wait()
+        assert frames[0] == 640
+        response = await client.post(f"/v1/sessions/{session_id}/speak", json={"text": "Hi."})
+        assert response.status == 200
+        await wait_for(lambda: any("avatar_stop_talking" in e for e in events))
+        with pytest.raises(Unprocessable):  # a second answer is refused
+            await viewer.accept_answer(browser.localDescription.sdp)
+    finally:
+        await browser.close()
+        await viewer.close("delete")
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    assert session.viewer_count == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -126,6 +127,36 @@ class Viewer:
             raise BadSDP(f"the offer cannot be used: {exc}") from None
         self._remote_ufrag = offer.ice_ufrag
         return pc.localDescription.sdp
+
+    async def offer(
+        self, on_microphone: Callable[[av.AudioFrame], Awaitable[None]] | None = None
+    ) -> str:
+        """The server offers (HeyGen v1 style, used by the seed API): VP8 video, Opus audio
+        (two-way when ``on_microphone`` is given), and an ``events`` data channel."""
+        pc = self._pc
+        video = self._add_sender("video")
+        video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
+                                   if c.mimeType.lower() in ("video/vp8", "video/rtx")])
+        audio = self._add_sender("audio")
+        if on_microphone is not None:
+            audio.direction = "sendrecv"
+            pc.on("track", lambda track: self._receive_microphone(track, on_microphone))
+        self._channel = pc.createDataChannel("events")
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc.localDescription.sdp
+
+    async def accept_answer(self, sdp: str) -> None:
+        """Apply the browser's answer to :meth:`offer`."""
+        if self._pc.signalingState != "have-local-offer":
+            raise Unprocessable("this viewer is not waiting for an answer")
+        if not sdp.lstrip().startswith("v=0"):
+            raise BadSDP("the answer is not SDP: it must start with 'v=0'")
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        except (ValueError, KeyError, IndexError, AssertionError) as exc:
+            raise BadSDP(f"the answer cannot be used: {str(exc) or type(exc).__name__}") from None
+        match = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.MULTILINE)
+        self._remote_ufrag = match.group(1) if match else ""
 
     def expire_unless_connected(self, timeout: float) -> None:
         """Close the viewer if ICE/DTLS has not connected within ``timeout`` seconds.
