@@ -159,14 +159,13 @@ class LiveKitServer:
         room = self.create_room(grant.room)
         ws = web.WebSocketResponse(timeout=WS_CLOSE_TIMEOUT, max_msg_size=MAX_SIGNAL_MESSAGE)
         await ws.prepare(request)
-        connection = ClientConnection(room, ws, grant, request.transport)
+        connection = ClientConnection(room, ws, grant, request.transport,
+                                      on_closed=self._connections.discard)
         logger.info("%r joins (sdk=%s %s, protocol %s)", connection, request.query.get("sdk", "?"),
                     request.query.get("version", "?"), request.query.get("protocol", "?"))
+        # Counted until its close has finished, which may outlive this handler.
         self._connections.add(connection)
-        try:
-            await connection.run()
-        finally:
-            self._connections.discard(connection)
+        await connection.run()
         return ws
 
 

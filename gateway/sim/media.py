@@ -20,7 +20,9 @@ class FeedTrack(MediaStreamTrack):
 
     A simulated room has one to three subscribers, so each gets its own encoder (aiortc's
     default) instead of the gateway's encode-once hub. The shared frames are already yuv420p /
-    s16, so no encoder thread reformats them. Frames wait in a small queue that drops the
+    s16, so no encoder thread reformats them; the encoders only write a shared frame's
+    ``pict_type`` (to force a keyframe), which at worst gives another subscriber an extra
+    keyframe. Frames wait in a small queue that drops the
     oldest: a sender that has not started yet (DTLS still connecting) or falls behind sees
     recent media, never a backlog.
     """

@@ -127,14 +127,15 @@ class AvatarParticipant:
 
     async def _stop(self) -> None:
         self._gone = True
-        if self._upstream is not None:
-            await self._upstream.stop()
         for video, audio in self._feeds:
             video.stop()
             audio.stop()
         self._feeds.clear()
         self._talking.clear()
         self._queued.clear()
+        if self._upstream is not None:
+            # Shielded: a cancelled caller must not leave the media clocks running.
+            await asyncio.shield(self._upstream.stop())
 
     async def leave(self) -> None:
         """Leave the room (fault "avatar leaves"): clients see it disconnect; the room stays."""
@@ -214,6 +215,8 @@ class AvatarParticipant:
         if self._gone or self._upstream is None:
             raise Conflict("the avatar has left the room")
         result = await self._upstream.speak(text)
+        if self._gone:  # left while the speech was being synthesized
+            raise Conflict("the avatar has left the room")
         # Nothing awaited since the utterance was scheduled (60 ms ahead): no event yet.
         self._queued.add(result.task_id)
         return result
@@ -251,6 +254,7 @@ class Room:
         self._sequence = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._closer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Room {self.name} {self.sid} clients={self.clients}>"
@@ -326,23 +330,25 @@ class Room:
             other.announce([gone])
         _guarded("on_client", self.on_client, connection.identity, False)
 
-    def receive_data(self, connection: ClientConnection, packet: models.DataPacket) -> None:
-        """A data packet a client published: to :attr:`on_data` (unless it is addressed only to
-        other clients), and forwarded to the other clients it is addressed to, as LiveKit does."""
-        if packet.WhichOneof("value") != "user":
-            logger.debug("room %s: ignoring %s packet from %s", self.name,
-                         packet.WhichOneof("value"), connection.identity)
-            return
-        user = packet.user
-        destination = list(packet.destination_identities) or list(user.destination_identities)
-        if not destination or AVATAR_IDENTITY in destination:
-            _guarded("on_data", self.on_data, connection.identity, user.topic, user.payload)
+    def receive_data(self, connection: ClientConnection, packet: models.DataPacket, reliable: bool) -> None:
+        """A data packet a client published. User packets reach :attr:`on_data` (unless they
+        are addressed only to other clients); every packet is forwarded to the other clients
+        it is addressed to, stamped with its sender, as LiveKit does (so RPC and data streams
+        between clients work too)."""
+        kind = packet.WhichOneof("value")
+        destination = list(packet.destination_identities)
+        if kind == "user":
+            user = packet.user
+            destination = destination or list(user.destination_identities)
+            if not destination or AVATAR_IDENTITY in destination:
+                _guarded("on_data", self.on_data, connection.identity, user.topic, user.payload)
+            user.participant_identity = connection.identity
+            user.participant_sid = connection.sid
+        else:
+            logger.debug("room %s: %s packet from %s", self.name, kind, connection.identity)
         packet.participant_identity = connection.identity
         packet.participant_sid = connection.sid
-        user.participant_identity = connection.identity
-        user.participant_sid = connection.sid
         data = packet.SerializeToString()
-        reliable = packet.kind == models.DataPacket.RELIABLE
         for other in self._connections.values():
             if other is not connection and (not destination or other.identity in destination):
                 other.send_data(data, reliable)
@@ -445,26 +451,37 @@ class Room:
 
     async def drop_clients(self) -> None:
         """Fault "room dropped": cut every client's signaling socket and peer connections at
-        once, with no LeaveRequest. The room and its avatar stay; clients may come back."""
+        once, with no LeaveRequest. The room and its avatar stay, so clients may come back.
+
+        The Python SDK (1.2.0) notices at once (``reconnecting``), tries to resume (refused:
+        resuming is not simulated), then rejoins from scratch within about 0.3 s: it sees the
+        avatar disconnect and connect again, ``reconnected``, and media flows again.
+        """
         await asyncio.gather(*(c.abort() for c in list(self._connections.values())))
 
     async def close(self, reason: str = "room_deleted") -> None:
-        """Send every client a LeaveRequest (DISCONNECT), stop the avatar, forget the room."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._on_closed is not None:
-            self._on_closed(self)
+        """Send every client a LeaveRequest (DISCONNECT), stop the avatar, forget the room.
+
+        Idempotent. The work runs to completion in a task of its own, even if the caller (an
+        HTTP handler whose client hung up, say) is cancelled.
+        """
+        if self._closer is None:
+            self._closed = True
+            if self._on_closed is not None:
+                self._on_closed(self)
+            self._closer = asyncio.get_running_loop().create_task(self._close(reason), name="sim-room-close")
+        await asyncio.shield(self._closer)
+
+    async def _close(self, reason: str) -> None:
         why = _reason(reason)
         await asyncio.gather(*(c.leave(why) for c in list(self._connections.values())))
         avatar, self._avatar = self._avatar, None
         if avatar is not None:
             await avatar._stop()
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.gather(*(t for t in self._tasks if t is not asyncio.current_task()),
-                             return_exceptions=True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         logger.info("room %s closed (%s)", self.name, reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,8 @@ class ClientConnection:
     """
 
     def __init__(self, room: Room, ws: web.WebSocketResponse, grant: Grant,
-                 transport: asyncio.Transport | None = None) -> None:
+                 transport: asyncio.Transport | None = None,
+                 on_closed: Callable[[ClientConnection], None] | None = None) -> None:
         self.sid = new_sid("PA_")
         self.identity = grant.identity
         self.joined_at = time.time()
@@ -123,7 +125,9 @@ class ClientConnection:
         self._version = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._closer: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
+        self._on_closed = on_closed
         self.data_dropped = 0
 
     def __repr__(self) -> str:
@@ -191,18 +195,24 @@ class ClientConnection:
         await self.close()
 
     async def close(self) -> None:
-        """Idempotent; concurrent callers all return once everything is closed."""
-        if self._closing:
-            await self._closed.wait()
-            return
-        self._closing = True
+        """Idempotent; every caller returns once everything is closed.
+
+        The work runs in a task of its own, to completion even if the caller is cancelled
+        (aiohttp may cancel the handler of a client that hung up): half-closed peer
+        connections would keep their sockets and tasks forever.
+        """
+        if self._closer is None:
+            self._closing = True
+            self._closer = asyncio.get_running_loop().create_task(self._close(), name="sim-client-close")
+        await asyncio.shield(self._closer)
+
+    async def _close(self) -> None:
         try:
             self._room.detach(self)
-            current = asyncio.current_task()
-            others = [t for t in self._tasks if t is not current]
-            for task in others:
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             for avatar, (pair, _) in self._senders.items():
                 avatar.unsubscribe(pair)
             self._senders.clear()
@@ -214,6 +224,8 @@ class ClientConnection:
             await self._ws.close()
         finally:
             self._closed.set()
+            if self._on_closed is not None:
+                self._on_closed(self)
             logger.info("%r closed", self)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -326,17 +338,16 @@ class ClientConnection:
         text = str(init.get("candidate") or "").removeprefix("candidate:")
         if pc is None or not text:
             return  # end of candidates, or no publisher yet: aiortc needs neither
-        if len(text.split()) < 8:
-            logger.warning("%r: malformed ICE candidate %.200s", self, text)
-            return
-        candidate = candidate_from_sdp(text)
-        candidate.sdpMid = init.get("sdpMid")
-        candidate.sdpMLineIndex = init.get("sdpMLineIndex")
         try:
+            if len(text.split()) < 8:  # candidate_from_sdp only asserts this
+                raise ValueError("too few fields")
+            candidate = candidate_from_sdp(text)
+            candidate.sdpMid = init.get("sdpMid")
+            candidate.sdpMLineIndex = init.get("sdpMLineIndex")
             async with self._peer_lock:
                 await pc.addIceCandidate(candidate)
         except ValueError as exc:
-            logger.debug("%r: candidate not added: %s", self, exc)
+            logger.warning("%r: ICE candidate %.200s not used: %s", self, text, exc)
 
     def _add_track(self, request: signal.AddTrackRequest) -> None:
         if not self._grant.can_publish:
@@ -385,9 +396,13 @@ class ClientConnection:
             self._spawn(_drain(track), "sim-drain-video")
 
     def _on_client_channel(self, channel: RTCDataChannel) -> None:
-        channel.on("message", self._on_data_message)
+        if channel.label in ("_reliable", "_lossy"):
+            channel.on("message", functools.partial(self._on_data_message, channel.label == "_reliable"))
+        else:
+            # e.g. "_data_track" (livekit-client 2.2x): data tracks, not DataPackets.
+            logger.debug("%r: ignoring data channel %s", self, channel.label)
 
-    def _on_data_message(self, message: bytes | str) -> None:
+    def _on_data_message(self, reliable: bool, message: bytes | str) -> None:
         if not isinstance(message, bytes):
             logger.warning("%r: ignoring a text data message (DataPackets are binary)", self)
             return
@@ -399,7 +414,7 @@ class ClientConnection:
         if not self._grant.can_publish_data:
             logger.warning("%r may not publish data; packet dropped", self)
             return
-        self._room.receive_data(self, packet)
+        self._room.receive_data(self, packet, reliable)
 
     # -- what the client receives ------------------------------------------------------------------
 
@@ -438,9 +453,9 @@ class ClientConnection:
         pc = self._subscriber
         self._channels[True] = pc.createDataChannel("_reliable", ordered=True)
         self._channels[False] = pc.createDataChannel("_lossy", ordered=False, maxRetransmits=0)
-        for channel in self._channels.values():
+        for reliable, channel in self._channels.items():
             channel.on("open", self._flush_backlog)
-            channel.on("message", self._on_data_message)
+            channel.on("message", functools.partial(self._on_data_message, reliable))
 
     def _flush_backlog(self) -> None:
         waiting = list(self._backlog)

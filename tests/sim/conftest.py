@@ -15,8 +15,14 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.sim.livekit import LiveKitServer
+from tests.conftest import IN_NETNS
 
 from .sdk_client import SdkClient
+
+needs_netns = pytest.mark.skipif(
+    not IN_NETNS, reason="the livekit SDK never uses loopback for media: WebRTC tests need the "
+                         "private network namespace (tests/netns.sh)")
+"""For tests where media flows; signaling alone (127.0.0.1 TCP) works anywhere."""
 
 
 @dataclass

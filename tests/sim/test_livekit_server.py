@@ -22,7 +22,7 @@ from gateway.config import QUALITY_TIERS
 from gateway.sim.livekit import LiveKitServer
 from gateway.sim.room import AvatarSpec, Room
 
-from .conftest import LiveKitRig, SdkFactory
+from .conftest import LiveKitRig, SdkFactory, needs_netns
 from .sdk_client import SdkClient, feed
 
 LOW = QUALITY_TIERS["low"]
@@ -46,6 +46,7 @@ async def avatar_room(livekit: LiveKitRig, spec: AvatarSpec, name: str = "room-1
     return room
 
 
+@needs_netns
 async def test_default_join_falls_back_to_v0_and_receives_avatar_media_and_events(
         livekit: LiveKitRig, sdk_client: SdkFactory) -> None:
     room = await avatar_room(livekit, AvatarSpec(LOW))
@@ -80,6 +81,7 @@ async def test_default_join_falls_back_to_v0_and_receives_avatar_media_and_event
     assert not room.avatar.speaking
 
 
+@needs_netns
 async def test_interrupt_cuts_speech_short(livekit: LiveKitRig, sdk_client: SdkFactory) -> None:
     room = await avatar_room(livekit, AvatarSpec(LOW))
     assert room.avatar is not None
@@ -98,6 +100,7 @@ async def test_interrupt_cuts_speech_short(livekit: LiveKitRig, sdk_client: SdkF
     assert not room.avatar.speaking
 
 
+@needs_netns
 async def test_high_quality_video_is_720p(livekit: LiveKitRig, sdk_client: SdkFactory) -> None:
     await avatar_room(livekit, AvatarSpec(HIGH))
     client = await sdk_client()
@@ -105,6 +108,7 @@ async def test_high_quality_video_is_720p(livekit: LiveKitRig, sdk_client: SdkFa
     assert client.video.sizes == {(1280, 720)}
 
 
+@needs_netns
 async def test_h264_video_decodes(livekit: LiveKitRig, sdk_client: SdkFactory) -> None:
     room = await avatar_room(livekit, AvatarSpec(LOW, video_codec="H264"))
     client = await sdk_client()
@@ -144,6 +148,7 @@ async def test_bad_tokens_are_refused(livekit: LiveKitRig) -> None:
             assert status == 404, path
 
 
+@needs_netns
 async def test_microphone_is_decoded_and_voice_is_detected(livekit: LiveKitRig,
                                                            sdk_client: SdkFactory) -> None:
     room = livekit.server.create_room("room-1")
@@ -168,6 +173,7 @@ async def test_microphone_is_decoded_and_voice_is_detected(livekit: LiveKitRig,
     assert room.mic_peak > 5000  # a 0.3 full-scale tone, not silence
 
 
+@needs_netns
 async def test_data_packets_both_ways_and_between_clients(livekit: LiveKitRig,
                                                           sdk_client: SdkFactory) -> None:
     room = await avatar_room(livekit, AvatarSpec(LOW, event_topic="agent-response"))
@@ -198,6 +204,7 @@ async def test_data_packets_both_ways_and_between_clients(livekit: LiveKitRig,
     assert not any(d.topic == "agent-response" for d in alice.data)
 
 
+@needs_netns
 async def test_avatar_joins_late_leaves_and_comes_back(livekit: LiveKitRig, sdk_client: SdkFactory) -> None:
     room = livekit.server.create_room("room-1")
     client = await sdk_client()
@@ -218,6 +225,7 @@ async def test_avatar_joins_late_leaves_and_comes_back(livekit: LiveKitRig, sdk_
     assert client.seen("participant_connected") == ["heygen", "heygen"]
 
 
+@needs_netns
 async def test_room_close_disconnects_the_client(livekit: LiveKitRig, sdk_client: SdkFactory) -> None:
     room = await avatar_room(livekit, AvatarSpec(LOW))
     client = await sdk_client()
@@ -229,6 +237,7 @@ async def test_room_close_disconnects_the_client(livekit: LiveKitRig, sdk_client
     assert livekit.server.room("room-1") is None
 
 
+@needs_netns
 async def test_dropped_clients_reconnect_with_a_fresh_join(livekit: LiveKitRig,
                                                           sdk_client: SdkFactory) -> None:
     room = await avatar_room(livekit, AvatarSpec(LOW))
@@ -249,6 +258,7 @@ async def test_dropped_clients_reconnect_with_a_fresh_join(livekit: LiveKitRig,
     assert livekit.server.rejected == 1  # the resume attempt
 
 
+@needs_netns
 async def test_duplicate_identity_replaces_the_older_client(livekit: LiveKitRig,
                                                             sdk_client: SdkFactory) -> None:
     room = livekit.server.create_room("room-1")
@@ -269,6 +279,7 @@ def _sim_tasks() -> list[asyncio.Task[Any]]:
             or "gateway.upstream.local" in repr(t.get_coro())]
 
 
+@needs_netns
 async def test_nothing_leaks(livekit: LiveKitRig) -> None:
     before = len(_live_peer_connections())
     room = await avatar_room(livekit, AvatarSpec(LOW))
