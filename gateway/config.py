@@ -12,7 +12,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 ENV_PREFIX = "AVATAR_GATEWAY_"
 
@@ -176,7 +176,7 @@ class Settings:
         for url in self.ice_servers:
             if not url.startswith(("stun:", "turn:", "turns:")):
                 raise ConfigError(f"ice_servers: {url!r} is not a stun:/turn:/turns: URL")
-        if not self.api_token and not self.allow_insecure and not _is_loopback(self.host):
+        if not self.api_token and not self.allow_insecure and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to bind {self.host} without authentication: set "
                 f"{ENV_PREFIX}API_TOKEN, or {ENV_PREFIX}ALLOW_INSECURE=1 if you really mean it"
@@ -184,12 +184,7 @@ class Settings:
 
     @property
     def base_url(self) -> str:
-        if self.public_url:
-            return self.public_url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return base_url(self.host, self.port, self.public_url)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -200,32 +195,57 @@ class Settings:
 
         A ``*_FILE`` variable names a file holding a secret (Docker/Kubernetes secrets).
         """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            key = ENV_PREFIX + f.name.upper()
-            raw = env.get(key)
-            if raw is None and f.name in _STANDARD_NAMES:
-                raw = env.get(_STANDARD_NAMES[f.name])
-            if raw is None and f.type == "Secret" and (path := env.get(key + "_FILE")):
-                try:
-                    with open(path, encoding="utf-8") as fh:
-                        raw = fh.read().strip()
-                except OSError as exc:
-                    raise ConfigError(f"{key}_FILE: cannot read {path}: {exc}") from None
-            if raw is not None:
-                values[f.name] = _parse(key, f.type, raw)
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, value in overrides.items():
-            values[name] = Secret(value) if types.get(name) == "Secret" and isinstance(value, str) else value
-        return cls(**values)
+        return load_env(cls, ENV_PREFIX, environ, overrides, aliases=_STANDARD_NAMES)
 
 
 # Names the wider ecosystem already uses, honoured when the prefixed variable is unset.
 _STANDARD_NAMES = {"openai_api_key": "OPENAI_API_KEY", "openai_base_url": "OPENAI_BASE_URL"}
 
 
-def _is_loopback(host: str) -> bool:
+S = TypeVar("S")
+
+
+def load_env(cls: type[S], prefix: str, environ: Mapping[str, str] | None,
+             overrides: Mapping[str, Any], aliases: Mapping[str, str] | None = None) -> S:
+    """Build the frozen settings dataclass ``cls`` from ``<prefix><FIELD>`` variables.
+
+    ``overrides`` (CLI flags, tests) win; a ``*_FILE`` variable names a file holding a secret
+    (Docker/Kubernetes secrets); ``aliases`` maps fields to standard names read as a fallback.
+    """
+    env = os.environ if environ is None else environ
+    types = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for name, type_name in types.items():
+        key = prefix + name.upper()
+        raw = env.get(key)
+        if raw is None and aliases and name in aliases:
+            raw = env.get(aliases[name])
+        if raw is None and type_name == "Secret" and (path := env.get(key + "_FILE")):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    raw = fh.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{key}_FILE: cannot read {path}: {exc}") from None
+        if raw is not None:
+            values[name] = parse_value(key, type_name, raw)
+    for name, value in overrides.items():
+        if name not in types:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = Secret(value) if types[name] == "Secret" and isinstance(value, str) else value
+    return cls(**values)
+
+
+def base_url(host: str, port: int, public_url: str = "") -> str:
+    """The URL a client should use: ``public_url`` if set, else one built from the bind."""
+    if public_url:
+        return public_url.rstrip("/")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -234,7 +254,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _parse(key: str, type_name: object, raw: str) -> Any:
+def parse_value(key: str, type_name: object, raw: str) -> Any:
     try:
         match type_name:
             case "int":

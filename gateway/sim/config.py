@@ -8,12 +8,11 @@ globals: e.g. ``SimSettings(idle_timeout_min=0.2, session_duration_limit=2.0)``.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, Secret, _is_loopback, _parse
+from ..config import ConfigError, Secret, base_url, is_loopback, load_env
 
 SIM_ENV_PREFIX = "AVATAR_GATEWAY_SIM_"
 
@@ -89,19 +88,14 @@ class SimSettings:
                               "one provider must not work on the other")
         if len(self.livekit_api_secret.reveal()) < 32:
             raise ConfigError("livekit_api_secret must be at least 32 characters")
-        if not self.allow_public and not _is_loopback(self.host):
+        if not self.allow_public and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to bind {self.host}: the simulator's admin API has no "
                 f"authentication; set {SIM_ENV_PREFIX}ALLOW_PUBLIC=1 if you really mean it")
 
     @property
     def base_url(self) -> str:
-        if self.public_url:
-            return self.public_url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return base_url(self.host, self.port, self.public_url)
 
     def replace(self, **changes: Any) -> SimSettings:
         return dataclasses.replace(self, **changes)
@@ -110,23 +104,4 @@ class SimSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SimSettings:
         """Settings from ``AVATAR_GATEWAY_SIM_*`` variables; ``overrides`` (CLI flags) win.
         A ``*_FILE`` variable names a file holding a secret."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, type_name in types.items():
-            key = SIM_ENV_PREFIX + name.upper()
-            raw = env.get(key)
-            if raw is None and type_name == "Secret" and (path := env.get(key + "_FILE")):
-                try:
-                    with open(path, encoding="utf-8") as fh:
-                        raw = fh.read().strip()
-                except OSError as exc:
-                    raise ConfigError(f"{key}_FILE: cannot read {path}: {exc}") from None
-            if raw is not None:
-                values[name] = _parse(key, type_name, raw)
-        for name, value in overrides.items():
-            if name not in types:
-                raise ConfigError(f"unknown simulator setting {name!r}")
-            values[name] = (Secret(value) if types[name] == "Secret" and isinstance(value, str)
-                            else value)
-        return cls(**values)
+        return load_env(cls, SIM_ENV_PREFIX, environ, overrides)
