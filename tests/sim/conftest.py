@@ -73,3 +73,14 @@ async def sdk_client(livekit: LiveKitRig) -> AsyncIterator[SdkFactory]:
     yield connect
     for client in clients:
         await client.close()
+
+
+# The REST emulation's fixtures (simulator app, ledger, the zero-open-sessions check).
+from .fixtures import (  # noqa: E402, F401
+    ledger,
+    nothing_left_open,
+    sdk_clients,
+    sim,
+    sim_app,
+    sim_settings,
+)

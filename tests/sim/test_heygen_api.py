@@ -17,7 +17,6 @@ import jwt
 import pytest
 
 from gateway.sim.sessions import answer
-from tests.sim import fixtures
 from tests.sim.fixtures import (
     HEYGEN_KEY,
     LIVEAVATAR_KEY,
@@ -29,13 +28,6 @@ from tests.sim.fixtures import (
     new_heygen_session,
 )
 from tests.sim.sdk_client import SdkClient, feed
-
-sim_settings = fixtures.sim_settings
-ledger = fixtures.ledger
-sim_app = fixtures.sim_app
-sim = fixtures.sim
-nothing_left_open = fixtures.nothing_left_open
-sdk_clients = fixtures.sdk_clients
 
 pytestmark = pytest.mark.usefixtures("nothing_left_open")
 

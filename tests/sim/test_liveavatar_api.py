@@ -10,7 +10,6 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.sim import fixtures
 from tests.sim.fixtures import (
     HEYGEN_KEY,
     LIVEAVATAR_KEY,
@@ -23,13 +22,6 @@ from tests.sim.fixtures import (
     new_heygen_session,
 )
 from tests.sim.sdk_client import SdkClient, feed
-
-sim_settings = fixtures.sim_settings
-ledger = fixtures.ledger
-sim_app = fixtures.sim_app
-sim = fixtures.sim
-nothing_left_open = fixtures.nothing_left_open
-sdk_clients = fixtures.sdk_clients
 
 pytestmark = pytest.mark.usefixtures("nothing_left_open")
 

@@ -16,8 +16,8 @@ from pytest_aiohttp import AiohttpClient
 
 from gateway.sim.app import FAULTS, create_sim_app
 from gateway.sim.ledger import Ledger
-from tests.sim import fixtures
 from tests.sim.fixtures import (
+    HEYGEN_KEY,
     SimClient,
     admin,
     call,
@@ -30,13 +30,6 @@ from tests.sim.fixtures import (
     new_heygen_session,
 )
 from tests.sim.sdk_client import SdkClient
-
-sim_settings = fixtures.sim_settings
-ledger = fixtures.ledger
-sim_app = fixtures.sim_app
-sim = fixtures.sim
-nothing_left_open = fixtures.nothing_left_open
-sdk_clients = fixtures.sdk_clients
 
 pytestmark = pytest.mark.usefixtures("nothing_left_open")
 
@@ -115,7 +108,7 @@ async def test_hang_fault_times_clients_out_but_is_capped(sim: SimClient) -> Non
     await arm(sim, endpoint="/v1/streaming.start", kind="hang")
     with pytest.raises(TimeoutError):
         await call(sim, "POST", "/v1/streaming.start", {"session_id": session_id},
-                   key=fixtures.HEYGEN_KEY, timeout=0.3)
+                   key=HEYGEN_KEY, timeout=0.3)
     started = time.monotonic()
     body = await heygen(sim, "start", {"session_id": session_id}, expect=504)
     assert 0.7 < time.monotonic() - started < 2.0  # the cap, not forever
