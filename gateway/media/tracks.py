@@ -7,8 +7,6 @@ sequence numbers and random RTP timestamp origin, so many senders can share one 
 
 from __future__ import annotations
 
-import asyncio
-import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +24,7 @@ from aiortc.rtp import (
 )
 
 from .codecs import Packet
+from .mailbox import Mailbox, MailboxClosed
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -52,8 +51,7 @@ class PacketTrack(MediaStreamTrack):
         self.kind = kind
         self._hub = hub
         self._capacity = capacity
-        self._queue: collections.deque[Packet] = collections.deque()
-        self._wakeup: asyncio.Future[None] | None = None
+        self._queue: Mailbox[Packet] = Mailbox()  # capacity enforced in push, keyframe-aware
         self._awaiting_keyframe = kind == "video"
         self._reading = False
         self._on_first_packet = on_first_packet
@@ -86,9 +84,7 @@ class PacketTrack(MediaStreamTrack):
             else:
                 self._drop(1)
                 self._queue.popleft()
-        self._queue.append(packet)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        self._queue.put(packet)
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -96,17 +92,10 @@ class PacketTrack(MediaStreamTrack):
 
     async def recv(self) -> Packet:
         self.activate()
-        while not self._queue:
-            if self.readyState != "live":
-                raise MediaStreamError
-            self._wakeup = asyncio.get_running_loop().create_future()
-            try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
-        if self.readyState != "live":
-            raise MediaStreamError
-        packet = self._queue.popleft()
+        try:
+            packet = await self._queue.get()
+        except MailboxClosed:
+            raise MediaStreamError from None
         if self._on_first_packet is not None:
             callback, self._on_first_packet = self._on_first_packet, None
             callback()
@@ -114,10 +103,8 @@ class PacketTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         super().stop()
-        self._queue.clear()
+        self._queue.close()
         self._hub.unsubscribe(self)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
 
 
 class FrameTrack(MediaStreamTrack):
@@ -129,21 +116,22 @@ class FrameTrack(MediaStreamTrack):
         super().__init__()
         self.kind = kind
         self._hub = hub
-        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame] = asyncio.Queue(capacity)
+        self._queue: Mailbox[av.VideoFrame | av.AudioFrame] = Mailbox(maxlen=capacity)
 
     def push(self, frame: av.VideoFrame | av.AudioFrame) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
+        if self._queue.full:
             self._hub.count_dropped(self.kind, 1)
-        self._queue.put_nowait(frame)
+        self._queue.put(frame)
 
     async def recv(self) -> av.VideoFrame | av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        return await self._queue.get()
+        try:
+            return await self._queue.get()
+        except MailboxClosed:
+            raise MediaStreamError from None
 
     def stop(self) -> None:
         super().stop()
+        self._queue.close()
         self._hub.unsubscribe(self)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import enum
 import math
 
@@ -11,6 +9,8 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
+
+from ..media.mailbox import Mailbox, MailboxClosed
 
 Frame = av.VideoFrame | av.AudioFrame
 
@@ -30,41 +30,25 @@ class FeedTrack(MediaStreamTrack):
     def __init__(self, kind: str, capacity: int) -> None:
         super().__init__()
         self.kind = kind
-        self._frames: collections.deque[Frame] = collections.deque(maxlen=capacity)
-        self._wakeup: asyncio.Future[None] | None = None
+        self._frames: Mailbox[Frame] = Mailbox(maxlen=capacity)
         self.dropped = 0
 
     def push(self, frame: Frame) -> None:
-        if self.readyState != "live":
-            return
-        if len(self._frames) == self._frames.maxlen:
+        if self._frames.full:
             self.dropped += 1
-        self._frames.append(frame)
-        self._wake()
+        self._frames.put(frame)
 
     async def recv(self) -> Frame:
-        while not self._frames:
-            if self.readyState != "live":
-                raise MediaStreamError
-            self._wakeup = asyncio.get_running_loop().create_future()
-            try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
-        if self.readyState != "live":
-            raise MediaStreamError
-        return self._frames.popleft()
+        try:
+            return await self._frames.get()
+        except MailboxClosed:
+            raise MediaStreamError from None
 
     def stop(self) -> None:
         # Ending the track ends the sender's RTP loop (MediaStreamError), even while the
         # peer connection stays up: that is how a track is unpublished without closing it.
         super().stop()
-        self._frames.clear()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        self._frames.close()
 
 
 class Voice(enum.StrEnum):
