@@ -15,6 +15,8 @@ from aiohttp.typedefs import Handler
 
 from .api import ops, sessions, whep
 from .api.common import LIFECYCLE, METRICS, SESSIONS, SETTINGS, Lifecycle
+from .api.openapi import setup_openapi
+from .api.persona import setup as setup_persona_api
 from .config import Settings
 from .errors import GatewayError, Unauthorized
 from .journal import SessionJournal
@@ -159,6 +161,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.add_routes(ops.routes)
     app.add_routes(sessions.routes)
     app.add_routes(whep.routes)
+    setup_persona_api(app)
+    setup_openapi(app)
     app.router.add_get("/", _index)
     if WEB_ROOT.is_dir():
         app.router.add_static("/web/", WEB_ROOT, follow_symlinks=False)

@@ -260,3 +260,29 @@ async def test_shutdown_closes_every_session(aiohttp_client: ClientFactory) -> N
     await client.close()  # runs on_shutdown + cleanup
     assert len(app[SESSIONS]) == 0
     assert all(s.state == "closed" for s in sessions)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        # A second section without its own DTLS fingerprint / setup.
+        (lambda o: o.replace("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n"
+                             "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+                             "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\n"
+                             "a=setup:actpass\r\n",
+                             "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\n"
+                             "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"),
+         "fingerprint"),
+        # An a=fmtp for a payload type with no a=rtpmap (aiortc raises StopIteration).
+        (lambda o: o.replace("a=rtpmap:96 VP8/90000", "a=rtpmap:97 VP8/90000\r\na=fmtp:96 x=1"),
+         "malformed"),
+    ],
+)
+async def test_offers_that_crash_the_sdp_parser_are_400s(
+    client: Client, session_id: str, mutate: Any, needle: str
+) -> None:
+    offer = mutate(minimal_offer())
+    assert offer != minimal_offer()
+    response = await client.post(f"/v1/sessions/{session_id}/whep", data=offer, headers=SDP)
+    assert needle in await error_of(response, 400)
+    assert client.app[SESSIONS].get(session_id).viewer_count == 0

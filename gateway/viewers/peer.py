@@ -22,13 +22,14 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
+from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 
-from ..errors import BadSDP, GatewayError, Unprocessable
+from ..errors import BadSDP, GatewayError, Unprocessable, UnsupportedCodec
 from ..media.hub import Hub
 from ..media.tracks import FrameTrack, PacketTrack, attach_sender
 from ..metrics import Metrics
-from .whep import Offer, SdpFragment
+from .whep import Offer, SdpFragment, parse_answer
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,10 @@ class Viewer:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
-        except ValueError as exc:
-            raise BadSDP(f"the offer cannot be used: {exc}") from None
+        except OperationError as exc:
+            raise UnsupportedCodec(f"the offer cannot be used: {exc}") from None
+        except (ValueError, AttributeError, TypeError, StopIteration) as exc:
+            raise BadSDP(f"the offer cannot be used: {str(exc) or type(exc).__name__}") from None
         self._remote_ufrag = offer.ice_ufrag
         return pc.localDescription.sdp
 
@@ -149,11 +152,13 @@ class Viewer:
         """Apply the browser's answer to :meth:`offer`."""
         if self._pc.signalingState != "have-local-offer":
             raise Unprocessable("this viewer is not waiting for an answer")
-        if not sdp.lstrip().startswith("v=0"):
-            raise BadSDP("the answer is not SDP: it must start with 'v=0'")
+        sdp = parse_answer(sdp)
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
-        except (ValueError, KeyError, IndexError, AssertionError) as exc:
+        except OperationError as exc:
+            raise UnsupportedCodec(f"the answer cannot be used: {exc} (no codec in common)") from None
+        except (ValueError, KeyError, IndexError, AssertionError, AttributeError, TypeError,
+                StopIteration) as exc:
             raise BadSDP(f"the answer cannot be used: {str(exc) or type(exc).__name__}") from None
         match = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.MULTILINE)
         self._remote_ufrag = match.group(1) if match else ""

@@ -18,6 +18,32 @@ SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 
 _SDP_LINE = re.compile(r"^[a-z]=.*$")
 
+# aiortc's parser fails on some malformed SDP in ways other than ValueError: an a=fmtp for a
+# payload type with no a=rtpmap raises StopIteration, a section cut short AttributeError. All
+# of them are the client's mistake, so all of them are a 400.
+_PARSE_ERRORS = (ValueError, KeyError, IndexError, AssertionError, TypeError, AttributeError,
+                 StopIteration)
+
+
+def _parse(sdp: str, what: str) -> SessionDescription:
+    if not sdp.startswith("v=0"):
+        raise BadSDP(f"the body is not an SDP {what}: it must start with 'v=0'")
+    if any(not _SDP_LINE.match(line) for line in sdp.split("\n") if line):
+        raise BadSDP("malformed SDP: every line must look like 'x=value'")
+    try:
+        return SessionDescription.parse(sdp.replace("\n", "\r\n") + "\r\n")
+    except _PARSE_ERRORS as exc:
+        raise BadSDP(f"malformed SDP {what}: {str(exc) or type(exc).__name__}") from None
+
+
+def _require_transport(parsed: SessionDescription, what: str) -> None:
+    for media in parsed.media:
+        if media.dtls is None or not media.dtls.fingerprints:
+            raise BadSDP(f"the {what}'s {media.kind} section has no a=fingerprint "
+                         "(DTLS is mandatory)")
+        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+            raise BadSDP(f"the {what}'s {media.kind} section has no a=ice-ufrag / a=ice-pwd")
+
 
 @dataclass(frozen=True, slots=True)
 class Offer:
@@ -32,14 +58,7 @@ class Offer:
 def parse_offer(text: str) -> Offer:
     """Check a viewer's offer before aiortc sees it, with errors a person can act on."""
     sdp = text.replace("\r\n", "\n").strip()
-    if not sdp.startswith("v=0"):
-        raise BadSDP("the body is not an SDP offer: it must start with 'v=0'")
-    if any(not _SDP_LINE.match(line) for line in sdp.split("\n") if line):
-        raise BadSDP("malformed SDP: every line must look like 'x=value'")
-    try:
-        parsed = SessionDescription.parse(sdp.replace("\n", "\r\n") + "\r\n")
-    except (ValueError, KeyError, IndexError, AssertionError, TypeError) as exc:
-        raise BadSDP(f"malformed SDP: {str(exc) or type(exc).__name__}") from None
+    parsed = _parse(sdp, "offer")
     videos = [m for m in parsed.media if m.kind == "video"]
     audios = [m for m in parsed.media if m.kind == "audio"]
     if not videos:
@@ -54,12 +73,8 @@ def parse_offer(text: str) -> Offer:
     for media in (*videos, *audios):
         if media.direction not in (None, "recvonly", "sendrecv"):
             raise BadSDP(f"the {media.kind} m-line is {media.direction}: a viewer must receive")
-    ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None)
-    if not ufrag:
-        raise BadSDP("the offer has no a=ice-ufrag")
-    fingerprints = [m.dtls for m in parsed.media if m.dtls and m.dtls.fingerprints]
-    if not fingerprints:
-        raise BadSDP("the offer has no a=fingerprint (DTLS is mandatory)")
+    _require_transport(parsed, "offer")
+    ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None) or ""
     return Offer(
         sdp=sdp.replace("\n", "\r\n") + "\r\n",
         has_audio=bool(audios),
@@ -67,6 +82,13 @@ def parse_offer(text: str) -> Offer:
         ice_ufrag=ufrag,
         sends_audio=bool(audios) and audios[0].direction == "sendrecv",
     )
+
+
+def parse_answer(text: str) -> str:
+    """Check a browser's answer to a gateway offer (seed API); returns it CRLF-normalised."""
+    sdp = text.replace("\r\n", "\n").strip()
+    _require_transport(_parse(sdp, "answer"), "answer")
+    return sdp.replace("\n", "\r\n") + "\r\n"
 
 
 @dataclass(frozen=True, slots=True)

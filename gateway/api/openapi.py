@@ -1,0 +1,363 @@
+"""The OpenAPI 3.1 document of the whole HTTP API, served at ``GET /openapi.json``.
+
+It is written by hand next to the handlers it describes, and ``tests/test_openapi.py`` keeps the
+two in step: every route the application registers is documented (and nothing else), and a fuzz
+run against the served document finds no 5xx. Limits in the schemas come from the settings, so
+the document describes the running gateway, not a default one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..chat.persona import MAX_ITEMS, MAX_LONG, MAX_SHORT
+from ..config import QUALITY_TIERS, Settings
+from ..upstream.base import TaskMode, TaskType
+from .common import SETTINGS
+
+Schema = dict[str, Any]
+
+OPENAPI_PATH = "/openapi.json"
+
+_GATEWAY = "gateway"
+_SEED = "seed"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(properties: dict[str, Schema], required: tuple[str, ...] = (), *,
+         additional: bool = True, **extra: Any) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    if not additional:
+        schema["additionalProperties"] = False
+    schema.update(extra)
+    return schema
+
+
+def _str(**extra: Any) -> Schema:
+    return {"type": "string", **extra}
+
+
+def _strings(max_length: int = MAX_SHORT) -> Schema:
+    return {"type": "array", "maxItems": MAX_ITEMS,
+            "items": {"type": "string", "minLength": 1, "maxLength": max_length}}
+
+
+def _json(schema: Schema, description: str = "OK", headers: Schema | None = None) -> Schema:
+    response: Schema = {"description": description,
+                        "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _body(schema: Schema, required: bool = True, media_type: str = "application/json") -> Schema:
+    return {"required": required, "content": {media_type: {"schema": schema}}}
+
+
+def _op(summary: str, tag: str, responses: Schema, *, api: str = _GATEWAY,
+        body: Schema | None = None, params: list[Schema] | None = None,
+        description: str | None = None, secured: bool = True) -> Schema:
+    op: Schema = {"summary": summary, "tags": [tag], "operationId": _operation_id(summary),
+                  "responses": dict(responses)}
+    if description:
+        op["description"] = description
+    if body is not None:
+        op["requestBody"] = body
+    if params:
+        op["parameters"] = params
+    # Every error of an API has one shape; ``default`` covers the codes not listed one by one.
+    op["responses"]["default"] = {"$ref": f"#/components/responses/{api.title()}Error"}
+    if secured:
+        op["security"] = [{}, {"bearerAuth": []}]
+    return op
+
+
+def _operation_id(summary: str) -> str:
+    words = "".join(c if c.isalnum() else " " for c in summary).split()
+    return words[0].lower() + "".join(w.title() for w in words[1:])
+
+
+SESSION_ID: Schema = {"name": "session_id", "in": "path", "required": True,
+                      "schema": {"type": "string"}}
+VIEWER_ID: Schema = {"name": "viewer_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}}
+
+
+def _schemas(settings: Settings) -> dict[str, Schema]:
+    text = _str(minLength=1, maxLength=settings.max_text_chars)
+    short = _str(minLength=1, maxLength=MAX_SHORT)
+    year = {"oneOf": [{"type": "integer", "minimum": 1900, "maximum": 2100},
+                      _str(minLength=1, maxLength=40)]}
+    education = {"degree": short, "year": year, "institution": short}
+    seed_ok = {"success": {"const": True}, "message": _str()}
+    session_id = {"session_id": _str(description="The id `session/create` returned.")}
+    return {
+        "Error": _obj({"error": _obj({"code": _str(), "message": _str()}, ("code", "message"))},
+                      ("error",)),
+        "SeedError": _obj({"success": {"const": False}, "message": _str(), "error": _str()},
+                          ("success", "message", "error")),
+        "Session": _obj({
+            "id": _str(), "upstream": _str(enum=["local", "heygen", "liveavatar"]),
+            "state": _str(enum=["new", "starting", "live", "closing", "closed"]),
+            "quality": _str(enum=list(QUALITY_TIERS)), "width": {"type": "integer"},
+            "height": {"type": "integer"}, "viewers": {"type": "integer", "minimum": 0},
+            "created_at": {"type": "number"}, "whep_url": _str(), "events_url": _str(),
+        }, ("id", "upstream", "state", "quality", "width", "height", "viewers", "created_at",
+            "whep_url", "events_url")),
+        "SessionCreate": _obj({
+            "upstream": _str(enum=["local", "heygen", "liveavatar"],
+                             description="Default: AVATAR_GATEWAY_DEFAULT_UPSTREAM."),
+            "quality": _str(enum=list(QUALITY_TIERS)),
+            "voice": _str(description="eSpeak voice (local) or provider voice id."),
+            "avatar_id": _str(),
+        }),
+        "Speak": _obj({
+            "text": text,
+            "task_type": _str(enum=[t.value for t in TaskType], default="repeat"),
+            "task_mode": _str(enum=[m.value for m in TaskMode], default="async",
+                              description="`sync` answers once the avatar has finished."),
+        }, ("text",)),
+        "SpeakResult": _obj({"task_id": _str(), "duration_ms": {"type": "number"}},
+                            ("task_id", "duration_ms")),
+        "Persona": _obj({
+            "name": short, "title": short,
+            "education": _obj(education, ("degree", "year", "institution"), additional=False),
+            "technical": _obj({"languages": _strings(), "webStack": _strings(),
+                               "projects": _strings()},
+                              ("languages", "webStack", "projects"), additional=False),
+            "personality": _obj({"style": _str(minLength=1, maxLength=MAX_LONG),
+                                 "interests": _strings(), "goals": _strings()},
+                                ("style", "interests", "goals"), additional=False),
+            "traits": _strings(),
+        }, ("name", "title", "education", "technical", "personality", "traits"),
+            additional=False),
+        "PersonaDetails": _obj({"name": short, "title": short,
+                                "education": _obj(education, additional=False, minProperties=1)},
+                               additional=False, minProperties=1,
+                               description="Only what changes; `education` may be partial."),
+        "IceServer": _obj({"urls": {"type": "array", "items": _str()}, "username": _str(),
+                           "credential": _str(), "credentialType": _str()}, ("urls",)),
+        "SeedSessionRef": _obj({**seed_ok, "data": _obj(session_id, ("session_id",))},
+                               ("success", "message", "data")),
+        "SeedSessionCreated": _obj({**seed_ok, "data": _obj({
+            **session_id,
+            "sdp": _obj({"type": {"const": "offer"}, "sdp": _str()}, ("type", "sdp")),
+            "ice_servers2": {"type": "array", "items": _ref("IceServer")},
+            "ice_servers": {"type": "array", "items": _str()},
+            "upstream": _str(), "quality": _str(),
+        }, ("session_id", "sdp", "ice_servers2"))}, ("success", "message", "data")),
+        "SeedText": _obj({
+            **seed_ok,
+            "ai_response": {"type": ["string", "null"]},
+            "speaking_duration": {"type": "number", "description": "Seconds of speech queued."},
+            "data": _obj({
+                **session_id, "text": _str(), "ai_response": {"type": ["string", "null"]},
+                "speaking_duration": {"type": "number"},
+                "task_ids": {"type": "array", "items": _str()},
+                "offline": {"type": ["boolean", "null"]},
+            }, ("session_id", "text", "ai_response", "speaking_duration", "task_ids")),
+        }, ("success", "message", "ai_response", "speaking_duration", "data")),
+    }
+
+
+def _seed_paths(settings: Settings) -> dict[str, Schema]:
+    persona = _ref("Persona")
+    seed_ok = {"success": {"const": True}, "message": _str()}
+    required_id = _str(minLength=1)
+    text = _str(minLength=1, maxLength=settings.max_text_chars)
+
+    def post(summary: str, body: Schema | None, ok: Schema, *, required: bool = True,
+             description: str | None = None) -> Schema:
+        return {"post": _op(summary, "seed", {"200": _json(ok)}, api=_SEED,
+                            body=_body(body, required) if body is not None else None,
+                            description=description)}
+
+    candidate = _obj({"candidate": _str(description="`candidate:...` line; empty ends "
+                                                    "the candidates."),
+                      "sdpMid": {"type": ["string", "null"]},
+                      "sdpMLineIndex": {"type": ["integer", "null"], "minimum": 0},
+                      "usernameFragment": {"type": ["string", "null"]}}, ("candidate",))
+    answer = {"oneOf": [_str(minLength=1),
+                        _obj({"type": {"const": "answer"}, "sdp": _str(minLength=1)}, ("sdp",))]}
+    return {
+        "/persona": {
+            "get": _op("Get the persona", "seed", {"200": _json(persona)}, api=_SEED),
+            **post("Update the persona's details", _ref("PersonaDetails"),
+                   _obj({**seed_ok, "persona": persona}, ("success", "message", "persona")),
+                   description="Changes name, title and/or education; the rest is kept."),
+        },
+        "/persona/config": {
+            "get": _op("Get the persona configuration", "seed", {"200": _json(persona)},
+                       api=_SEED),
+        },
+        "/persona/update": post(
+            "Replace the persona configuration", persona,
+            _obj({**seed_ok, "data": persona}, ("success", "message", "data")),
+            description="The whole configuration, also accepted wrapped as `{persona: ...}` or "
+                        "`{config: ...}`."),
+        "/persona/heygen/init": post(
+            "Initialize the bot", _obj({}), required=False,
+            ok=_obj({**seed_ok, "data": _obj({"text": _str()}, ("text",))},
+                    ("success", "message", "data"))),
+        "/persona/heygen/session/create": post(
+            "Create a seed session", _obj({"avatar_name": _str(), "voice_id": _str(),
+                                           "quality": _str(enum=list(QUALITY_TIERS))}),
+            _ref("SeedSessionCreated"), required=False,
+            description="Starts an avatar session (configured default upstream) and one viewer "
+                        "peer connection; `data.sdp` is the gateway's offer (HeyGen v1 style). "
+                        "`avatar_name` and `voice_id` apply to cloud upstreams only."),
+        "/persona/heygen/session/start": post(
+            "Start a seed session", _obj({"session_id": required_id, "sdp": answer},
+                                         ("session_id", "sdp")),
+            _ref("SeedSessionRef"), description="The browser's SDP answer; media starts."),
+        "/persona/heygen/ice": post(
+            "Add an ICE candidate", _obj({"session_id": required_id, "candidate": candidate},
+                                         ("session_id", "candidate")),
+            _ref("SeedSessionRef")),
+        "/persona/heygen/text": post(
+            "Speak text or an AI answer",
+            _obj({"session_id": required_id, "text": text,
+                  "generate_ai_response": {"type": "boolean", "default": False}},
+                 ("session_id", "text")),
+            _ref("SeedText"),
+            description="With `generate_ai_response`, the persona's answer is streamed from the "
+                        "language model and spoken sentence by sentence as it arrives."),
+        "/persona/heygen/session/stop": post(
+            "Stop a seed session", _obj({"session_id": required_id}, ("session_id",)),
+            _ref("SeedSessionRef"), description="Closes the viewer and the upstream session."),
+        "/openai": post(
+            "Initialize the chat service", _obj({}), required=False,
+            ok=_obj({**seed_ok, "text": _str(), "mode": _str(enum=["openai", "offline"]),
+                     "model": {"type": ["string", "null"]}}, ("success", "message", "text"))),
+        "/openai/complete": post(
+            "Complete a prompt",
+            _obj({"prompt": text, "session_id": _str(minLength=1, maxLength=128,
+                                                     description="Conversation to continue.")},
+                 ("prompt",)),
+            _obj({**seed_ok, "text": _str(), "offline": {"type": "boolean"}},
+                 ("success", "message", "text")),
+            description="Without an OpenAI key, the offline responder answers (labelled "
+                        "`[offline]`, `offline: true`)."),
+    }
+
+
+def _gateway_paths(settings: Settings) -> dict[str, Schema]:
+    session = _ref("Session")
+    base = "/v1/sessions/{session_id}"
+    empty = {"description": "OK"}
+    sdp = {"application/sdp": {"schema": _str()}}
+    return {
+        "/v1/sessions": {
+            "post": _op("Create a session", "sessions", {"201": _json(session, "Created", {
+                "Location": {"schema": _str()}})}, body=_body(_ref("SessionCreate"), False)),
+            "get": _op("List sessions", "sessions", {"200": _json(_obj(
+                {"sessions": {"type": "array", "items": session}}, ("sessions",)))}),
+        },
+        base: {
+            "parameters": [SESSION_ID],
+            "get": _op("Get a session", "sessions", {"200": _json(session)}),
+            "delete": _op("Delete a session", "sessions", {"200": _json(session)}),
+        },
+        f"{base}/speak": {"parameters": [SESSION_ID], "post": _op(
+            "Speak", "sessions", {"200": _json(_ref("SpeakResult"))}, body=_body(_ref("Speak")))},
+        f"{base}/interrupt": {"parameters": [SESSION_ID], "post": _op(
+            "Interrupt", "sessions", {"200": _json(_obj(
+                {"id": _str(), "interrupted": {"const": True}}, ("id", "interrupted")))})},
+        f"{base}/keep-alive": {"parameters": [SESSION_ID], "post": _op(
+            "Keep alive", "sessions", {"200": _json(_obj(
+                {"id": _str(), "kept_alive": {"const": True}}, ("id", "kept_alive")))})},
+        f"{base}/listen": {"parameters": [SESSION_ID], "post": _op(
+            "Listen", "sessions", {"200": _json(_obj(
+                {"id": _str(), "listening": {"type": "boolean"}}, ("id", "listening")))},
+            body=_body(_obj({"listening": {"type": "boolean"}}, ("listening",))))},
+        f"{base}/events": {"parameters": [SESSION_ID], "get": _op(
+            "Stream events", "sessions",
+            {"200": {"description": "Server-sent events (`id`, `event`, `data`: one JSON event "
+                                    "in HeyGen's shape); comments keep the stream alive.",
+                     "content": {"text/event-stream": {"schema": _str()}}}},
+            params=[{"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": _str(pattern="^[0-9]+$")},
+                    {"name": "last_event_id", "in": "query", "required": False,
+                     "schema": _str(pattern="^[0-9]+$")}])},
+        f"{base}/whep": {"parameters": [SESSION_ID], "post": _op(
+            "Create a WHEP viewer", "whep",
+            {"201": {"description": "The SDP answer (RFC 9725).", "content": sdp, "headers": {
+                "Location": {"schema": _str()}, "ETag": {"schema": _str()},
+                "Link": {"schema": _str(), "description": "ICE servers, rel=\"ice-server\"."}}}},
+            body={"required": True, "content": sdp})},
+        f"{base}/whep/{{viewer_id}}": {
+            "parameters": [SESSION_ID, VIEWER_ID],
+            "patch": _op(
+                "Trickle ICE", "whep", {"204": {"description": "Candidates added."}},
+                body={"required": True, "content": {
+                    "application/trickle-ice-sdpfrag": {"schema": _str()}}},
+                params=[{"name": "If-Match", "in": "header", "required": False,
+                         "schema": _str()}],
+                description="RFC 8840 fragment; an ICE restart is refused with 422."),
+            "delete": _op("Delete a WHEP viewer", "whep", {"200": empty}),
+        },
+        "/livez": {"get": _op("Liveness", "ops", {"200": _json(_obj(
+            {"status": {"const": "ok"}}, ("status",)))}, secured=False)},
+        "/readyz": {"get": _op("Readiness", "ops", {
+            "200": _json(_ref("Readiness")), "503": _json(_ref("Readiness"), "Not ready")},
+            secured=False)},
+        "/metrics": {"get": _op("Prometheus metrics", "ops", {"200": {
+            "description": "Prometheus text exposition format.",
+            "content": {"text/plain": {"schema": _str()}}}}, secured=False)},
+        OPENAPI_PATH: {"get": _op("OpenAPI document", "ops", {"200": _json(
+            {"type": "object"}, "This document.")}, secured=False)},
+    }
+
+
+def build_document(settings: Settings) -> Schema:
+    schemas = _schemas(settings)
+    schemas["Readiness"] = _obj({"status": _str(enum=["ok", "unavailable"]),
+                                 "reasons": {"type": "array", "items": _str()},
+                                 "sessions": {"type": "integer"}}, ("status", "reasons", "sessions"))
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "avatar-gateway",
+            "version": __version__,
+            "description": "One streaming avatar, many browsers. Gateway REST and WHEP under "
+                           "`/v1/`, the seed server's JSON API under `/persona` and `/openai`, "
+                           "and operations endpoints. Errors are `{error: {code, message}}`, "
+                           "except on the seed API: `{success: false, message, error}`.",
+        },
+        "tags": [{"name": "sessions"}, {"name": "whep"}, {"name": "seed"}, {"name": "ops"}],
+        "paths": {**_gateway_paths(settings), **_seed_paths(settings)},
+        "components": {
+            "schemas": schemas,
+            "responses": {
+                "GatewayError": _json(_ref("Error"), "Error (`code` names the kind, e.g. "
+                                                     "`bad_request`, `not_found`)."),
+                "SeedError": _json(_ref("SeedError"), "Error in the seed API's envelope."),
+            },
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "Required on `/v1/`, `/persona` and `/openai` when "
+                               "AVATAR_GATEWAY_API_TOKEN is set; EventSource may pass "
+                               "`?access_token=` instead."}},
+        },
+    }
+
+
+DOCUMENT = web.AppKey("openapi_document", dict[str, Any])
+
+
+async def _serve(request: web.Request) -> web.Response:
+    return web.json_response(request.app[DOCUMENT])
+
+
+def setup_openapi(app: web.Application) -> None:
+    """Serve the document at ``GET /openapi.json``, built once from the app's settings."""
+    app[DOCUMENT] = build_document(app[SETTINGS])
+    app.router.add_get(OPENAPI_PATH, _serve)

@@ -1,0 +1,389 @@
+"""The seed server's JSON API, at its paths and in its JSON, mapped onto the gateway's services.
+
+Its clients keep working unchanged: ``/persona`` reads and edits the persona, ``/persona/heygen/*``
+runs an avatar session in the old HeyGen v1 style (the server offers SDP, the browser answers and
+trickles its candidates), and ``/openai`` + ``/openai/complete`` chat in the persona's voice. Errors
+are the seed's ``{"success": false, "message", "error"}`` (rendered by ``app.py``'s middleware).
+
+A seed ``session_id`` is the gateway session's id, so operators see it in ``/v1/sessions`` and can
+follow its ``/events``; this module maps it to the one viewer (peer connection) it offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..chat.llm import ChatService
+from ..chat.persona import Persona, PersonaStore
+from ..config import Settings
+from ..errors import BadRequest, Conflict, NotFound
+from ..sessions import Session
+from ..viewers.peer import Viewer
+from ..viewers.whep import SdpFragment, parse_sdpfrag
+from .common import SESSIONS, SETTINGS, optional_str, read_json, required_str
+
+routes = web.RouteTableDef()
+
+SWEEP_INTERVAL = 5.0
+"""How often sessions that ended on their own (idle, upstream gone) are forgotten here."""
+MAX_CONVERSATION_ID = 128
+
+
+@dataclass(slots=True)
+class SeedSession:
+    session: Session
+    viewer: Viewer
+    speaking: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One answer at a time, so two answers' sentences never interleave."""
+
+
+class SeedSessions:
+    """Seed session id → (gateway session, its offering viewer).
+
+    Bounded by the registry's session limit: entries are added only for sessions it created, and
+    one whose session has closed (stopped, idle, upstream gone) is dropped when next looked up or
+    swept, and ``on_forget`` is told (the chat forgets the conversation).
+    """
+
+    def __init__(self, on_forget: Callable[[str], None] = lambda session_id: None) -> None:
+        self._sessions: dict[str, SeedSession] = {}
+        self._on_forget = on_forget
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._sessions
+
+    def add(self, session: Session, viewer: Viewer) -> SeedSession:
+        self.prune()
+        seed = SeedSession(session, viewer)
+        self._sessions[session.id] = seed
+        return seed
+
+    def get(self, session_id: str) -> SeedSession:
+        seed = self._sessions.get(session_id)
+        if seed is not None and seed.session.close_reason is not None:
+            self._forget(session_id)
+            seed = None
+        if seed is None:
+            raise NotFound(f"no session {session_id!r} (unknown, stopped or expired)")
+        return seed
+
+    def pop(self, session_id: str) -> SeedSession:
+        seed = self.get(session_id)
+        self._forget(session_id)
+        return seed
+
+    def prune(self) -> None:
+        for session_id in [sid for sid, seed in self._sessions.items()
+                           if seed.session.close_reason is not None]:
+            self._forget(session_id)
+
+    def clear(self) -> None:
+        for session_id in list(self._sessions):
+            self._forget(session_id)
+
+    def _forget(self, session_id: str) -> None:
+        del self._sessions[session_id]
+        self._on_forget(session_id)
+
+
+PERSONAS = web.AppKey("personas", PersonaStore)
+CHAT = web.AppKey("chat", ChatService)
+SEED_SESSIONS = web.AppKey("seed_sessions", SeedSessions)
+
+
+def _ok(message: str, **fields: Any) -> web.Response:
+    return web.json_response({"success": True, "message": message, **fields})
+
+
+# -- persona -------------------------------------------------------------------------------------
+
+@routes.get("/persona")
+async def get_persona(request: web.Request) -> web.Response:
+    return web.json_response((await request.app[PERSONAS].get()).to_dict())
+
+
+@routes.get("/persona/config")
+async def get_persona_config(request: web.Request) -> web.Response:
+    return web.json_response((await request.app[PERSONAS].get()).to_dict())
+
+
+@routes.post("/persona")
+async def update_persona_details(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    persona = await request.app[PERSONAS].update_details(data)
+    return _ok("Persona details updated successfully", persona=persona.to_dict())
+
+
+@routes.post("/persona/update")
+async def replace_persona(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    # Some clients send the configuration itself, others wrap it: {"persona"|"config": {...}}.
+    if len(data) == 1 and isinstance(next(iter(data.values())), dict) and \
+            next(iter(data)) in ("persona", "config"):
+        data = next(iter(data.values()))
+    persona = await request.app[PERSONAS].replace(Persona.from_dict(data))
+    return _ok("Persona configuration updated successfully", data=persona.to_dict())
+
+
+# -- HeyGen v1 style sessions -------------------------------------------------------------------
+
+@routes.post("/persona/heygen/init")
+async def init_bot(request: web.Request) -> web.Response:
+    await read_json(request, required=False)
+    return _ok("Bot initialized successfully", data={"text": await request.app[CHAT].welcome()})
+
+
+def ice_servers(settings: Settings) -> list[dict[str, Any]]:
+    """The ICE servers for the browser, in HeyGen v1's ``ice_servers2`` shape."""
+    servers: list[dict[str, Any]] = []
+    for url in settings.ice_servers:
+        server: dict[str, Any] = {"urls": [url]}
+        if url.startswith(("turn:", "turns:")) and settings.ice_username:
+            server["username"] = settings.ice_username
+            server["credential"] = settings.ice_credential.reveal()
+            server["credentialType"] = "password"
+        servers.append(server)
+    return servers
+
+
+@routes.post("/persona/heygen/session/create")
+async def create_session(request: web.Request) -> web.Response:
+    data = await read_json(request, required=False)
+    avatar = optional_str(data, "avatar_name")
+    voice = optional_str(data, "voice_id")
+    quality = optional_str(data, "quality")
+    settings = request.app[SETTINGS]
+    # HeyGen avatar names and voice ids mean nothing to the local avatar (one face, eSpeak
+    # voices): there they are accepted and ignored, so seed clients work unchanged.
+    cloud = settings.default_upstream != "local"
+    session = await request.app[SESSIONS].create(
+        quality=quality, voice=voice if cloud else None, avatar_id=avatar if cloud else None)
+    try:
+        viewer, offer = await session.add_offering_viewer()
+    except BaseException:
+        await session.close("start_failed")
+        raise
+    request.app[SEED_SESSIONS].add(session, viewer)
+    servers = ice_servers(settings)
+    return _ok("Session created successfully", data={
+        "session_id": session.id,
+        "sdp": {"type": "offer", "sdp": offer},
+        "ice_servers2": servers,
+        "ice_servers": [url for s in servers for url in s["urls"]],
+        "upstream": session.upstream.kind,
+        "quality": session.quality.name,
+    })
+
+
+def _answer_sdp(value: object) -> str:
+    if isinstance(value, dict):
+        kind = value.get("type", "answer")
+        if kind != "answer":
+            raise BadRequest(f"'sdp.type' must be 'answer' (the browser answers the gateway's "
+                             f"offer), not {kind!r}")
+        value = value.get("sdp")
+        where = "'sdp.sdp'"
+    else:
+        where = "'sdp'"
+    if value is None:
+        raise BadRequest(f"{where} is required: the browser's SDP answer")
+    if not isinstance(value, str):
+        raise BadRequest(f"{where} must be a string (or 'sdp' an object {{type, sdp}})")
+    if not value.strip():
+        raise BadRequest(f"{where} is empty")
+    return value
+
+
+def _open_viewer(seed: SeedSession) -> Viewer:
+    viewer = seed.viewer
+    if viewer.close_reason is not None:
+        raise Conflict(f"the session's peer connection has closed ({viewer.close_reason}); "
+                       "stop this session and create a new one")
+    return viewer
+
+
+@routes.post("/persona/heygen/session/start")
+async def start_session(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    session_id = required_str(data, "session_id")
+    answer = _answer_sdp(data.get("sdp"))
+    seed = request.app[SEED_SESSIONS].get(session_id)
+    viewer = _open_viewer(seed)
+    await viewer.accept_answer(answer)
+    return _ok("Session started successfully", data={"session_id": session_id})
+
+
+def _candidate(value: object) -> SdpFragment:
+    """A browser's ``RTCIceCandidateInit``; an empty ``candidate`` means end-of-candidates."""
+    if not isinstance(value, dict):
+        raise BadRequest("'candidate' is required: an object {candidate, sdpMid, sdpMLineIndex}")
+    line = value.get("candidate")
+    if not isinstance(line, str):
+        raise BadRequest("'candidate.candidate' must be a string (empty for end-of-candidates)")
+    mid = value.get("sdpMid")
+    if mid is not None and not isinstance(mid, str):
+        raise BadRequest("'candidate.sdpMid' must be a string or null")
+    index = value.get("sdpMLineIndex")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        raise BadRequest("'candidate.sdpMLineIndex' must be a non-negative integer or null")
+    text = line.strip()
+    if not text:
+        return SdpFragment(ice_ufrag=None, ice_pwd=None, candidates=(), end_of_candidates=True)
+    if "\r" in text or "\n" in text:
+        raise BadRequest("'candidate.candidate' must be a single candidate line")
+    text = text.removeprefix("a=").removeprefix("candidate:")
+    fragment = parse_sdpfrag(f"a=candidate:{text}")
+    if len(fragment.candidates) != 1:
+        raise BadRequest("'candidate.candidate' is not an ICE candidate line")
+    candidate = fragment.candidates[0]
+    if not 0 < candidate.port < 65536 or candidate.component not in (1, 2) or \
+            candidate.protocol.lower() not in ("udp", "tcp") or candidate.priority < 1 or \
+            candidate.type not in ("host", "srflx", "prflx", "relay"):
+        raise BadRequest(f"'candidate.candidate' is not a usable candidate: {line!r}")
+    candidate.sdpMid = mid
+    candidate.sdpMLineIndex = index
+    return SdpFragment(ice_ufrag=None, ice_pwd=None, candidates=(candidate,),
+                       end_of_candidates=False)
+
+
+@routes.post("/persona/heygen/ice")
+async def add_ice_candidate(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    session_id = required_str(data, "session_id")
+    fragment = _candidate(data.get("candidate"))
+    seed = request.app[SEED_SESSIONS].get(session_id)
+    await _open_viewer(seed).add_candidates(fragment)
+    return _ok("ICE candidate added successfully", data={"session_id": session_id})
+
+
+@routes.post("/persona/heygen/text")
+async def send_text(request: web.Request) -> web.Response:
+    """Speak ``text``, or with ``generate_ai_response`` the persona's answer to it.
+
+    The answer is streamed: each sentence is handed to the avatar as soon as the model has written
+    it, so speech starts after the first sentence, not after the whole answer. The response comes
+    once every sentence is queued; ``speaking_duration`` is the total speech, in seconds.
+    """
+    data = await read_json(request)
+    session_id = required_str(data, "session_id")
+    text = required_str(data, "text").strip()
+    limit = request.app[SETTINGS].max_text_chars
+    if not text:
+        raise BadRequest("'text' is empty")
+    if len(text) > limit:
+        raise BadRequest(f"'text' is longer than {limit} characters")
+    generate = data.get("generate_ai_response", False)
+    if not isinstance(generate, bool):
+        raise BadRequest("'generate_ai_response' must be true or false")
+    seed = request.app[SEED_SESSIONS].get(session_id)
+    chat = request.app[CHAT]
+    session = seed.session
+    spoken: list[str] = []
+    task_ids: list[str] = []
+    duration_ms = 0.0
+    async with seed.speaking:
+        if generate:
+            async with contextlib.aclosing(chat.sentences(text, conversation=session.id)) as answer:
+                async for sentence in answer:
+                    result = await session.speak(sentence)
+                    spoken.append(sentence)
+                    task_ids.append(result.task_id)
+                    duration_ms += result.duration_ms
+        else:
+            result = await session.speak(text)
+            task_ids.append(result.task_id)
+            duration_ms = result.duration_ms
+    ai_response = " ".join(spoken) if generate else None
+    speaking_duration = round(duration_ms / 1000.0, 3)
+    body = {"session_id": session_id, "text": text, "ai_response": ai_response,
+            "speaking_duration": speaking_duration, "task_ids": task_ids,
+            "offline": chat.offline if generate else None}
+    # The answer also sits at the top level, where clients of the seed's flat shape read it.
+    return _ok("Text processed successfully", data=body, ai_response=ai_response,
+               speaking_duration=speaking_duration)
+
+
+@routes.post("/persona/heygen/session/stop")
+async def stop_session(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    session_id = required_str(data, "session_id")
+    seed = request.app[SEED_SESSIONS].pop(session_id)
+    await seed.session.close("deleted")
+    return _ok("Session stopped successfully", data={"session_id": session_id})
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+@routes.post("/openai")
+async def init_chat(request: web.Request) -> web.Response:
+    await read_json(request, required=False)
+    chat = request.app[CHAT]
+    message = ("OpenAI service initialized successfully" if not chat.offline else
+               "Offline responder initialized (no OpenAI API key is configured)")
+    return web.json_response({"success": True, "message": message, "text": await chat.welcome(),
+                              "mode": chat.mode, "model": chat.model})
+
+
+@routes.post("/openai/complete")
+async def complete(request: web.Request) -> web.Response:
+    """One answer in the persona's voice; with ``session_id``, within that conversation."""
+    data = await read_json(request)
+    prompt = required_str(data, "prompt").strip()
+    limit = request.app[SETTINGS].max_text_chars
+    if not prompt:
+        raise BadRequest("'prompt' is empty")
+    if len(prompt) > limit:
+        raise BadRequest(f"'prompt' is longer than {limit} characters")
+    conversation = optional_str(data, "session_id")
+    if conversation is not None and not 0 < len(conversation) <= MAX_CONVERSATION_ID:
+        raise BadRequest(f"'session_id' must be 1 to {MAX_CONVERSATION_ID} characters")
+    reply = await request.app[CHAT].complete(prompt, conversation=conversation)
+    return web.json_response({"success": True, "message": "AI response generated successfully",
+                              "text": reply.text, "offline": reply.offline})
+
+
+# -- wiring --------------------------------------------------------------------------------------
+
+def setup(app: web.Application) -> None:
+    """Register the seed API: routes, typed state, and the store/chat lifecycle."""
+    settings = app[SETTINGS]
+    store = PersonaStore(settings.persona_db or Path(settings.state_dir) / "persona.sqlite3")
+    chat = ChatService(settings, store)
+    app[PERSONAS] = store
+    app[CHAT] = chat
+    app[SEED_SESSIONS] = SeedSessions(on_forget=chat.forget)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_lifecycle)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    store, chat, seeds = app[PERSONAS], app[CHAT], app[SEED_SESSIONS]
+    await store.open()
+    await chat.start()
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            seeds.prune()
+
+    sweeper = asyncio.get_running_loop().create_task(sweep(), name="seed-session-sweeper")
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        await asyncio.wait([sweeper])
+        # The sessions are closed by now (their own cleanup runs first); drop our references, so
+        # a stopped application does not keep peer connections reachable.
+        seeds.clear()
+        await chat.close()
+        await store.close()
