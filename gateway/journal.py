@@ -9,14 +9,14 @@ SQLite in WAL mode, used from one worker thread so the event loop never waits on
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .sqlite import SqliteWorker
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS upstream_sessions (
@@ -40,26 +40,10 @@ class JournalEntry:
 
 class SessionJournal:
     def __init__(self, path: str | Path) -> None:
-        self._path = str(path)
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
-        self._db: sqlite3.Connection | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
-            self._db = db
-        return self._db
+        self._db = SqliteWorker(path, "journal", _setup)
 
     async def _run(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
-        def work() -> list[tuple[Any, ...]]:
-            return self._connect().execute(sql, params).fetchall()
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        return await self._db.run(lambda db: db.execute(sql, params).fetchall())
 
     async def opened(self, provider: str, session_id: str, stop_info: dict[str, Any]) -> None:
         await self._run(
@@ -78,10 +62,10 @@ class SessionJournal:
         return [JournalEntry(p, s, float(t), json.loads(i)) for p, s, t, i in rows]
 
     async def close(self) -> None:
-        def work() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        await self._db.close()
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, work)
-        self._pool.shutdown(wait=True)
+
+def _setup(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(_SCHEMA)

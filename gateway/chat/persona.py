@@ -15,8 +15,6 @@ SQLite runs on one worker thread, so the event loop never waits for a disk flush
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import sqlite3
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import BadRequest
+from ..sqlite import SqliteWorker
 
 MAX_SHORT = 200
 """Characters in a name, title, degree, institution or list item."""
@@ -229,40 +228,26 @@ class PersonaStore:
     """The persona, persisted in SQLite (``Settings.persona_db``); seeded with a default."""
 
     def __init__(self, path: str | Path, default: Persona = DEFAULT_PERSONA) -> None:
-        self._path = str(path)
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         self._default = default
-        # One thread: every statement of this process is serialized before SQLite's own locks.
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="persona")
-        self._db: sqlite3.Connection | None = None
+        self._db = SqliteWorker(path, "persona", self._setup)
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            # A rollback journal, not WAL: two processes opening a new file at once can both try
-            # to switch it to WAL, and the loser fails at once ("database is locked") instead of
-            # waiting. Writes are rare and tiny; the busy timeout covers every lock we take.
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
-                                 timeout=10.0)
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute(_SCHEMA)
-                db.execute("INSERT OR IGNORE INTO persona VALUES (1, ?, 1, ?)",
-                           (json.dumps(self._default.to_dict()), time.time()))
-            except BaseException:
-                db.execute("ROLLBACK")
-                db.close()
-                raise
-            db.execute("COMMIT")
-            self._db = db
-        return self._db
+    def _setup(self, db: sqlite3.Connection) -> None:
+        # A rollback journal, not WAL: two processes opening a new file at once can both try
+        # to switch it to WAL, and the loser fails at once ("database is locked") instead of
+        # waiting. Writes are rare and tiny; the busy timeout covers every lock we take.
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO persona VALUES (1, ?, 1, ?)",
+                       (json.dumps(self._default.to_dict()), time.time()))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        def call() -> _T:
-            return work(self._connect())
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await self._db.run(work)
 
     async def open(self) -> None:
         """Create the file and the default persona now, so a bad path fails at start-up."""
@@ -287,13 +272,7 @@ class PersonaStore:
         return await self._run(lambda db: _write(db, lambda old: old.with_details(details)))
 
     async def close(self) -> None:
-        def work() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        await asyncio.get_running_loop().run_in_executor(self._pool, work)
-        self._pool.shutdown(wait=True)
+        await self._db.close()
 
 
 def _read(db: sqlite3.Connection) -> Persona:
