@@ -124,6 +124,21 @@ class Metrics:
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
                                   registry=r)
 
+        # chat
+        self.chat_requests = Counter(f"{NS}_chat_requests_total", "Chat answers, by outcome.",
+                                     ["mode", "result"], registry=r)
+        self.llm_duration = Histogram(f"{NS}_llm_request_duration_seconds",
+                                      "Question to the language model's full answer.", ["model"],
+                                      buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+                                      registry=r)
+        self.llm_first_token = Histogram(f"{NS}_llm_time_to_first_token_seconds",
+                                         "Question to the first streamed token (when the avatar "
+                                         "can start speaking soonest).", ["model"],
+                                         buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+                                         registry=r)
+        self.llm_tokens = Counter(f"{NS}_llm_tokens_total", "Tokens the provider billed.",
+                                  ["model", "type"], registry=r)
+
         # HTTP
         self.http_requests = Counter(f"{NS}_http_requests_total", "HTTP requests.",
                                      ["route", "method", "code"], registry=r)

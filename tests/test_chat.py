@@ -384,3 +384,18 @@ async def test_the_api_key_never_reaches_a_client_or_a_log(
     assert fake.authorizations[-1] == f"Bearer {KEY}"  # it was used...
     assert not any(KEY in text or KEY[8:] in text for text in seen)  # ...and never shown
     assert KEY not in caplog.text and KEY[8:] not in caplog.text
+
+
+async def test_chat_metrics(aiohttp_client: ClientFactory, fake_llm: tuple[FakeLLM, str]) -> None:
+    fake, base = fake_llm
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(llm_settings(base)))
+    ok = await client.post("/openai/complete", json={"prompt": "Where did you study?"})
+    assert ok.status == 200
+    fake.status = 500
+    failed = await client.post("/openai/complete", json={"prompt": "And then?"})
+    assert failed.status == 503
+    metrics = await (await client.get("/metrics")).text()
+    assert 'avatargw_chat_requests_total{mode="openai",result="ok"} 1.0' in metrics
+    assert 'avatargw_chat_requests_total{mode="openai",result="error"} 1.0' in metrics
+    assert 'avatargw_llm_tokens_total{model="test-model",type="completion"} 1.0' in metrics
+    assert 'avatargw_llm_request_duration_seconds_count{model="test-model"} 1.0' in metrics

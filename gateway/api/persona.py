@@ -27,7 +27,7 @@ from ..errors import BadRequest, Conflict, NotFound
 from ..sessions import Session
 from ..viewers.peer import Viewer
 from ..viewers.whep import SdpFragment, parse_sdpfrag
-from .common import SESSIONS, SETTINGS, optional_str, read_json, required_str
+from .common import METRICS, SESSIONS, SETTINGS, optional_str, read_json, required_str
 
 routes = web.RouteTableDef()
 
@@ -358,7 +358,7 @@ def setup(app: web.Application) -> None:
     """Register the seed API: routes, typed state, and the store/chat lifecycle."""
     settings = app[SETTINGS]
     store = PersonaStore(settings.persona_db or Path(settings.state_dir) / "persona.sqlite3")
-    chat = ChatService(settings, store)
+    chat = ChatService(settings, store, metrics=app[METRICS])
     app[PERSONAS] = store
     app[CHAT] = chat
     app[SEED_SESSIONS] = SeedSessions(on_forget=chat.forget)

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from ..errors import (
     UpstreamQuotaExceeded,
     UpstreamUnavailable,
 )
+from ..metrics import Metrics
 from .persona import Persona, PersonaStore
 
 logger = logging.getLogger(__name__)
@@ -275,9 +277,11 @@ class ChatService:
     """
 
     def __init__(self, settings: Settings, personas: PersonaStore, *,
+                 metrics: Metrics | None = None,
                  max_retries: int = DEFAULT_RETRIES,
                  max_conversations: int = MAX_CONVERSATIONS) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._personas = personas
         self._max_retries = max_retries
         self._max_conversations = max_conversations
@@ -365,8 +369,28 @@ class ChatService:
 
     # -- answers ---------------------------------------------------------------------------------
 
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.chat_requests.labels(self.mode, result).inc()
+
+    def _timed(self, histogram: str, started: float) -> None:
+        if self._metrics is not None and not self.offline:
+            getattr(self._metrics, histogram).labels(self._settings.openai_model).observe(
+                time.monotonic() - started)
+
     async def complete(self, question: str, conversation: str | None = None) -> ChatReply:
         """The whole answer at once (one non-streaming request)."""
+        started = time.monotonic()
+        try:
+            reply = await self._complete(question, conversation)
+        except UpstreamError:
+            self._count("error")
+            raise
+        self._count("ok")
+        self._timed("llm_duration", started)
+        return reply
+
+    async def _complete(self, question: str, conversation: str | None) -> ChatReply:
         question = self._check(question)
         persona = await self._personas.get()
         if self.offline:
@@ -379,6 +403,11 @@ class ChatService:
                 model=self._settings.openai_model,
                 messages=self._messages(persona, conversation, question),
             )
+        if self._metrics is not None and response.usage is not None:
+            tokens = self._metrics.llm_tokens
+            tokens.labels(self._settings.openai_model, "prompt").inc(response.usage.prompt_tokens)
+            tokens.labels(self._settings.openai_model, "completion").inc(
+                response.usage.completion_tokens)
         content = response.choices[0].message.content if response.choices else None
         answer = _truncate((content or "").strip(), self._max_answer)
         if not answer:
@@ -392,6 +421,22 @@ class ChatService:
         Use with :func:`contextlib.aclosing`: leaving early closes the provider's stream. The
         conversation remembers the answer only once it was read to the end.
         """
+        started = time.monotonic()
+        first = True
+        try:
+            async with contextlib.aclosing(self._sentences(question, conversation)) as answer:
+                async for sentence in answer:
+                    if first:
+                        first = False
+                        self._timed("llm_first_token", started)
+                    yield sentence
+        except UpstreamError:
+            self._count("error")
+            raise
+        self._count("ok")
+        self._timed("llm_duration", started)
+
+    async def _sentences(self, question: str, conversation: str | None) -> AsyncGenerator[str, None]:
         question = self._check(question)
         persona = await self._personas.get()
         if self.offline:
