@@ -67,6 +67,13 @@ class Hub:
         self._keyframe_reason: str | None = "start"
         self._last_keyframe = -float("inf")
         self._closed = False
+        # Label lookups take a lock and a dict probe: resolve the per-frame ones once.
+        video_codec, audio_codec = VideoEncoder.codec, AudioEncoder.codec
+        self._video_encoded = metrics.frames_encoded.labels("video", video_codec)
+        self._audio_encoded = metrics.frames_encoded.labels("audio", audio_codec)
+        self._encode_time = metrics.encode_duration.labels(video_codec)
+        self._video_bytes = metrics.sent_bytes.labels("video")
+        self._audio_bytes = metrics.sent_bytes.labels("audio")
         self._task = asyncio.get_running_loop().create_task(self._encode_video_forever())
         self.stats = HubStats()
 
@@ -159,9 +166,9 @@ class Hub:
             return
         packets = self._audio_encoder.encode(frame)
         self.stats.audio_frames_encoded += 1
-        self._metrics.frames_encoded.labels("audio", AudioEncoder.codec).inc()
+        self._audio_encoded.inc()
         for packet in packets:
-            self._metrics.sent_bytes.labels("audio").inc(packet.size * len(self._audio_tracks))
+            self._audio_bytes.inc(packet.size * len(self._audio_tracks))
             for track in tuple(self._audio_tracks):
                 track.push(packet, True)
 
@@ -192,7 +199,6 @@ class Hub:
 
     async def _encode_video_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        codec = VideoEncoder.codec
         while True:
             await self._frame_ready.wait()
             self._frame_ready.clear()
@@ -210,8 +216,8 @@ class Hub:
                 self._skip("video", "encode_error")
                 continue
             self.stats.video_frames_encoded += 1
-            self._metrics.frames_encoded.labels("video", codec).inc()
-            self._metrics.encode_duration.labels(codec).observe(took)
+            self._video_encoded.inc()
+            self._encode_time.observe(took)
             for packet in packets:
                 keyframe = packet.is_keyframe
                 if keyframe:
@@ -219,7 +225,7 @@ class Hub:
                     self._keyframe_reason = None
                     self.stats.keyframes += 1
                     self._metrics.keyframes.labels(reason or "encoder").inc()
-                self._metrics.sent_bytes.labels("video").inc(packet.size * len(self._video_tracks))
+                self._video_bytes.inc(packet.size * len(self._video_tracks))
                 for track in tuple(self._video_tracks):
                     track.push(packet, keyframe)
 
