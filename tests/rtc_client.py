@@ -15,6 +15,7 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
@@ -41,7 +42,8 @@ class WhepViewer:
     """Offers recvonly video + audio + an ``events`` data channel, like the web page does."""
 
     def __init__(self, client: TestClient[Any, Any], session_id: str, mouth_box: Box | None = None,
-                 audio: bool = True, microphone: MediaStreamTrack | None = None) -> None:
+                 audio: bool = True, microphone: MediaStreamTrack | None = None,
+                 prefer: str | None = None) -> None:
         self.client = client
         self.session_id = session_id
         self.mouth_box = mouth_box
@@ -51,13 +53,20 @@ class WhepViewer:
         self.etag: str | None = None
         self._audio = audio
         self._microphone = microphone
+        self._prefer = prefer
+        self.answer_sdp = ""
         self._consumers: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self.first_frame = asyncio.Event()
 
     async def offer_sdp(self) -> str:
         pc = self.pc
-        pc.addTransceiver("video", direction="recvonly")
+        video = pc.addTransceiver("video", direction="recvonly")
+        if self._prefer is not None:
+            # Like Safari, which lists H.264 first: the player's order is its preference.
+            codecs = RTCRtpReceiver.getCapabilities("video").codecs
+            wanted = f"video/{self._prefer}".lower()
+            video.setCodecPreferences(sorted(codecs, key=lambda c: c.mimeType.lower() != wanted))
         if self._microphone is not None:
             pc.addTransceiver(self._microphone, direction="sendrecv")
         elif self._audio:
@@ -76,6 +85,7 @@ class WhepViewer:
             headers={"Content-Type": "application/sdp"})
         body = await response.text()
         assert response.status == 201, body
+        self.answer_sdp = body
         self.location = response.headers["Location"]
         self.etag = response.headers["ETag"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
@@ -131,8 +141,15 @@ class WhepViewer:
                 await task
 
 
-def minimal_offer(video: bool = True, audio: bool = True, video_codec: str = "VP8") -> str:
-    """A syntactically complete WHEP offer without a live peer behind it (negotiation tests)."""
+H264_FMTP = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+
+
+def minimal_offer(video: bool = True, audio: bool = True, video_codecs: tuple[str, ...] = ("VP8",),
+                  h264_fmtp: str = H264_FMTP) -> str:
+    """A syntactically complete WHEP offer without a live peer behind it (negotiation tests).
+
+    ``video_codecs`` in the player's order of preference, e.g. ``("H264", "VP8")`` like Safari.
+    """
     lines = ["v=0", "o=- 1 1 IN IP4 0.0.0.0", "s=-", "t=0 0"]
     mids = [k for k, on in (("0", video), ("1", audio)) if on]
     lines.append("a=group:BUNDLE " + " ".join(mids))
@@ -140,8 +157,12 @@ def minimal_offer(video: bool = True, audio: bool = True, video_codec: str = "VP
               "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=setup:actpass", "a=rtcp-mux",
               "a=recvonly"]
     if video:
-        lines += ["m=video 9 UDP/TLS/RTP/SAVPF 96", *common, "a=mid:0",
-                  f"a=rtpmap:96 {video_codec}/90000"]
+        types = [str(96 + 2 * i) for i in range(len(video_codecs))]
+        lines += [f"m=video 9 UDP/TLS/RTP/SAVPF {' '.join(types)}", *common, "a=mid:0"]
+        for pt, codec in zip(types, video_codecs, strict=True):
+            lines.append(f"a=rtpmap:{pt} {codec}/90000")
+            if codec == "H264" and h264_fmtp:
+                lines.append(f"a=fmtp:{pt} {h264_fmtp}")
     if audio:
         lines += ["m=audio 9 UDP/TLS/RTP/SAVPF 111", *common, "a=mid:1",
                   "a=rtpmap:111 opus/48000/2"]

@@ -108,7 +108,9 @@ async def test_unknown_ids_are_404(client: Client, session_id: str) -> None:
         ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF x\r\n",
          400, "malformed"),
         (minimal_offer(video=False), 400, "no video"),
-        (minimal_offer(video_codec="H264"), 400, "VP8"),
+        (minimal_offer(video_codecs=("VP9",)), 400, "neither VP8 nor H.264"),
+        # H.264 in packetization-mode 0 (no fmtp) cannot carry our slices: not a codec we can send.
+        (minimal_offer(video_codecs=("H264",), h264_fmtp=""), 400, "neither VP8 nor H.264"),
         (minimal_offer().replace("a=fingerprint", "a=x-fingerprint"), 400, "fingerprint"),
         (minimal_offer().replace("a=recvonly", "a=sendonly"), 400, "must receive"),
     ],
@@ -120,6 +122,27 @@ async def test_bad_offers_get_clear_400s(client: Client, session_id: str, offer:
     assert (await client.get("/livez")).status == 200
     assert client.app[SESSIONS].get(session_id).viewer_count == 0
     assert client.app[SESSIONS].get(session_id).hub.viewer_tracks == 0
+
+
+@pytest.mark.parametrize(
+    ("offered", "chosen", "refused"),
+    [
+        (("VP8", "H264"), "VP8/90000", "H264"),  # Chromium's and Firefox's order
+        (("H264", "VP8"), "H264/90000", "VP8"),  # Safari's order
+        (("VP9", "H264"), "H264/90000", "VP8"),
+    ],
+)
+async def test_the_players_favourite_codec_is_answered(
+        client: Client, session_id: str, offered: tuple[str, ...], chosen: str, refused: str) -> None:
+    response = await client.post(f"/v1/sessions/{session_id}/whep",
+                                 data=minimal_offer(video_codecs=offered), headers=SDP)
+    answer = await response.text()
+    assert response.status == 201, answer
+    video = answer[answer.index("m=video"):answer.index("m=audio")]
+    assert chosen in video and refused not in video
+    if chosen.startswith("H264"):
+        assert "packetization-mode=1" in video and "profile-level-id=42e01f" in video
+    await client.delete(response.headers["Location"])
 
 
 async def test_offer_content_type_and_size(client: Client, session_id: str) -> None:
@@ -140,7 +163,7 @@ async def test_whep_lifecycle_without_media(client: Client, session_id: str) -> 
     assert response.status == 201, answer
     assert response.content_type == "application/sdp"
     assert answer.startswith("v=0") and "VP8/90000" in answer and "a=sendonly" in answer
-    assert "H264" not in answer  # the hub encodes VP8; the answer must not allow anything else
+    assert "H264" not in answer  # one codec per viewer: the answer allows nothing else
     assert "a=candidate:" in answer
     location, etag = response.headers["Location"], response.headers["ETag"]
     assert location.startswith(url + "/") and etag.startswith('"')

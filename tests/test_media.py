@@ -42,19 +42,19 @@ def make_hub(**overrides: float) -> Hub:
     return Hub(config, Metrics())
 
 
-async def encode(hub: Hub, first: int, count: int) -> None:
-    """Push frames one at a time and wait for each to be encoded (no skipping)."""
+async def encode(hub: Hub, first: int, count: int, codecs: int = 1) -> None:
+    """Push frames one at a time and wait for each to be encoded by every codec (no skipping)."""
     for index in range(first, first + count):
         before = hub.stats.video_frames_encoded
         hub.push_video(video_frame(index))
         async with asyncio.timeout(5):
-            while hub.stats.video_frames_encoded == before:
+            while hub.stats.video_frames_encoded < before + codecs:
                 await asyncio.sleep(0.002)
 
 
-def subscribe(hub: Hub, kind: str = "video") -> PacketTrack:
+def subscribe(hub: Hub, kind: str = "video", codec: str | None = None) -> PacketTrack:
     """A track whose (imaginary) sender has started reading."""
-    track = hub.subscribe(kind)
+    track = hub.subscribe(kind, codec=codec)
     track.activate()
     return track
 
@@ -78,6 +78,34 @@ async def test_one_encode_serves_every_viewer() -> None:
         assert a is b is c
     assert received[0][0].is_keyframe
     await hub.close()
+
+
+def nal_types(packet: Packet) -> list[int]:
+    """NAL unit types in an Annex B H.264 packet (7 SPS, 8 PPS, 5 IDR slice, 1 other slice)."""
+    data = bytes(packet)
+    return [data[i + 3] & 0x1F for i in range(len(data) - 3) if data[i:i + 3] == b"\x00\x00\x01"]
+
+
+async def test_each_codec_is_encoded_once_with_its_own_keyframes() -> None:
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    vp8 = [subscribe(hub, codec="vp8") for _ in range(2)]
+    h264 = [subscribe(hub, codec="h264") for _ in range(2)]
+    assert hub.video_codecs == ["vp8", "h264"]
+    await encode(hub, 0, 6, codecs=2)
+    assert hub.stats.video_frames_encoded == 12  # 6 frames x 2 codecs, whatever the viewer count
+    got_vp8, got_h264 = [drain(t) for t in vp8], [drain(t) for t in h264]
+    assert got_vp8[0] and all(a is b for a, b in zip(*got_vp8, strict=True))
+    assert got_h264[0] and all(a is b for a, b in zip(*got_h264, strict=True))
+    # H.264 starts on an IDR that carries its parameter sets, so a viewer can join there.
+    assert got_h264[0][0].is_keyframe and {7, 8, 5} <= set(nal_types(got_h264[0][0]))
+    assert not any(p.is_keyframe for p in got_h264[0][1:])
+    # A keyframe request (PLI) on one codec costs only that codec a keyframe.
+    hub.request_keyframe("pli", "h264")
+    await encode(hub, 6, 2, codecs=2)
+    assert drain(h264[0])[0].is_keyframe
+    assert not any(p.is_keyframe for p in drain(vp8[0]))
+    await hub.close()
+    assert all(t.readyState == "ended" for t in vp8 + h264)
 
 
 async def test_late_viewer_starts_on_a_keyframe_it_asked_for() -> None:
@@ -192,7 +220,7 @@ async def test_pli_and_fir_reach_the_shared_encoder() -> None:
     track = hub.subscribe("video")
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     sender = pc.addTransceiver(track, direction="sendonly").sender
-    attach_sender(sender, hub)
+    attach_sender(sender, hub, "vp8")
     before = hub.stats.keyframe_requests
     for fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
         await sender._handle_rtcp_packet(

@@ -156,6 +156,37 @@ async def test_late_joiner_gets_a_keyframe_and_a_leaver_disturbs_nobody(
         await asyncio.gather(first.close(), second.close(), late.close())
 
 
+async def test_vp8_and_h264_viewers_share_one_encoder_per_codec(client: Client,
+                                                                session_id: str) -> None:
+    session, _ = local_session(client, session_id)
+    vp8 = [WhepViewer(client, session_id) for _ in range(2)]
+    h264 = [WhepViewer(client, session_id, prefer="H264") for _ in range(2)]
+    viewers = vp8 + h264
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        for viewer, codec in zip(viewers, ("VP8", "VP8", "H264", "H264"), strict=True):
+            video = viewer.answer_sdp[viewer.answer_sdp.index("m=video"):]
+            assert f"{codec}/90000" in video.split("m=audio")[0]
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+        await asyncio.sleep(1.0)
+        # Every viewer decodes full-size frames in its own codec...
+        for viewer in viewers:
+            assert len(viewer.received.video) > 15
+            sample = viewer.received.video[-1]
+            assert (sample.width, sample.height) == (640, 360)
+        # ...and each codec is encoded once for its viewers, not once per viewer.
+        assert sorted(session.hub.video_codecs) == ["h264", "vp8"]
+        encoded = client.app[METRICS].frames_encoded
+        frames_in = session.hub.stats.video_frames_in
+        for codec in ("vp8", "h264"):
+            assert 0 < encoded.labels("video", codec)._value.get() <= frames_in
+        assert {session.viewer(v.location.rsplit("/", 1)[1]).video_codec  # type: ignore[union-attr]
+                for v in h264} == {"h264"}
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+
+
 def open_sockets(kind: str) -> int:
     """Sockets of this process listed in /proc/net/<kind> (udp: ICE/DTLS, tcp: HTTP)."""
     inodes = set()

@@ -1,10 +1,13 @@
 """The shared encoders: one PyAV codec context per session and codec.
 
-Both classes are plain and blocking; the hub calls them from one worker thread at a time.
+The classes are plain and blocking; the hub calls each from its own worker thread. Video
+encoders share one shape (:class:`VideoEncoder`) so the hub can run one per negotiated codec:
+VP8 for most browsers, H.264 for those that prefer it (Safari, some mobile decoders).
 """
 
 from __future__ import annotations
 
+import abc
 import fractions
 import logging
 from typing import Any, TypeAlias
@@ -23,15 +26,11 @@ AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
 OPUS_FRAME_SAMPLES = 960  # 20 ms, what browsers and aiortc use
 
 
-class VideoEncoder:
-    """VP8 (libvpx) in real-time mode; keyframes only when asked for.
+class VideoEncoder(abc.ABC):
+    """One video codec: a context (re)built on the first frame and whenever the upstream
+    changes resolution; keyframes only when asked for."""
 
-    The rate control mirrors aiortc's own ``Vp8Encoder`` (CBR ceiling, 100% undershoot allowed),
-    so a mostly static avatar costs far less than the ceiling. The context is (re)built on the
-    first frame and whenever the upstream changes resolution.
-    """
-
-    codec = "vp8"
+    codec = ""
 
     def __init__(self, bitrate: int, fps: int) -> None:
         self._bitrate = bitrate
@@ -49,12 +48,12 @@ class VideoEncoder:
         frame.pict_type = PictureType.I if keyframe else PictureType.NONE
         packets = ctx.encode(frame)
         for packet in packets:
-            # libvpx leaves it unset; aiortc needs it to compute RTP timestamps.
+            # Encoders leave it unset; aiortc needs it to compute RTP timestamps.
             packet.time_base = VIDEO_TIME_BASE
         return packets
 
-    def _open(self, width: int, height: int) -> av.VideoCodecContext:
-        ctx = av.CodecContext.create("libvpx", "w")
+    def _context_for(self, name: str, width: int, height: int) -> av.VideoCodecContext:
+        ctx = av.CodecContext.create(name, "w")
         assert isinstance(ctx, av.VideoCodecContext)
         ctx.width = width
         ctx.height = height
@@ -63,9 +62,26 @@ class VideoEncoder:
         ctx.framerate = fractions.Fraction(self._fps, 1)
         ctx.bit_rate = self._bitrate
         ctx.gop_size = 1 << 20  # keyframes come from the hub's policy, not the encoder
+        ctx.thread_count = 1
+        return ctx
+
+    @abc.abstractmethod
+    def _open(self, width: int, height: int) -> av.VideoCodecContext: ...
+
+
+class Vp8Encoder(VideoEncoder):
+    """VP8 (libvpx) in real-time mode.
+
+    The rate control mirrors aiortc's own ``Vp8Encoder`` (CBR ceiling, 100% undershoot allowed),
+    so a mostly static avatar costs far less than the ceiling.
+    """
+
+    codec = "vp8"
+
+    def _open(self, width: int, height: int) -> av.VideoCodecContext:
+        ctx = self._context_for("libvpx", width, height)
         ctx.qmin = 2
         ctx.qmax = 56
-        ctx.thread_count = 1
         rate = str(self._bitrate)
         ctx.options = {
             "bufsize": rate,
@@ -84,6 +100,37 @@ class VideoEncoder:
         ctx.open()
         logger.debug("opened VP8 encoder %dx%d at %d bit/s", width, height, self._bitrate)
         return ctx
+
+
+class H264Encoder(VideoEncoder):
+    """H.264 (libx264) constrained baseline, level 3.1: what aiortc negotiates
+    (``profile-level-id`` 42e01f / 42001f, packetization-mode 1) and every browser decodes.
+
+    ``zerolatency`` drops B-frames and look-ahead; ``forced-idr`` makes a requested keyframe an
+    IDR, and in-band SPS/PPS (x264's default without a global header) precede every IDR, so a
+    viewer can join at any keyframe. The VBV ceiling plays the role of VP8's CBR ceiling.
+    """
+
+    codec = "h264"
+
+    def _open(self, width: int, height: int) -> av.VideoCodecContext:
+        ctx = self._context_for("libx264", width, height)
+        kbit = str(self._bitrate // 1000)
+        ctx.options = {
+            "preset": "veryfast",
+            "tune": "zerolatency",
+            "profile": "baseline",
+            "level": "3.1",
+            "forced-idr": "1",
+            "x264-params": f"scenecut=0:keyint=infinite:vbv-maxrate={kbit}:vbv-bufsize={kbit}",
+        }
+        ctx.open()
+        logger.debug("opened H.264 encoder %dx%d at %d bit/s", width, height, self._bitrate)
+        return ctx
+
+
+VIDEO_ENCODERS: dict[str, type[VideoEncoder]] = {"vp8": Vp8Encoder, "h264": H264Encoder}
+"""Video codecs the hub can encode, by the lower-case name used in SDP (``video/<name>``)."""
 
 
 class AudioEncoder:

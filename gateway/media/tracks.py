@@ -46,9 +46,11 @@ class PacketTrack(MediaStreamTrack):
         kind: str,
         capacity: int,
         on_first_packet: Callable[[], None] | None = None,
+        codec: str = "vp8",
     ) -> None:
         super().__init__()
         self.kind = kind
+        self.codec = codec
         self._hub = hub
         self._capacity = capacity
         self._queue: Mailbox[Packet] = Mailbox()  # capacity enforced in push, keyframe-aware
@@ -79,7 +81,7 @@ class PacketTrack(MediaStreamTrack):
                 self._queue.clear()
                 if not keyframe:
                     self._awaiting_keyframe = True
-                    self._hub.request_keyframe("overflow")
+                    self._hub.request_keyframe("overflow", self.codec)
                     return
             else:
                 self._drop(1)
@@ -135,14 +137,14 @@ class FrameTrack(MediaStreamTrack):
         self._hub.unsubscribe(self)
 
 
-def attach_sender(sender: RTCRtpSender, hub: Hub) -> None:
+def attach_sender(sender: RTCRtpSender, hub: Hub, codec: str) -> None:
     """Route a sender's RTCP feedback to the shared encoder.
 
     In the packet path aiortc's own keyframe flag and REMB target are never read, so without
     this hook PLI/FIR would be silently ignored. Both attributes are private aiortc API (pinned
     version; ``tests/test_media.py`` checks the hook still fires).
     """
-    sender._send_keyframe = lambda: hub.request_keyframe("pli")  # type: ignore[method-assign]
+    sender._send_keyframe = lambda: hub.request_keyframe("pli", codec)  # type: ignore[method-assign]
     handle = sender._handle_rtcp_packet
 
     async def handle_and_count(packet: AnyRtcpPacket) -> None:

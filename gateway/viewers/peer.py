@@ -89,6 +89,8 @@ class Viewer:
         self._watchdog: asyncio.Task[None] | None = None
         self._microphone: asyncio.Task[None] | None = None
         self.close_reason: str | None = None
+        self.video_codec = ""
+        """The codec this viewer's video is encoded with (``vp8`` or ``h264``), once negotiated."""
         metrics.viewers.labels("connecting").inc()
 
         pc = self._pc
@@ -112,15 +114,19 @@ class Viewer:
         a two-way audio m-line and its decoded audio is handed over frame by frame.
         """
         pc = self._pc
-        video = self._add_sender("video")
+        codec = offer.video_codec
+        video = self._add_sender("video", codec.name.lower())
         if offer.has_audio:
             audio = self._add_sender("audio")
             if offer.sends_audio and on_microphone is not None:
                 audio.direction = "sendrecv"
                 pc.on("track", lambda track: self._receive_microphone(track, on_microphone))
-        video_codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
-                        if c.mimeType.lower() in ("video/vp8", "video/rtx")]
-        video.setCodecPreferences(video_codecs)
+        # Only the codec the hub will encode for this viewer (plus its retransmissions).
+        video.setCodecPreferences([
+            c for c in RTCRtpSender.getCapabilities("video").codecs
+            if c.mimeType.lower() == "video/rtx"
+            or (c.mimeType.lower() == codec.mimeType.lower() and c.parameters == codec.parameters)
+        ])
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
@@ -135,9 +141,12 @@ class Viewer:
         self, on_microphone: Callable[[av.AudioFrame], Awaitable[None]] | None = None
     ) -> str:
         """The server offers (HeyGen v1 style, used by the seed API): VP8 video, Opus audio
-        (two-way when ``on_microphone`` is given), and an ``events`` data channel."""
+        (two-way when ``on_microphone`` is given), and an ``events`` data channel.
+
+        VP8 only: the codec of a viewer's track is fixed before the answer names one, and every
+        browser that runs the seed's client (HeyGen v1 era, Chromium-based) decodes VP8."""
         pc = self._pc
-        video = self._add_sender("video")
+        video = self._add_sender("video", "vp8")
         video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs
                                    if c.mimeType.lower() in ("video/vp8", "video/rtx")])
         audio = self._add_sender("audio")
@@ -177,17 +186,18 @@ class Viewer:
 
         self._watchdog = asyncio.get_running_loop().create_task(expire(), name="viewer-watchdog")
 
-    def _add_sender(self, kind: str) -> RTCRtpTransceiver:
+    def _add_sender(self, kind: str, codec: str | None = None) -> RTCRtpTransceiver:
         track: PacketTrack | FrameTrack
         if self._hub.naive:
             track = self._hub.subscribe_frames(kind)
         else:
             on_first = self._first_video_packet if kind == "video" else None
-            track = self._hub.subscribe(kind, on_first)
+            track = self._hub.subscribe(kind, on_first, codec)
         self._tracks.append(track)
         transceiver = self._pc.addTransceiver(track, direction="sendonly")
         if isinstance(track, PacketTrack) and kind == "video":
-            attach_sender(transceiver.sender, self._hub)
+            self.video_codec = track.codec
+            attach_sender(transceiver.sender, self._hub, track.codec)
         return transceiver
 
     def _receive_microphone(self, track: MediaStreamTrack,

@@ -8,7 +8,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aiortc import RTCIceCandidate
+from aiortc import RTCIceCandidate, RTCRtpCodecParameters
+from aiortc.codecs import CODECS
+from aiortc.rtcpeerconnection import is_codec_compatible
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from ..errors import BadSDP, UnsupportedCodec
@@ -45,9 +47,28 @@ def _require_transport(parsed: SessionDescription, what: str) -> None:
             raise BadSDP(f"the {what}'s {media.kind} section has no a=ice-ufrag / a=ice-pwd")
 
 
+# What the hub can encode, as aiortc describes it (VP8; H.264 constrained baseline and baseline).
+_VIDEO_CODECS = [c for c in CODECS["video"] if c.mimeType.lower() in ("video/vp8", "video/h264")]
+
+
+def preferred_video_codec(offered: Iterable[RTCRtpCodecParameters]) -> RTCRtpCodecParameters | None:
+    """The first codec in the player's own order that the hub can encode, as our codec.
+
+    Browsers list codecs by preference: Chromium and Firefox put VP8 first, Safari H.264. A
+    player can reorder with ``RTCRtpTransceiver.setCodecPreferences``.
+    """
+    for remote in offered:
+        for local in _VIDEO_CODECS:
+            if is_codec_compatible(local, remote):
+                return local
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Offer:
     sdp: str
+    video_codec: RTCRtpCodecParameters
+    """Ours, compatible with the player's favourite: what its video m-line will carry."""
     has_audio: bool
     has_data_channel: bool
     ice_ufrag: str
@@ -65,9 +86,11 @@ def parse_offer(text: str) -> Offer:
         raise BadSDP("the offer has no video m-line; a WHEP player must offer to receive video")
     if len(videos) > 1 or len(audios) > 1:
         raise BadSDP("the offer must have at most one video and one audio m-line")
-    if not any(c.mimeType.lower() == "video/vp8" for c in videos[0].rtp.codecs):
+    video_codec = preferred_video_codec(videos[0].rtp.codecs)
+    if video_codec is None:
         offered = sorted({c.mimeType for c in videos[0].rtp.codecs}) or ["none"]
-        raise UnsupportedCodec(f"the offer does not accept VP8 video (offered: {', '.join(offered)})")
+        raise UnsupportedCodec("the offer accepts neither VP8 nor H.264 (constrained baseline, "
+                               f"packetization-mode 1) video (offered: {', '.join(offered)})")
     if audios and not any(c.mimeType.lower() == "audio/opus" for c in audios[0].rtp.codecs):
         raise UnsupportedCodec("the offer's audio m-line does not accept Opus")
     for media in (*videos, *audios):
@@ -77,6 +100,7 @@ def parse_offer(text: str) -> Offer:
     ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None) or ""
     return Offer(
         sdp=sdp.replace("\n", "\r\n") + "\r\n",
+        video_codec=video_codec,
         has_audio=bool(audios),
         has_data_channel=any(m.kind == "application" for m in parsed.media),
         ice_ufrag=ufrag,
