@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .api import ops, sessions, whep
+from .api import catalog, ops, sessions, whep
 from .api.common import LIFECYCLE, METRICS, SESSIONS, SETTINGS, Lifecycle
 from .api.openapi import setup_openapi
 from .api.persona import setup as setup_persona_api
@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     configure_ice_host_addresses(settings.ice_host_addresses)
 
     app.add_routes(ops.routes)
+    app.add_routes(catalog.routes)
     app.add_routes(sessions.routes)
     app.add_routes(whep.routes)
     setup_persona_api(app)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .avatar.looks import LOOKS
+
 ENV_PREFIX = "AVATAR_GATEWAY_"
 
 
@@ -101,6 +103,8 @@ class Settings:
 
     tts_voice: str = "en-us"
     tts_words_per_minute: int = 165
+    local_avatar: str = "ada"
+    """The embedded avatar's look when a session names none (``GET /v1/catalog`` lists them)."""
 
     default_upstream: str = "local"
     """``local`` (embedded avatar), ``heygen`` or ``liveavatar``."""
@@ -154,6 +158,9 @@ class Settings:
                               f"got {self.media_design!r}")
         if not 1 <= self.video_fps <= 60:
             raise ConfigError(f"video_fps must be 1..60, got {self.video_fps}")
+        if self.local_avatar not in LOOKS:
+            raise ConfigError(f"local_avatar must be one of {', '.join(LOOKS)}, "
+                              f"got {self.local_avatar!r}")
         if self.default_upstream not in ("local", "heygen", "liveavatar"):
             raise ConfigError(f"default_upstream must be local, heygen or liveavatar, "
                               f"got {self.default_upstream!r}")

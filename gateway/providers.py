@@ -12,6 +12,7 @@ import logging
 import aiohttp
 
 from .avatar import SpeechSynthesizer
+from .avatar.looks import LOOKS
 from .config import QualityTier, Settings
 from .errors import BadRequest, UpstreamError
 from .journal import SessionJournal
@@ -79,9 +80,13 @@ class Providers:
                 f" (set AVATAR_GATEWAY_{kind.upper()}_API_KEY to enable it)"
             raise BadRequest(f"upstream {kind!r} is not available{hint}; available: {known}")
         if kind == "local":
+            look = avatar_id or s.local_avatar
+            if look not in LOOKS:
+                raise BadRequest(f"unknown avatar {look!r} for the local upstream; "
+                                 f"available: {', '.join(LOOKS)}")
             synthesizer = await self.synthesizer(voice or s.tts_voice)
             return LocalUpstream(quality, synthesizer, fps=s.video_fps,
-                                 max_text_chars=s.max_text_chars)
+                                 max_text_chars=s.max_text_chars, look=look)
         policy = ReconnectPolicy(attempts=s.reconnect_attempts,
                                  ready_within=s.reconnect_ready_within)
         if kind == "heygen":

@@ -12,7 +12,8 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -29,7 +30,7 @@ from .errors import (
     UpstreamSessionGone,
     UpstreamUnavailable,
 )
-from .events import EventLog
+from .events import EventLog, Subscription
 from .media.hub import Hub, HubConfig
 from .metrics import Metrics
 from .providers import Providers
@@ -45,6 +46,15 @@ from .viewers.peer import Viewer, rtc_configuration
 from .viewers.whep import parse_offer
 
 logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True, slots=True)
+class SpokenAnswer:
+    """What :meth:`Session.speak_sentences` queued: the text, one task per sentence."""
+
+    text: str
+    task_ids: tuple[str, ...]
+    duration_ms: float
+
 
 class SessionState(enum.StrEnum):
     NEW = "new"
@@ -99,6 +109,7 @@ class Session:
         self._video_clock = metrics.upstream_last_frame.labels(upstream.kind, "video")
         self._audio_clock = metrics.upstream_last_frame.labels(upstream.kind, "audio")
         self._reconnecting = False
+        self._answering = asyncio.Lock()
 
     # -- state -------------------------------------------------------------------------------
 
@@ -253,14 +264,41 @@ class Session:
         subscription = self.events.subscribe()
         try:
             result = await self.upstream.speak(text, task_type)
-            async with asyncio.timeout(result.duration_ms / 1000.0 + 10.0):
-                async for item in subscription:
-                    event = item.event
-                    if event.type is EventType.AVATAR_STOP_TALKING and event.task_id == result.task_id:
-                        break
+            await self._spoken(subscription, result.task_id, result.duration_ms)
             return result
         finally:
             subscription.close()
+
+    async def speak_sentences(self, sentences: AsyncIterator[str],
+                              task_mode: TaskMode = TaskMode.ASYNC) -> SpokenAnswer:
+        """Speak each sentence as it arrives (an answer streamed by the language model, so speech
+        starts after its first sentence). One answer at a time: two never interleave."""
+        spoken: list[str] = []
+        task_ids: list[str] = []
+        duration_ms = 0.0
+        subscription = self.events.subscribe() if task_mode is TaskMode.SYNC else None
+        try:
+            async with self._answering:
+                async for sentence in sentences:
+                    result = await self.speak(sentence)
+                    spoken.append(sentence)
+                    task_ids.append(result.task_id)
+                    duration_ms += result.duration_ms
+            if subscription is not None and task_ids:
+                await self._spoken(subscription, task_ids[-1], duration_ms)
+        finally:
+            if subscription is not None:
+                subscription.close()
+        return SpokenAnswer(" ".join(spoken), tuple(task_ids), round(duration_ms, 1))
+
+    @staticmethod
+    async def _spoken(subscription: Subscription, task_id: str, duration_ms: float) -> None:
+        """Wait for the avatar to finish ``task_id`` (its ``avatar_stop_talking``)."""
+        async with asyncio.timeout(duration_ms / 1000.0 + 10.0):
+            async for item in subscription:
+                event = item.event
+                if event.type is EventType.AVATAR_STOP_TALKING and event.task_id == task_id:
+                    return
 
     async def interrupt(self) -> None:
         self._require_live()
@@ -375,6 +413,8 @@ class SessionRegistry:
         self.providers = providers
         self._sessions: dict[str, Session] = {}
         self._accepting = True
+        self.on_closed: list[Callable[[str], None]] = []
+        """Told the id of every session that ends (e.g. the chat forgets its conversation)."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -428,6 +468,8 @@ class SessionRegistry:
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        for listener in self.on_closed:
+            listener(session.id)
 
     async def close(self, session_id: str, reason: str = "deleted") -> None:
         await self.get(session_id).close(reason)

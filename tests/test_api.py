@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -66,8 +67,8 @@ async def test_speak_and_interrupt_validation(client: Client, session_id: str) -
     assert "JSON object" in await error_of(await client.post(f"{url}/speak", json=["a"]), 400)
     assert "task_type" in await error_of(
         await client.post(f"{url}/speak", json={"text": "hi", "task_type": "sing"}), 400)
-    assert "language model" in await error_of(
-        await client.post(f"{url}/speak", json={"text": "hi", "task_type": "talk"}), 422)
+    assert "empty" in await error_of(
+        await client.post(f"{url}/speak", json={"text": " ", "task_type": "talk"}), 400)
     assert "longer than" in await error_of(
         await client.post(f"{url}/speak", json={"text": "a" * 6000}), 400)
     assert "application/json" in await error_of(
@@ -77,6 +78,30 @@ async def test_speak_and_interrupt_validation(client: Client, session_id: str) -
     result = await ok.json()
     assert len(result["task_id"]) == 32 and result["duration_ms"] > 0
     assert (await client.post(f"{url}/interrupt")).status == 200
+
+
+async def test_talk_on_the_local_avatar_speaks_the_gateways_answer(client: Client,
+                                                                   session_id: str) -> None:
+    # The local avatar has no language model: the gateway's chat service (offline responder
+    # here, no OpenAI key) answers in the persona's voice and the avatar speaks each sentence.
+    url = f"/v1/sessions/{session_id}/speak"
+    response = await client.post(url, json={"text": "What are you working on?",
+                                            "task_type": "talk", "task_mode": "sync"})
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["text"] and body["text"] != "What are you working on?"
+    assert body["task_ids"] and body["task_id"] == body["task_ids"][0]
+    assert body["duration_ms"] > 0
+    # sync: every sentence has been spoken by the time the answer comes back.
+    replay = client.app[SESSIONS].get(session_id).events.subscribe(after_id=0)
+    stopped = set()
+    with contextlib.suppress(TimeoutError):
+        while True:
+            item = await asyncio.wait_for(anext(replay), 0.2)
+            if item.event.type == "avatar_stop_talking":
+                stopped.add(item.event.task_id)
+    replay.close()
+    assert set(body["task_ids"]) <= stopped
 
 
 async def test_unknown_ids_are_404(client: Client, session_id: str) -> None:
@@ -309,3 +334,25 @@ async def test_offers_that_crash_the_sdp_parser_are_400s(
     response = await client.post(f"/v1/sessions/{session_id}/whep", data=offer, headers=SDP)
     assert needle in await error_of(response, 400)
     assert client.app[SESSIONS].get(session_id).viewer_count == 0
+
+
+async def test_catalog_lists_what_a_session_can_be_created_with(client: Client) -> None:
+    response = await client.get("/v1/catalog")
+    catalog = await response.json()
+    assert response.status == 200
+    assert [q["id"] for q in catalog["qualities"]] == ["high", "medium", "low"]
+    upstreams = {u["kind"]: u for u in catalog["upstreams"]}
+    local = upstreams["local"]
+    assert local["available"] and not local["paid"]
+    assert [a["id"] for a in local["avatars"]] == ["ada", "ben", "cleo"]
+    assert "en-us" in {v["id"] for v in local["voices"]} and local["default_voice"] == "en-us"
+    # No keys in this test: the cloud upstreams are listed, but not available.
+    assert not upstreams["heygen"]["available"] and not upstreams["liveavatar"]["available"]
+    for avatar in local["avatars"][1:]:
+        created = await client.post("/v1/sessions", json={"avatar_id": avatar["id"],
+                                                          "voice": "en-gb", "quality": "low"})
+        assert created.status == 201, await created.text()
+        await client.delete(f"/v1/sessions/{(await created.json())['id']}")
+    refused = await client.post("/v1/sessions", json={"avatar_id": "zoe"})
+    assert "available: ada, ben, cleo" in await error_of(refused, 400)
+    assert "voice" in await error_of(await client.post("/v1/sessions", json={"voice": "xx-nope"}), 400)

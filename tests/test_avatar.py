@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import av
 import numpy as np
@@ -20,6 +23,7 @@ from gateway.avatar import (
     Utterance,
     available_voices,
 )
+from gateway.avatar.looks import DEFAULT_LOOK, LOOKS
 
 HELLO = "Hello world, I am your avatar."
 BILABIAL = "Please buy more bananas, maybe Bob will make soup."
@@ -44,13 +48,14 @@ def bilabial(synth: SpeechSynthesizer) -> Utterance:
     return synth.synthesize(BILABIAL)
 
 
-_RENDERERS: dict[tuple[int, int], FaceRenderer] = {}
+_RENDERERS: dict[tuple[int, int, str], FaceRenderer] = {}
 
 
-def renderer(size: tuple[int, int]) -> FaceRenderer:
-    if size not in _RENDERERS:
-        _RENDERERS[size] = FaceRenderer(*size)
-    return _RENDERERS[size]
+def renderer(size: tuple[int, int], look: str = DEFAULT_LOOK) -> FaceRenderer:
+    key = (*size, look)
+    if key not in _RENDERERS:
+        _RENDERERS[key] = FaceRenderer(*size, look=look)
+    return _RENDERERS[key]
 
 
 def rms(pcm: npt.NDArray[np.int16]) -> float:
@@ -89,6 +94,16 @@ def inside(mask: npt.NDArray[np.bool_], *boxes: Box) -> npt.NDArray[np.bool_]:
     for x, y, w, h in boxes:
         allowed[y : y + h, x : x + w] = True
     return np.asarray(mask & ~allowed, dtype=np.bool_)
+
+
+def mean_yuv(frame: av.VideoFrame, box: tuple[float, float, float, float]) -> npt.NDArray[np.float64]:
+    """Mean (Y, U, V) over `box` in figure units: x0, y0, x1, y1, x from the centre, 1.0 = height."""
+    h, w = frame.height, frame.width
+    x0, x1 = (round((w / 2 + v * h) / 2) * 2 for v in (box[0], box[2]))
+    y0, y1 = (round(v * h / 2) * 2 for v in (box[1], box[3]))
+    y, u, v = planes(frame)
+    c = (slice(y0 // 2, y1 // 2), slice(x0 // 2, x1 // 2))
+    return np.array([y[y0:y1, x0:x1].mean(), u[c].mean(), v[c].mean()], dtype=np.float64)
 
 
 # -- speech --------------------------------------------------------------------------------
@@ -345,3 +360,79 @@ def test_bad_sizes() -> None:
     for w, h in ((641, 360), (640, 361), (0, 360), (64, 36)):
         with pytest.raises(ValueError):
             FaceRenderer(w, h)
+
+
+# -- looks ---------------------------------------------------------------------------------
+
+SHIRT_BOX = (0.25, 0.88, 0.35, 0.97)  # right side of the chest
+HAIR_BOX = (-0.06, 0.19, 0.06, 0.24)  # crown, above the fringe
+
+
+def test_looks_registry() -> None:
+    assert len(LOOKS) >= 3
+    assert next(iter(LOOKS)) == DEFAULT_LOOK == "ada"
+    assert LOOKS["ada"].title == "Ada"
+    for key, look in LOOKS.items():
+        assert key == look.id and key.isascii() and key.islower()
+        assert look.title.strip()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LOOKS["ada"].id = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        LOOKS["zoe"] = LOOKS["ada"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"id": "Ada"}, {"id": "ad a"}, {"id": ""}, {"title": " "}, {"skin": (1.2, 0.5, 0.5)},
+     {"hair": (0.1, 0.1)}],
+)
+def test_look_validation(change: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        dataclasses.replace(LOOKS["ada"], **change)
+
+
+@pytest.mark.parametrize("look_id", list(LOOKS))
+def test_every_look_renders(look_id: str) -> None:
+    r = renderer((640, 360), look_id)
+    assert r.look is LOOKS[look_id]
+    f = r.render(0.0, REST)
+    assert f.format.name == "yuv420p" and (f.width, f.height) == (640, 360)
+    assert planes(f)[0].std() > 20
+    # Looks change colours only: same layout, and the mouth still stays in its box.
+    default = renderer((640, 360))
+    assert (r.mouth_box, r.eye_box) == (default.mouth_box, default.eye_box)
+    for t in (0.0, 2.7, 6.1):
+        diff = changed(r.render(t, REST), r.render(t, MouthPose(1.0, 0.5)))
+        assert diff.sum() > 20 and not inside(diff, r.mouth_box).any()
+
+
+def test_looks_differ() -> None:
+    frames = {look_id: renderer((640, 360), look_id).render(0.0, REST) for look_id in LOOKS}
+    for a, b in itertools.combinations(LOOKS, 2):
+        shirt_a, shirt_b = mean_yuv(frames[a], SHIRT_BOX), mean_yuv(frames[b], SHIRT_BOX)
+        assert np.linalg.norm(shirt_a[1:] - shirt_b[1:]) > 25, (a, b, shirt_a, shirt_b)
+        hair_a, hair_b = mean_yuv(frames[a], HAIR_BOX), mean_yuv(frames[b], HAIR_BOX)
+        assert np.linalg.norm(hair_a - hair_b) > 15, (a, b, hair_a, hair_b)
+
+
+def test_default_look_is_ada() -> None:
+    # Ada keeps the renderer's original palette: a teal shirt and brown hair.
+    f = renderer((640, 360)).render(0.0, REST)
+    _, su, sv = mean_yuv(f, SHIRT_BOX)
+    assert su > 135 and sv < 100
+    _, hu, hv = mean_yuv(f, HAIR_BOX)
+    assert hu < 122 and hv > 135
+    implicit, explicit = FaceRenderer(640, 360), FaceRenderer(640, 360, look="ada")
+    assert implicit.look == explicit.look == LOOKS["ada"]
+    for t, pose in ((0.0, REST), (1.7, MouthPose(0.8, 0.2)), (4.2, MouthPose(0.3, 1.0))):
+        assert np.array_equal(implicit.render(t, pose).to_ndarray(format="yuv420p"),
+                              explicit.render(t, pose).to_ndarray(format="yuv420p"))
+
+
+@pytest.mark.parametrize("bad", ["zoe", "", "Ada", " ada", "ADA"])
+def test_unknown_look(bad: str) -> None:
+    with pytest.raises(ValueError, match="valid looks") as info:
+        FaceRenderer(640, 360, look=bad)
+    for look_id in LOOKS:
+        assert look_id in str(info.value)
+    assert repr(bad) in str(info.value)

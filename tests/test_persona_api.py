@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from gateway.api.common import SESSIONS
-from gateway.api.persona import CHAT, PERSONAS, SEED_SESSIONS, ice_servers
+from gateway.api.common import CHAT, PERSONAS, SESSIONS
+from gateway.api.persona import SEED_SESSIONS, ice_servers
 from gateway.app import create_app
 from gateway.chat.persona import DEFAULT_PERSONA, Persona, PersonaStore
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
 
+from ..chat.llm import ChatService
+from ..chat.persona import PersonaStore
 from ..config import Settings
 from ..errors import BadRequest, UnsupportedMediaType
 from ..metrics import Metrics
@@ -15,6 +18,8 @@ from ..sessions import SessionRegistry
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SESSIONS = web.AppKey("sessions", SessionRegistry)
+PERSONAS = web.AppKey("personas", PersonaStore)
+CHAT = web.AppKey("chat", ChatService)
 
 
 class Lifecycle:
@@ -60,3 +65,8 @@ def required_str(data: dict[str, Any], key: str) -> str:
     if value is None:
         raise BadRequest(f"'{key}' is required")
     return value
+
+
+async def one_sentence(text: str) -> AsyncGenerator[str, None]:
+    """``text`` as a stream of one sentence, for :meth:`Session.speak_sentences`."""
+    yield text

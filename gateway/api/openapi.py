@@ -125,8 +125,30 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "task_mode": _str(enum=[m.value for m in TaskMode], default="async",
                               description="`sync` answers once the avatar has finished."),
         }, ("text",)),
-        "SpeakResult": _obj({"task_id": _str(), "duration_ms": {"type": "number"}},
-                            ("task_id", "duration_ms")),
+        "SpeakResult": _obj({
+            "task_id": {"type": ["string", "null"], "description": "The (first) utterance's id."},
+            "duration_ms": {"type": "number"},
+            "task_ids": {"type": "array", "items": _str(),
+                         "description": "`talk` answered by the gateway: one task per sentence."},
+            "text": _str(description="`talk` answered by the gateway: the answer spoken."),
+        }, ("task_id", "duration_ms")),
+        "Catalog": _obj({
+            "default_upstream": _str(), "default_quality": _str(enum=list(QUALITY_TIERS)),
+            "qualities": {"type": "array", "items": _obj({
+                "id": _str(), "width": {"type": "integer"}, "height": {"type": "integer"},
+                "bitrate": {"type": "integer"}}, ("id", "width", "height", "bitrate"))},
+            "upstreams": {"type": "array", "items": _obj({
+                "kind": _str(enum=["local", "heygen", "liveavatar"]),
+                "available": {"type": "boolean"}, "paid": {"type": "boolean"},
+                "answers_itself": {"type": "boolean", "description": (
+                    "`talk` is answered by the provider's language model, else by the gateway's.")},
+                "avatars": {"type": "array", "items": _ref("Named")},
+                "voices": {"type": "array", "items": _ref("Named")},
+                "default_avatar": _str(), "default_voice": _str(),
+            }, ("kind", "available", "paid", "answers_itself", "avatars", "voices",
+                "default_avatar", "default_voice"))},
+        }, ("default_upstream", "default_quality", "qualities", "upstreams")),
+        "Named": _obj({"id": _str(), "name": _str()}, ("id", "name")),
         "Persona": _obj({
             "name": short, "title": short,
             "education": _obj(education, ("degree", "year", "institution"), additional=False),
@@ -261,6 +283,9 @@ def _gateway_paths(settings: Settings) -> dict[str, Schema]:
             "get": _op("List sessions", "sessions", {"200": _json(_obj(
                 {"sessions": {"type": "array", "items": session}}, ("sessions",)))}),
         },
+        "/v1/catalog": {"get": _op(
+            "Catalog", "sessions", {"200": _json(_ref("Catalog"))},
+            description="Upstreams, their avatars and voices, and the quality tiers.")},
         base: {
             "parameters": [SESSION_ID],
             "get": _op("Get a session", "sessions", {"200": _json(session)}),

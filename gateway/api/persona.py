@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,17 @@ from ..errors import BadRequest, Conflict, NotFound
 from ..sessions import Session
 from ..viewers.peer import Viewer
 from ..viewers.whep import SdpFragment, parse_sdpfrag
-from .common import METRICS, SESSIONS, SETTINGS, optional_str, read_json, required_str
+from .common import (
+    CHAT,
+    METRICS,
+    PERSONAS,
+    SESSIONS,
+    SETTINGS,
+    one_sentence,
+    optional_str,
+    read_json,
+    required_str,
+)
 
 routes = web.RouteTableDef()
 
@@ -36,12 +46,10 @@ SWEEP_INTERVAL = 5.0
 MAX_CONVERSATION_ID = 128
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SeedSession:
     session: Session
     viewer: Viewer
-    speaking: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """One answer at a time, so two answers' sentences never interleave."""
 
 
 class SeedSessions:
@@ -49,12 +57,11 @@ class SeedSessions:
 
     Bounded by the registry's session limit: entries are added only for sessions it created, and
     one whose session has closed (stopped, idle, upstream gone) is dropped when next looked up or
-    swept, and ``on_forget`` is told (the chat forgets the conversation).
+    swept.
     """
 
-    def __init__(self, on_forget: Callable[[str], None] = lambda session_id: None) -> None:
+    def __init__(self) -> None:
         self._sessions: dict[str, SeedSession] = {}
-        self._on_forget = on_forget
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -93,11 +100,8 @@ class SeedSessions:
 
     def _forget(self, session_id: str) -> None:
         del self._sessions[session_id]
-        self._on_forget(session_id)
 
 
-PERSONAS = web.AppKey("personas", PersonaStore)
-CHAT = web.AppKey("chat", ChatService)
 SEED_SESSIONS = web.AppKey("seed_sessions", SeedSessions)
 
 
@@ -288,22 +292,11 @@ async def send_text(request: web.Request) -> web.Response:
     seed = request.app[SEED_SESSIONS].get(session_id)
     chat = request.app[CHAT]
     session = seed.session
-    spoken: list[str] = []
-    task_ids: list[str] = []
-    duration_ms = 0.0
-    async with seed.speaking:
-        if generate:
-            async with contextlib.aclosing(chat.sentences(text, conversation=session.id)) as answer:
-                async for sentence in answer:
-                    result = await session.speak(sentence)
-                    spoken.append(sentence)
-                    task_ids.append(result.task_id)
-                    duration_ms += result.duration_ms
-        else:
-            result = await session.speak(text)
-            task_ids.append(result.task_id)
-            duration_ms = result.duration_ms
-    ai_response = " ".join(spoken) if generate else None
+    sentences = chat.sentences(text, conversation=session.id) if generate else one_sentence(text)
+    async with contextlib.aclosing(sentences):
+        spoken = await session.speak_sentences(sentences)
+    ai_response = spoken.text if generate else None
+    task_ids, duration_ms = list(spoken.task_ids), spoken.duration_ms
     speaking_duration = round(duration_ms / 1000.0, 3)
     body = {"session_id": session_id, "text": text, "ai_response": ai_response,
             "speaking_duration": speaking_duration, "task_ids": task_ids,
@@ -361,7 +354,8 @@ def setup(app: web.Application) -> None:
     chat = ChatService(settings, store, metrics=app[METRICS])
     app[PERSONAS] = store
     app[CHAT] = chat
-    app[SEED_SESSIONS] = SeedSessions(on_forget=chat.forget)
+    app[SEED_SESSIONS] = SeedSessions()
+    app[SESSIONS].on_closed.append(chat.forget)
     app.add_routes(routes)
     app.cleanup_ctx.append(_lifecycle)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from aiohttp import web
 
 from ..errors import BadRequest
 from ..upstream.base import TaskMode, TaskType
-from .common import SESSIONS, optional_str, read_json, required_str
+from .common import CHAT, SESSIONS, optional_str, read_json, required_str
 
 routes = web.RouteTableDef()
 
@@ -56,6 +57,9 @@ def _enum(cls: type[TaskType] | type[TaskMode], value: str | None, default: str)
 
 @routes.post("/v1/sessions/{session_id}/speak")
 async def speak(request: web.Request) -> web.Response:
+    """``repeat`` speaks the text; ``talk`` speaks an answer to it. An upstream with a language
+    model of its own (HeyGen, LiveAvatar) answers itself; for the others the gateway's chat
+    service answers in the persona's voice, streamed sentence by sentence."""
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     data = await read_json(request)
     text = required_str(data, "text")
@@ -64,6 +68,18 @@ async def speak(request: web.Request) -> web.Response:
         task_mode = TaskMode(_enum(TaskMode, optional_str(data, "task_mode"), "async"))
     except BadRequest as exc:
         raise BadRequest(f"task_type/task_mode {exc.message}") from None
+    if task_type is TaskType.TALK and not session.upstream.answers_itself:
+        if not text.strip():
+            raise BadRequest("'text' is empty")
+        chat = request.app[CHAT]
+        async with contextlib.aclosing(chat.sentences(text, conversation=session.id)) as answer:
+            spoken = await session.speak_sentences(answer, task_mode)
+        return web.json_response({
+            "task_id": spoken.task_ids[0] if spoken.task_ids else None,
+            "duration_ms": spoken.duration_ms,
+            "task_ids": list(spoken.task_ids),
+            "text": spoken.text,
+        })
     result = await session.speak(text, task_type, task_mode)
     return web.json_response({"task_id": result.task_id, "duration_ms": result.duration_ms})
 

@@ -7,7 +7,8 @@ is pre-rendered as opaque patches cut from the same scene with different
 parameters: one per eye for every (blink level, gaze) pair, and one mouth
 patch per quantised (open, width) pose, including the jaw drop. A frame is
 then a crop of the base canvas (the crop offset is the idle sway) plus three
-patch copies -- no per-pixel maths at run time.
+patch copies -- no per-pixel maths at run time. The colours come from a
+:class:`~gateway.avatar.looks.Look`; assets are cached per (size, look).
 
 Chroma is kept in four phases (even/odd crop offset in x and y) so the sway
 can move in single-pixel steps without misaligning chroma against luma.
@@ -27,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .lipsync import MouthPose
+from .looks import DEFAULT_LOOK, MOUTH_IN, PUPIL, SCLERA, TEETH, TONGUE, Color, Look, get_look
 from .motion import GAZES, SWAY_X, SWAY_Y, blink_closure, gaze_index, sway
 
 logger = logging.getLogger(__name__)
@@ -36,19 +38,9 @@ __all__ = ["FaceRenderer"]
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 Shape = Callable[[F32, F32], F32]
-Color = tuple[float, float, float]
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in figure units
 
 # Figure units: 1.0 = frame height; x = 0 is the frame centre, y = 0 its top.
-SKIN, SKIN_SHADE, OUTLINE = (0.97, 0.80, 0.67), (0.87, 0.62, 0.50), (0.55, 0.33, 0.27)
-HAIR, HAIR_HI = (0.31, 0.19, 0.13), (0.52, 0.34, 0.22)
-SHIRT, SHIRT_DARK = (0.20, 0.55, 0.60), (0.12, 0.40, 0.45)
-BG_TOP, BG_BOTTOM = (0.72, 0.84, 0.93), (0.93, 0.95, 0.97)
-LIP, LIP_DARK, MOUTH_IN = (0.85, 0.47, 0.47), (0.45, 0.17, 0.18), (0.36, 0.08, 0.11)
-TONGUE, TEETH = (0.88, 0.42, 0.47), (0.99, 0.98, 0.95)
-SCLERA, IRIS, IRIS_DARK = (0.99, 0.99, 0.98), (0.25, 0.55, 0.50), (0.10, 0.28, 0.27)
-PUPIL, LASH, BLUSH = (0.06, 0.05, 0.05), (0.16, 0.09, 0.07), (0.98, 0.52, 0.52)
-
 HEAD_CY, HEAD_RX, HEAD_RY_TOP, HEAD_RY_BOT = 0.42, 0.182, 0.232, 0.222
 HAIR_CY = 0.40
 JAW_DROP = 0.014  # chin travel at full mouth opening
@@ -88,9 +80,10 @@ def _mix(a: Color | F32, b: Color, t: F32) -> F32:
 
 
 class _Region:
-    """A rectangle of the canvas being painted, in float RGB."""
+    """A rectangle of the canvas being painted, in float RGB, in the colours of `look`."""
 
-    def __init__(self, scale: float, cx: float, top: float, x0: int, y0: int, w: int, h: int):
+    def __init__(self, look: Look, scale: float, cx: float, top: float, x0: int, y0: int, w: int, h: int):
+        self.look = look
         self.scale = scale
         self.xs = ((np.arange(x0, x0 + w) + 0.5 - cx) / scale).astype(np.float32)
         self.ys = ((np.arange(y0, y0 + h) + 0.5 - top) / scale).astype(np.float32)
@@ -126,7 +119,7 @@ class _Region:
     def outlined(self, box: Box, shape: Shape, color: Color | Callable[[F32, F32], F32],
                  clip: Shape | None = None) -> None:
         """A cartoon outline (the shape grown by ~2 px at 720p) under the fill."""
-        self.paint(box, shape, OUTLINE, grow=0.003, clip=clip)
+        self.paint(box, shape, self.look.outline, grow=0.003, clip=clip)
         self.paint(box, shape, color)
 
     def _coverage(self, f: F32, soft: float, grow: float) -> F32:
@@ -187,24 +180,25 @@ def _hair_front(x: F32, y: F32) -> F32:
     return _f(np.maximum(_hair_back(x, y), (y - _hairline(x)) * 6.0))
 
 
-def _hair_color(x: F32, y: F32) -> F32:
-    rr = _ellipse(-0.02, HAIR_CY, 0.2, 0.25)(x, y) + 1.0
-    hi = np.exp(-(((rr - 0.80) / 0.06) ** 2)) * _smoothstep(0.33, 0.2, y)
-    # Faint strands: stripes that fan out from the parting.
-    ang = np.arctan2(y - 0.12, x + 0.06)
-    strands = 0.5 + 0.5 * np.sin(ang * 60.0)
-    return _mix(HAIR, HAIR_HI, (0.75 * hi + 0.12 * strands * _smoothstep(0.2, 0.3, y)))
-
-
 def _draw_figure(r: _Region, p: _Pose) -> None:
     """Everything except eyes and mouth; the jaw follows the mouth opening."""
+    lk = r.look
     chin = HEAD_CY + HEAD_RY_BOT + JAW_DROP * p.mouth_open
-    r.rgb[:] = _mix(BG_TOP, BG_BOTTOM, np.broadcast_to(_smoothstep(-0.1, 1.1, r.ys)[:, None],
-                                                        r.rgb.shape[:2]))
+    r.rgb[:] = _mix(lk.background_top, lk.background_bottom,
+                    np.broadcast_to(_smoothstep(-0.1, 1.1, r.ys)[:, None], r.rgb.shape[:2]))
     glow = np.exp(-((r.xs[None, :] / 0.42) ** 2 + ((r.ys[:, None] - 0.45) / 0.5) ** 2))
     r.rgb += (np.float32(1.0) - r.rgb) * (0.55 * glow)[..., None].astype(np.float32)
+
+    def hair_color(x: F32, y: F32) -> F32:
+        rr = _ellipse(-0.02, HAIR_CY, 0.2, 0.25)(x, y) + 1.0
+        hi = np.exp(-(((rr - 0.80) / 0.06) ** 2)) * _smoothstep(0.33, 0.2, y)
+        # Faint strands: stripes that fan out from the parting.
+        ang = np.arctan2(y - 0.12, x + 0.06)
+        strands = 0.5 + 0.5 * np.sin(ang * 60.0)
+        return _mix(lk.hair, lk.hair_highlight, 0.75 * hi + 0.12 * strands * _smoothstep(0.2, 0.3, y))
+
     # Hair behind the head, showing at the sides.
-    r.outlined((-0.26, 0.12, 0.26, 0.62), _hair_back, _hair_color)
+    r.outlined((-0.26, 0.12, 0.26, 0.62), _hair_back, hair_color)
 
     def neck(x: F32, y: F32) -> F32:
         hw = 0.071 + 0.02 * _smoothstep(0.69, 0.79, y)
@@ -213,7 +207,7 @@ def _draw_figure(r: _Region, p: _Pose) -> None:
     def neck_color(x: F32, y: F32) -> F32:
         shade = 0.85 * (1.0 - _smoothstep(chin - 0.01, chin + 0.055, y))
         shade = np.maximum(shade, 0.6 * _smoothstep(0.03, 0.075, np.abs(x)))
-        return _mix(SKIN, SKIN_SHADE, np.broadcast_to(shade, np.broadcast_shapes(x.shape, y.shape)))
+        return _mix(lk.skin, lk.skin_shade, np.broadcast_to(shade, np.broadcast_shapes(x.shape, y.shape)))
 
     r.outlined((-0.12, 0.5, 0.12, 1.1), neck, neck_color)
     neckline = _ellipse(0.0, 0.722, 0.094, 0.05)
@@ -224,42 +218,42 @@ def _draw_figure(r: _Region, p: _Pose) -> None:
 
     def shirt_color(x: F32, y: F32) -> F32:
         t = 0.85 * _smoothstep(0.25, 0.55, np.abs(x)) + 0.25 * _smoothstep(0.79, 0.73, y)
-        return _mix(SHIRT, SHIRT_DARK, t)
+        return _mix(lk.shirt, lk.shirt_dark, t)
 
     body_box = (-0.6, 0.7, 0.6, 1.2)
     r.outlined(body_box, torso, shirt_color)
-    r.paint(body_box, lambda x, y: np.maximum(collar(x, y), -neckline(x, y)), SHIRT_DARK,
+    r.paint(body_box, lambda x, y: np.maximum(collar(x, y), -neckline(x, y)), lk.shirt_dark,
             clip=_torso)
     # Ears, then the head over them.
     for s in (-1.0, 1.0):
         ear_box = (s * 0.176 - 0.05, 0.38, s * 0.176 + 0.05, 0.51)
-        r.outlined(ear_box, _ellipse(s * 0.176, 0.447, 0.031, 0.05), SKIN)
-        r.paint(ear_box, _ellipse(s * 0.181, 0.45, 0.014, 0.029), SKIN_SHADE, soft=2.5, opacity=0.8)
+        r.outlined(ear_box, _ellipse(s * 0.176, 0.447, 0.031, 0.05), lk.skin)
+        r.paint(ear_box, _ellipse(s * 0.181, 0.45, 0.014, 0.029), lk.skin_shade, soft=2.5, opacity=0.8)
     head = _head_shape(p.mouth_open)
 
     def skin(x: F32, y: F32) -> F32:
         rr = head(x, y) + 1.0
         shade = 0.55 * _smoothstep(0.62, 1.02, rr) + 0.25 * _smoothstep(0.0, 0.25, x * 0.6 + 0.02)
-        return _mix(SKIN, SKIN_SHADE, np.clip(shade, 0.0, 1.0))
+        return _mix(lk.skin, lk.skin_shade, np.clip(shade, 0.0, 1.0))
 
     head_box = (-0.21, 0.17, 0.21, 0.69)
     r.outlined(head_box, head, skin)
     # Cheeks, nose.
     for s in (-1.0, 1.0):
         r.paint((s * 0.115 - 0.07, 0.47, s * 0.115 + 0.07, 0.56),
-                _ellipse(s * 0.115, 0.515, 0.042, 0.026), BLUSH, soft=14.0, opacity=0.45)
-    r.paint((-0.05, 0.46, 0.05, 0.54), _ellipse(0.004, 0.503, 0.022, 0.016), SKIN_SHADE,
+                _ellipse(s * 0.115, 0.515, 0.042, 0.026), lk.blush, soft=14.0, opacity=0.45)
+    r.paint((-0.05, 0.46, 0.05, 0.54), _ellipse(0.004, 0.503, 0.022, 0.016), lk.skin_shade,
             soft=5.0, opacity=0.7)
-    r.paint((-0.05, 0.46, 0.05, 0.54), _ellipse(-0.004, 0.497, 0.012, 0.009), SKIN,
+    r.paint((-0.05, 0.46, 0.05, 0.54), _ellipse(-0.004, 0.497, 0.012, 0.009), lk.skin,
             soft=4.0, opacity=0.8)
     r.paint((-0.05, 0.46, 0.05, 0.54),
             lambda x, y: np.maximum(np.abs(y - 0.5125 + 0.004 * (1 - (x / 0.013) ** 2)) - 0.0012,
                                     np.abs(x) - 0.013),
-            OUTLINE, soft=1.6, opacity=0.5)
+            lk.outline, soft=1.6, opacity=0.5)
     # Shadow of the fringe on the forehead, then the fringe.
-    r.paint(head_box, lambda x, y: _hair_front(x, y - 0.012), SKIN_SHADE, soft=8.0,
+    r.paint(head_box, lambda x, y: _hair_front(x, y - 0.012), lk.skin_shade, soft=8.0,
             opacity=0.55, clip=head)
-    r.outlined((-0.26, 0.12, 0.26, 0.46), _hair_front, _hair_color, clip=head)
+    r.outlined((-0.26, 0.12, 0.26, 0.46), _hair_front, hair_color, clip=head)
     # Eyebrows: tapered arcs.
     for s in (-1.0, 1.0):
         cx = s * EYE_DX
@@ -270,11 +264,11 @@ def _draw_figure(r: _Region, p: _Pose) -> None:
             half = 0.0052 * (1.0 - 0.45 * (s * u + 1) / 2) * np.sqrt(1 - 0.7 * u * u)
             return _f(np.maximum(np.abs(y - centre) - half, np.abs(x - cx) - 0.036))
 
-        r.paint((cx - 0.05, 0.31, cx + 0.05, 0.37), brow, HAIR, soft=1.2)
+        r.paint((cx - 0.05, 0.31, cx + 0.05, 0.37), brow, lk.hair, soft=1.2)
 
 
 def _draw_eye(r: _Region, cx: float, p: _Pose) -> None:
-    cy = EYE_CY
+    lk, cy = r.look, EYE_CY
 
     def edges(x: F32) -> tuple[F32, F32]:
         u = np.clip((x - cx) / EYE_RX, -1.0, 1.0)
@@ -300,10 +294,10 @@ def _draw_eye(r: _Region, cx: float, p: _Pose) -> None:
 
         def iris_color(x: F32, y: F32) -> F32:
             rr = np.sqrt((x - gx) ** 2 + (y - gy) ** 2) / 0.0235
-            base = _mix(IRIS, (0.45, 0.72, 0.62), _smoothstep(-0.2, 1.0, y - gy))
+            base = _mix(lk.iris, lk.iris_light, _smoothstep(-0.2, 1.0, y - gy))
             ring = _smoothstep(0.7, 1.0, rr)
             top = _smoothstep(0.008, -0.002, y - lid(x)) * 0.6
-            return _mix(base, IRIS_DARK, np.clip(ring + top, 0.0, 1.0))
+            return _mix(base, lk.iris_dark, np.clip(ring + top, 0.0, 1.0))
 
         r.paint(box, _ellipse(gx, gy, 0.0235, 0.0235), iris_color, clip=opening)
         r.paint(box, _ellipse(gx, gy, 0.0115, 0.0115), PUPIL, clip=opening)
@@ -313,7 +307,7 @@ def _draw_eye(r: _Region, cx: float, p: _Pose) -> None:
                 clip=opening, opacity=0.9)
         # Lower lid line.
         r.paint(box, lambda x, y: np.maximum(np.abs(y - edges(x)[1]) - 0.0009,
-                                             np.abs(x - cx) - EYE_RX * 0.85), OUTLINE,
+                                             np.abs(x - cx) - EYE_RX * 0.85), lk.outline,
                 opacity=0.45)
     side = 1.0 if cx > 0 else -1.0
 
@@ -328,10 +322,11 @@ def _draw_eye(r: _Region, cx: float, p: _Pose) -> None:
         shift = side * (outer_end - inner_end) / 2 * EYE_RX
         return _f(np.maximum(line, np.abs(x - cx - shift) - EYE_RX * (outer_end + inner_end) / 2))
 
-    r.paint(box, lash, LASH, soft=1.1)
+    r.paint(box, lash, lk.lash, soft=1.1)
 
 
 def _draw_mouth(r: _Region, p: _Pose) -> None:
+    lk = r.look
     o, w = p.mouth_open, p.mouth_width
     hw = (0.034 + 0.028 * w) * (1.0 - 0.15 * o)
     gap = 0.074 * o
@@ -364,11 +359,11 @@ def _draw_mouth(r: _Region, p: _Pose) -> None:
         return _f(np.maximum(np.maximum(np.abs(x) - hw * 1.04, upper), y - bot(x) - lip_dn * taper))
 
     box = (-0.11, 0.53, 0.11, 0.67)
-    r.paint(box, lips, LIP, soft=2.0, opacity=0.85)
+    r.paint(box, lips, lk.lip, soft=2.0, opacity=0.85)
     r.paint(box, _ellipse(0.0, bot(np.zeros(1, np.float32))[0] + lip_dn * 0.45,
-                          hw * 0.45, lip_dn * 0.3), (1.0, 0.75, 0.72), soft=4.0, opacity=0.4)
+                          hw * 0.45, lip_dn * 0.3), lk.lip_highlight, soft=4.0, opacity=0.4)
     if gap * r.scale > 1.0:
-        r.paint(box, opening, LIP_DARK, grow=0.0018)
+        r.paint(box, opening, lk.lip_dark, grow=0.0018)
         r.paint(box, opening, lambda x, y: _mix(MOUTH_IN, (0.18, 0.03, 0.05),
                                                   _smoothstep(0.02, 0.0, y - top(x))))
         bottom_mid = cy + down
@@ -382,9 +377,9 @@ def _draw_mouth(r: _Region, p: _Pose) -> None:
     seam = max(0.0, 1.0 - gap * r.scale / 3.0)
     if seam > 0.0:
         r.paint(box, lambda x, y: np.maximum(np.abs(y - mid(x)) - 0.0016, np.abs(x) - hw),
-                LIP_DARK, opacity=seam)
+                lk.lip_dark, opacity=seam)
     for s in (-1.0, 1.0):  # corner dimples make the resting face read as a smile
-        r.paint(box, _ellipse(s * hw * 1.06, cy - smile - 0.002, 0.004, 0.005), SKIN_SHADE,
+        r.paint(box, _ellipse(s * hw * 1.06, cy - smile - 0.002, 0.004, 0.005), lk.skin_shade,
                 soft=3.0, opacity=0.7)
 
 
@@ -425,8 +420,8 @@ class _Assets:
 
 
 class _Builder:
-    def __init__(self, width: int, height: int) -> None:
-        self.w, self.h = width, height
+    def __init__(self, width: int, height: int, look: Look) -> None:
+        self.w, self.h, self.look = width, height, look
         self.scale = float(height)
         self.margin = math.ceil(max(SWAY_X, SWAY_Y) * self.scale) + 1
         self.cw, self.ch = width + 2 * self.margin, height + 2 * self.margin
@@ -443,7 +438,7 @@ class _Builder:
         return x0, y0, x1 - x0, y1 - y0
 
     def region(self, x: int, y: int, w: int, h: int) -> _Region:
-        return _Region(self.scale, self.cx, float(self.margin), x, y, w, h)
+        return _Region(self.look, self.scale, self.cx, float(self.margin), x, y, w, h)
 
     def cut(self, rgb: F32, x: int, y: int, w: int, h: int, pad: int) -> _Patch:
         """Quantise `rgb` (the canvas rectangle x, y, w, h plus `pad` px around)."""
@@ -506,17 +501,18 @@ class _Builder:
         return _Assets(self.margin, base, (eyes[0], eyes[1]), tuple(mouths))
 
 
-_CACHE: dict[tuple[int, int], _Assets] = {}
+_CACHE: dict[tuple[int, int, str], _Assets] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _assets(width: int, height: int) -> _Assets:
-    # Assets are immutable, so renderers of the same size share one copy.
+def _assets(width: int, height: int, look: Look) -> _Assets:
+    # Assets are immutable, so renderers of the same size and look share one copy.
+    key = (width, height, look.id)
     with _CACHE_LOCK:
-        hit = _CACHE.get((width, height))
+        hit = _CACHE.get(key)
         if hit is None:
-            hit = _Builder(width, height).build()
-            _CACHE[(width, height)] = hit
+            hit = _Builder(width, height, look).build()
+            _CACHE[key] = hit
         return hit
 
 
@@ -524,17 +520,20 @@ class FaceRenderer:
     """Renders yuv420p frames of the avatar.
 
     Construction draws all assets (about a few hundred ms at 720p, cached per
-    size for the process); `render` only copies memory. Instances may be used
-    from any thread; each call builds a fresh frame.
+    size and look for the process); `render` only copies memory. Instances may
+    be used from any thread; each call builds a fresh frame.
+
+    :param look: a key of :data:`~gateway.avatar.looks.LOOKS`, else ``ValueError``.
     """
 
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, look: str = DEFAULT_LOOK) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"frame size must be positive and even, got {width}x{height}")
         if height < 64:
             raise ValueError("frame height must be at least 64")
+        self._look = get_look(look)
         self._w, self._h = width, height
-        self._a = _assets(width, height)
+        self._a = _assets(width, height, self._look)
         # Frame-space boxes: the patch rectangles swept over all crop offsets,
         # plus a pixel for odd-phase chroma and one for decoder chroma upsampling.
         self._eye_box = self._swept(self._a.eyes[0][0], self._a.eyes[1][0])
@@ -556,6 +555,10 @@ class FaceRenderer:
     @property
     def height(self) -> int:
         return self._h
+
+    @property
+    def look(self) -> Look:
+        return self._look
 
     @property
     def mouth_box(self) -> tuple[int, int, int, int]:

@@ -96,6 +96,9 @@ class Upstream(abc.ABC):
 
     kind: ClassVar[str]
     """Short bounded name, used as a metrics label: ``local``, ``heygen``, ``liveavatar``."""
+    answers_itself: ClassVar[bool] = False
+    """``speak(..., TALK)`` is answered by the provider's own language model. Otherwise the
+    gateway answers with its chat service and speaks the answer (``Session.speak_sentences``)."""
 
     @property
     @abc.abstractmethod

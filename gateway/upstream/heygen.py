@@ -159,6 +159,7 @@ class HeyGenUpstream(RoomUpstream):
     """A HeyGen streaming session (v2): REST for control, its LiveKit room for media/events."""
 
     kind = "heygen"
+    answers_itself = True
 
     def __init__(
         self,

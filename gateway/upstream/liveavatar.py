@@ -150,6 +150,7 @@ class LiveAvatarUpstream(RoomUpstream):
     """A LiveAvatar FULL-mode session: REST to open/close it, LiveKit data to drive it."""
 
     kind = "liveavatar"
+    answers_itself = True
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ import av
 import numpy as np
 
 from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, Utterance
+from ..avatar.looks import DEFAULT_LOOK
 from ..config import QualityTier
 from ..errors import BadRequest, Unprocessable
 from .base import AvatarEvent, EventType, MediaSink, SpeakResult, TaskType, Upstream
@@ -60,8 +61,10 @@ class LocalUpstream(Upstream):
         fps: int = 30,
         max_text_chars: int = 5000,
         start_lead: float = 0.06,
+        look: str = DEFAULT_LOOK,
     ) -> None:
         self._quality = quality
+        self._look = look
         self._synthesizer = synthesizer
         self._fps = fps
         self._max_text_chars = max_text_chars
@@ -88,7 +91,7 @@ class LocalUpstream(Upstream):
     async def start(self, sink: MediaSink) -> None:
         loop = asyncio.get_running_loop()
         self._renderer = await loop.run_in_executor(
-            self._render_pool, FaceRenderer, self._quality.width, self._quality.height
+            self._render_pool, FaceRenderer, self._quality.width, self._quality.height, self._look
         )
         self._sink = sink
         origin = loop.time()

@@ -1,0 +1,79 @@
+"""What a client can ask for: upstreams, their avatars and voices, quality tiers.
+
+Pickers in the demo page (and any controller UI) read this instead of hard-coding ids. Cloud
+upstreams list what the configuration names; the providers' own avatar catalogues are not
+fetched (they need the key on every page load and differ per account).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ..avatar.looks import DEFAULT_LOOK, LOOKS
+from ..avatar.tts import available_voices
+from ..config import QUALITY_TIERS, Settings
+from .common import SETTINGS
+
+routes = web.RouteTableDef()
+
+_voices: list[str] | None = None
+
+
+async def _local_voices() -> list[str]:
+    global _voices  # the engine's list never changes within a process
+    if _voices is None:
+        # The first call may initialise eSpeak (a process-wide lock): not on the loop.
+        _voices = await asyncio.get_running_loop().run_in_executor(None, available_voices)
+    return _voices
+
+
+def _named(*ids: str) -> list[dict[str, str]]:
+    return [{"id": i, "name": i} for i in ids if i]
+
+
+async def catalog_of(settings: Settings) -> dict[str, Any]:
+    local = {
+        "kind": "local",
+        "available": True,
+        "paid": False,
+        "answers_itself": False,
+        "avatars": [{"id": look.id, "name": look.title} for look in LOOKS.values()],
+        "voices": _named(*await _local_voices()),
+        "default_avatar": DEFAULT_LOOK,
+        "default_voice": settings.tts_voice,
+    }
+    heygen = {
+        "kind": "heygen",
+        "available": bool(settings.heygen_api_key),
+        "paid": True,
+        "answers_itself": True,
+        "avatars": _named(settings.heygen_avatar_id),
+        "voices": _named(settings.heygen_voice_id),
+        "default_avatar": settings.heygen_avatar_id,
+        "default_voice": settings.heygen_voice_id,
+    }
+    liveavatar = {
+        "kind": "liveavatar",
+        "available": bool(settings.liveavatar_api_key),
+        "paid": True,
+        "answers_itself": True,
+        "avatars": _named(settings.liveavatar_avatar_id),
+        "voices": [],
+        "default_avatar": settings.liveavatar_avatar_id,
+        "default_voice": "",
+    }
+    return {
+        "default_upstream": settings.default_upstream,
+        "default_quality": settings.default_quality,
+        "qualities": [{"id": t.name, "width": t.width, "height": t.height, "bitrate": t.bitrate}
+                      for t in QUALITY_TIERS.values()],
+        "upstreams": [local, heygen, liveavatar],
+    }
+
+
+@routes.get("/v1/catalog")
+async def catalog(request: web.Request) -> web.Response:
+    return web.json_response(await catalog_of(request.app[SETTINGS]))
