@@ -64,7 +64,9 @@ class WhepViewer:
         video = pc.addTransceiver("video", direction="recvonly")
         if self._prefer is not None:
             # Like Safari, which lists H.264 first: the player's order is its preference.
-            codecs = RTCRtpReceiver.getCapabilities("video").codecs
+            capabilities = RTCRtpReceiver.getCapabilities("video")
+            assert capabilities is not None
+            codecs = capabilities.codecs
             wanted = f"video/{self._prefer}".lower()
             video.setCodecPreferences(sorted(codecs, key=lambda c: c.mimeType.lower() != wanted))
         if self._microphone is not None:
