@@ -8,11 +8,12 @@ no peer connection, task or upstream session outlives its session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from .errors import (
     BadRequest,
     CapacityError,
     Conflict,
+    GatewayError,
     NotFound,
     UpstreamAuthError,
     UpstreamError,
@@ -46,6 +48,9 @@ from .viewers.peer import Viewer, rtc_configuration
 from .viewers.whep import parse_offer
 
 logger = logging.getLogger(__name__)
+
+Answerer = Callable[[str, str], AsyncGenerator[str, None]]
+"""``(question, conversation id) → the answer's sentences``: the gateway's chat service."""
 
 @dataclass(frozen=True, slots=True)
 class SpokenAnswer:
@@ -72,6 +77,7 @@ class Session:
         settings: Settings,
         metrics: Metrics,
         on_closed: Callable[[Session], None],
+        answerer: Answerer | None = None,
     ) -> None:
         self.id = secrets.token_hex(12)
         self.upstream = upstream
@@ -81,6 +87,8 @@ class Session:
         self._settings = settings
         self._metrics = metrics
         self._on_closed = on_closed
+        self._answerer = answerer
+        self._replies: set[asyncio.Task[None]] = set()
         self._state = SessionState.NEW
         metrics.sessions.labels(upstream.kind, self._state).inc()
         self.hub = Hub(
@@ -164,6 +172,8 @@ class Session:
             elif state == "live" and self._reconnecting:
                 self._reconnecting = False
                 self._metrics.upstream_reconnects.labels(self.upstream.kind, "ok").inc()
+        elif event.type is EventType.USER_END_MESSAGE:
+            self._reply_to(str(event.data.get("message") or ""))
         self.events.publish(event)
         payload = event.to_json()
         for viewer in tuple(self._viewers.values()):
@@ -291,6 +301,29 @@ class Session:
                 subscription.close()
         return SpokenAnswer(" ".join(spoken), tuple(task_ids), round(duration_ms, 1))
 
+    def _reply_to(self, question: str) -> None:
+        """Voice chat with an upstream that has ears but no language model (the local avatar):
+        what the user said is answered by the gateway's chat and spoken. One reply speaks while
+        at most one more waits; anything beyond is dropped (a user does not queue questions)."""
+        if (not question.strip() or self._answerer is None or self.upstream.answers_itself
+                or self._state is not SessionState.LIVE):
+            return
+        if len(self._replies) >= 2:
+            logger.warning("session %s: a voice-chat question dropped, two replies pending", self.id)
+            return
+        answerer = self._answerer
+
+        async def reply() -> None:
+            try:
+                async with contextlib.aclosing(answerer(question, self.id)) as sentences:
+                    await self.speak_sentences(sentences)
+            except GatewayError as exc:
+                logger.warning("session %s: voice-chat reply failed: %s", self.id, exc.message)
+
+        task = asyncio.get_running_loop().create_task(reply(), name="voice-chat-reply")
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
     @staticmethod
     async def _spoken(subscription: Subscription, task_id: str, duration_ms: float) -> None:
         """Wait for the avatar to finish ``task_id`` (its ``avatar_stop_talking``)."""
@@ -333,8 +366,8 @@ class Session:
 
     @property
     def _microphone(self) -> Callable[[av.AudioFrame], Awaitable[None]] | None:
-        # Only an upstream that listens gets a microphone (the local avatar has no ears).
-        return self._forward_microphone if self.upstream.kind != "local" else None
+        # Only an upstream that listens gets a microphone.
+        return self._forward_microphone if getattr(self.upstream, "listens", False) else None  # TODO
 
     async def add_viewer(self, offer_sdp: str) -> tuple[Viewer, str]:
         """WHEP: the viewer offers, the gateway answers."""
@@ -387,6 +420,9 @@ class Session:
         self._set_state(SessionState.CLOSING)
         if self._supervisor is not None and self._supervisor is not asyncio.current_task():
             self._supervisor.cancel()
+        for task in tuple(self._replies):
+            if task is not asyncio.current_task():
+                task.cancel()
         try:
             await asyncio.gather(*(v.close("session_closed") for v in tuple(self._viewers.values())),
                                  return_exceptions=True)
@@ -415,6 +451,8 @@ class SessionRegistry:
         self._accepting = True
         self.on_closed: list[Callable[[str], None]] = []
         """Told the id of every session that ends (e.g. the chat forgets its conversation)."""
+        self.answerer: Answerer | None = None
+        """Answers voice-chat questions for upstreams without a language model of their own."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -456,7 +494,7 @@ class SessionRegistry:
         source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id)
         # Checked again with no await before the registration: concurrent creates can't overshoot.
         self._check_limits(kind)
-        session = Session(source, tier, self._settings, self._metrics, self._forget)
+        session = Session(source, tier, self._settings, self._metrics, self._forget, self.answerer)
         self._sessions[session.id] = session
         try:
             await session.start()

@@ -356,6 +356,7 @@ def setup(app: web.Application) -> None:
     app[CHAT] = chat
     app[SEED_SESSIONS] = SeedSessions()
     app[SESSIONS].on_closed.append(chat.forget)
+    app[SESSIONS].answerer = chat.sentences
     app.add_routes(routes)
     app.cleanup_ctx.append(_lifecycle)
 
