@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint pytest bench clean
+.PHONY: run test lint lint-web pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/avatar-gateway serve
 
-lint: $(STAMP)
+lint: $(STAMP) lint-web
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
+
+# The browser code has no build step; syntax and the SDK's TypeScript declarations are checked.
+lint-web:
+	@if command -v node >/dev/null && command -v npx >/dev/null; then \
+	  for f in web/*.js web/sdk/*.js; do node --check $$f || exit 1; done; \
+	  npx --yes --loglevel=error -p typescript@5.9.3 tsc --noEmit --strict --lib es2022,dom web/sdk/index.d.ts \
+	    && echo "web/: node --check and tsc --strict passed"; \
+	else echo "note: install nodejs (with npx) to check web/ (skipped)"; fi
 
 # The browser test drives Debian's chromium (Playwright's own browser download cannot work here).
 /usr/bin/chromium:

@@ -178,6 +178,11 @@ async def test_demo_page_new_start_repeat_talk_close(client: Client, browser: Br
     assert transcript.count("Avatar:") >= 2
     await tab.shot("talked")
 
+    # On a phone's screen: one column, nothing wider than the screen.
+    await tab.page.set_viewport_size({"width": 390, "height": 844})
+    assert await tab.page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
+    await tab.shot("phone")
+
     # The share link opens the viewer page for this very session.
     share = await tab.page.get_attribute("#share", "href")
     assert share is not None and share.endswith(f"/web/viewer.html?session={session_id}")
