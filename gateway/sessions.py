@@ -367,7 +367,7 @@ class Session:
     @property
     def _microphone(self) -> Callable[[av.AudioFrame], Awaitable[None]] | None:
         # Only an upstream that listens gets a microphone.
-        return self._forward_microphone if getattr(self.upstream, "listens", False) else None  # TODO
+        return self._forward_microphone if self.upstream.listens else None
 
     async def add_viewer(self, offer_sdp: str) -> tuple[Viewer, str]:
         """WHEP: the viewer offers, the gateway answers."""

@@ -85,11 +85,11 @@ async def test_talk_on_the_local_avatar_speaks_the_gateways_answer(client: Clien
     # The local avatar has no language model: the gateway's chat service (offline responder
     # here, no OpenAI key) answers in the persona's voice and the avatar speaks each sentence.
     url = f"/v1/sessions/{session_id}/speak"
-    response = await client.post(url, json={"text": "What are you working on?",
+    response = await client.post(url, json={"text": "What is your name?",
                                             "task_type": "talk", "task_mode": "sync"})
     body = await response.json()
     assert response.status == 200, body
-    assert body["text"] and body["text"] != "What are you working on?"
+    assert body["text"] and "Alex" in body["text"]  # the default persona answers
     assert body["task_ids"] and body["task_id"] == body["task_ids"][0]
     assert body["duration_ms"] > 0
     # sync: every sentence has been spoken by the time the answer comes back.
@@ -295,8 +295,10 @@ async def test_ops_endpoints(client: Client, session_id: str) -> None:
     assert 'avatargw_http_requests_total{code="201",method="POST",route="/v1/sessions"} 1.0' in text
     assert session_id not in text  # no session ids as labels
     page = await client.get("/")
-    assert page.status == 200 and "WhepPlayer" in await page.text()
-    assert (await client.get("/web/whep.js")).status == 200
+    assert page.status == 200 and "/web/demo.js" in await page.text()
+    for path in ("/web/demo.js", "/web/viewer.html", "/web/sdk/index.js", "/web/sdk/whep.js",
+                 "/web/sdk/index.d.ts"):
+        assert (await client.get(path)).status == 200, path
 
 
 async def test_shutdown_closes_every_session(aiohttp_client: ClientFactory) -> None:

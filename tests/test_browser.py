@@ -3,18 +3,22 @@ driven by Playwright). Screenshots of every step go to ``artifacts/screenshots/<
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+import wave
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.api.common import SESSIONS
+from gateway.avatar import SpeechSynthesizer
 from gateway.upstream.local import LocalUpstream
 
 from .conftest import IN_NETNS
@@ -33,7 +37,7 @@ ARTIFACTS = Path(os.environ.get("AVATAR_GATEWAY_ARTIFACTS",
 REFERENCE = Path(__file__).resolve().parent / "data" / "streaming_avatar_reference.json"
 SDK_TYPES = Path(__file__).resolve().parent.parent / "web" / "sdk" / "index.d.ts"
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Callable[..., Any])
 
 
 def needs_chromium(test: T) -> T:
@@ -41,18 +45,25 @@ def needs_chromium(test: T) -> T:
     test = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
                               reason="Debian chromium is not installed (make test installs it)")(test)
     # Chromium, like libwebrtc, never gathers loopback candidates.
-    return pytest.mark.skipif(not IN_NETNS,
+    test = pytest.mark.skipif(not IN_NETNS,
                               reason="needs the private network namespace (tests/netns.sh)")(test)
+    return test
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@contextlib.asynccontextmanager
+async def chromium(*extra_flags: str) -> AsyncIterator[Browser]:
     async with async_playwright() as pw:
-        instance = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        instance = await pw.chromium.launch(executable_path=CHROMIUM, args=[*FLAGS, *extra_flags])
         try:
             yield instance
         finally:
             await instance.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as instance:
+        yield instance
 
 
 class Tab:
@@ -264,6 +275,49 @@ async def test_h264_is_used_when_the_browser_prefers_it(client: Client, browser:
     await tab.page.click("#close")
     await tab.wait_text("#status", "idle")
     assert not tab.errors, tab.errors
+
+
+def speech_wav(path: Path, text: str) -> None:
+    """eSpeak saying ``text`` between silences, as the WAV Chromium's fake microphone plays."""
+    pcm = SpeechSynthesizer("en-us").synthesize(text).pcm
+    gap = np.zeros(int(1.5 * 48_000), dtype=np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(48_000)
+        out.writeframes(np.concatenate([gap, pcm, gap, gap]).tobytes())
+
+
+@needs_chromium
+async def test_voice_chat_with_the_local_avatar(client: Client, tmp_path: Path,
+                                                request: pytest.FixtureRequest) -> None:
+    # Chromium's fake microphone plays a WAV of someone asking a question; the local avatar
+    # hears it (VAD + PocketSphinx, offline), the gateway's chat answers, the avatar speaks.
+    wav = tmp_path / "question.wav"
+    speech_wav(wav, "Hello. What is your name?")
+    flags = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={wav}%noloop")
+    async with chromium(*flags) as browser:
+        tab = await open_demo(browser, client, shots_for(request))
+        session_id = await new_and_start(tab)
+        await tab.playing()
+        await tab.page.click("#voice-chat")
+        await tab.wait_text("#events", "voice chat on")
+        await tab.wait_text("#events", "user_start")
+        await tab.wait_text("#events", "user_end_message", timeout=40)
+        await tab.wait_text("#transcript", "You:")
+        # The reply: a new utterance after the user's, spoken in full.
+        await tab.wait_text("#events", "avatar_stop_talking", timeout=40)
+        await tab.shot("answered")
+        transcript = await tab.text("#transcript")
+        assert transcript.index("You:") < transcript.index("Avatar:")
+        session = client.app[SESSIONS].get(session_id)
+        assert session.viewer_count == 1
+        await tab.page.click("#voice-chat")
+        await tab.wait_text("#events", "voice chat off")
+        await tab.page.click("#close")
+        await tab.wait_text("#status", "idle")
+        assert not tab.errors, tab.errors
 
 
 def reference() -> dict[str, Any]:

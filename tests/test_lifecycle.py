@@ -59,10 +59,12 @@ async def test_max_duration_ends_even_a_watched_session(aiohttp_client: ClientFa
     assert '"state":"closed"' in body
 
 
-async def test_listening_needs_an_upstream_that_listens(client: Client, session_id: str) -> None:
+async def test_listening_turns_the_local_avatars_ears_on_and_off(client: Client,
+                                                                 session_id: str) -> None:
     url = f"/v1/sessions/{session_id}/listen"
-    response = await client.post(url, json={"listening": True})
-    assert response.status == 422
-    assert "no listening mode" in (await response.json())["error"]["message"]
+    for listening in (True, False):
+        response = await client.post(url, json={"listening": listening})
+        assert response.status == 200
+        assert (await response.json())["listening"] is listening
     bad = await client.post(url, json={"listening": "yes"})
     assert bad.status == 400

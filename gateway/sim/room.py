@@ -26,9 +26,10 @@ from livekit.protocol import models
 from ..avatar import SpeechSynthesizer
 from ..config import QualityTier
 from ..errors import Conflict
+from ..media.vad import EnergyVad, Voice, pcm_level
 from ..upstream.base import AvatarEvent, EventType, SpeakResult
 from ..upstream.local import LocalUpstream
-from .media import EnergyVad, FeedTrack, Voice, pcm_level
+from .media import FeedTrack
 
 if TYPE_CHECKING:
     from .signaling import ClientConnection

@@ -160,6 +160,7 @@ class HeyGenUpstream(RoomUpstream):
 
     kind = "heygen"
     answers_itself = True
+    listens = True
 
     def __init__(
         self,

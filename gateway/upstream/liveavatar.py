@@ -151,6 +151,7 @@ class LiveAvatarUpstream(RoomUpstream):
 
     kind = "liveavatar"
     answers_itself = True
+    listens = True
 
     def __init__(
         self,

@@ -4,6 +4,10 @@ Audio and video share one media clock. Every utterance is placed on that clock *
 plays (``start`` in samples), so the audio clock and the video clock each look up "what is
 being said at media time t" independently and agree exactly: lip sync is by construction,
 not by racing two tasks. Events fire from the audio clock, when the sound is actually emitted.
+
+Listening (voice chat) is offline too: a controller's microphone is resampled to 16 kHz mono,
+cut into utterances by an energy VAD, and each utterance is transcribed by PocketSphinx in a
+child process (it holds the GIL while it decodes). See :meth:`LocalUpstream.set_listening`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from dataclasses import dataclass, field
 
 import av
 import numpy as np
+import numpy.typing as npt
 
 from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, Utterance
 from ..avatar.looks import DEFAULT_LOOK
+from ..avatar.stt import RecognizerProcess, SpeechRecognizer
 from ..config import QualityTier
-from ..errors import BadRequest, Unprocessable
+from ..errors import BadRequest, Conflict, Unprocessable
+from ..media.vad import UtteranceCutter, Voice
 from .base import AvatarEvent, EventType, MediaSink, SpeakResult, TaskType, Upstream
 
 logger = logging.getLogger(__name__)
@@ -32,6 +39,11 @@ SAMPLE_RATE = 48_000
 AUDIO_FRAME = 960  # 20 ms
 VIDEO_CLOCK = 90_000
 _FADE = np.linspace(1.0, 0.0, 240, dtype=np.float32)  # 5 ms, so an interrupt doesn't click
+MIC_GAP = 0.25
+"""During an utterance, after this long without a microphone frame (DTX, a muted or gone
+track) the VAD is told that much silence passed, so the utterance still ends."""
+MAX_RECOGNITIONS = 2
+"""Utterances handed to the recognizer and not yet transcribed: one running, one waiting."""
 
 
 @dataclass(slots=True)
@@ -51,7 +63,17 @@ class _Scheduled:
 
 
 class LocalUpstream(Upstream):
+    """The embedded avatar: speaks with eSpeak NG, renders its face, listens with PocketSphinx.
+
+    :param echo_tail: seconds after the avatar's speech during which the microphone is still
+        ignored (its voice comes back through the user's speakers, late by the playout and
+        network delay).
+    :param max_utterance: longest utterance given to the recognizer, in seconds; longer
+        speech is cut into several.
+    """
+
     kind = "local"
+    listens = True
 
     def __init__(
         self,
@@ -62,6 +84,8 @@ class LocalUpstream(Upstream):
         max_text_chars: int = 5000,
         start_lead: float = 0.06,
         look: str = DEFAULT_LOOK,
+        echo_tail: float = 0.5,
+        max_utterance: float = 15.0,
     ) -> None:
         self._quality = quality
         self._look = look
@@ -78,6 +102,20 @@ class LocalUpstream(Upstream):
         self._render_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render")
         self._tts_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         self._stopped = False
+        self._recognizer = RecognizerProcess()
+        self._recognizer_ready = False
+        self._recognitions: set[asyncio.Task[None]] = set()
+        self._listening = False
+        self._wants_listening = False
+        self._max_utterance = max_utterance
+        self._echo_tail = int(echo_tail * SAMPLE_RATE)
+        self._deaf_until = 0
+        """Media-clock sample until which the microphone is ignored (the avatar's echo)."""
+        self._cutter: UtteranceCutter | None = None
+        self._resampler: av.AudioResampler | None = None
+        self._utterance_id = ""
+        self._mic_heard = 0.0
+        self._mic_watchdog: asyncio.TimerHandle | None = None
 
     @property
     def video_size(self) -> tuple[int, int]:
@@ -147,9 +185,11 @@ class LocalUpstream(Upstream):
         self._schedule = kept
 
     async def stop(self) -> None:
+        """Stop the clocks and the recognizer (utterances not yet transcribed are lost)."""
         if self._stopped:
             return
         self._stopped = True
+        self._stop_listening(emit=False)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -157,7 +197,132 @@ class LocalUpstream(Upstream):
                 await task
         self._render_pool.shutdown(wait=False)
         self._tts_pool.shutdown(wait=False)
+        for recognition in self._recognitions:
+            recognition.cancel()
+        await asyncio.gather(*self._recognitions, return_exceptions=True)
+        await self._recognizer.close()
         self._schedule.clear()
+
+    # -- listening ---------------------------------------------------------------------------
+
+    async def set_listening(self, listening: bool) -> None:
+        """Listen to the microphone (:meth:`push_microphone`) for voice chat, or stop.
+
+        While listening, every utterance becomes ``user_start`` when the speaker starts and
+        ``user_stop`` when they stop, then, once transcribed and if any word was recognized,
+        ``user_talking_message`` and ``user_end_message`` with the text as ``message``. All four
+        carry the same ``task_id``. An utterance also ends when listening is turned off
+        (push-to-talk), when the avatar starts speaking, or after ``max_utterance`` seconds.
+
+        The microphone is ignored while the avatar speaks and ``echo_tail`` seconds after:
+        the user's speakers play the avatar into the microphone, and the avatar must not
+        answer itself. So there is no barge-in (interrupting the avatar by voice); a
+        controller interrupts with :meth:`interrupt`.
+
+        The recognizer (a child process, see :class:`~gateway.avatar.stt.RecognizerProcess`)
+        starts at the first call that turns listening on (about 0.3 s) and runs until
+        :meth:`stop`.
+
+        :raises ~gateway.avatar.stt.RecognizerError: the recognizer could not start.
+        """
+        if self._stopped or self._sink is None:
+            raise Conflict("the local avatar is not running")
+        self._wants_listening = listening
+        if not listening:
+            self._stop_listening(emit=True)
+            return
+        if not self._recognizer_ready:
+            await self._recognizer.start()
+            self._recognizer_ready = True
+        if self._wants_listening and not self._listening and not self._stopped:
+            self._listening = True
+            self._cutter = UtteranceCutter(SpeechRecognizer.sample_rate, max_duration=self._max_utterance)
+
+    def _stop_listening(self, *, emit: bool) -> None:
+        if emit:
+            self._end_utterance()
+        elif self._mic_watchdog is not None:
+            self._mic_watchdog.cancel()
+            self._mic_watchdog = None
+        self._listening = False
+        self._cutter = None
+        self._resampler = None
+
+    async def push_microphone(self, frame: av.AudioFrame) -> None:
+        """Hear one frame of the controller's microphone (any rate, layout or sample format;
+        aiortc gives 20 ms of 48 kHz s16 stereo). Cheap when not listening."""
+        if not self._listening:
+            return
+        if self._schedule or self._samples_played < self._deaf_until:
+            if self._resampler is not None:  # the first frame the avatar drowns out
+                self._end_utterance()
+                self._resampler = None
+            return
+        cutter = self._cutter
+        assert cutter is not None
+        self._mic_heard = asyncio.get_running_loop().time()
+        for samples in self._resample(frame):
+            change = cutter.push(samples)
+            if change is Voice.START:
+                self._utterance_id = uuid.uuid4().hex
+                self._emit(EventType.USER_START, self._utterance_id)
+                self._mic_watchdog = asyncio.get_running_loop().call_later(MIC_GAP, self._check_microphone)
+            elif change is Voice.STOP:
+                self._end_utterance()
+
+    def _resample(self, frame: av.AudioFrame) -> list[npt.NDArray[np.int16]]:
+        if self._resampler is None:
+            self._resampler = av.AudioResampler("s16", "mono", SpeechRecognizer.sample_rate)
+        try:
+            frames = self._resampler.resample(frame)
+        except ValueError:
+            # The sender changed rate or channel count (a renegotiation): start over.
+            self._resampler = av.AudioResampler("s16", "mono", SpeechRecognizer.sample_rate)
+            frames = self._resampler.resample(frame)
+        return [f.to_ndarray().astype(np.int16, copy=False).reshape(-1) for f in frames]
+
+    def _check_microphone(self) -> None:
+        """Every ``MIC_GAP`` while an utterance lasts: count missing frames as silence."""
+        loop = asyncio.get_running_loop()
+        self._mic_watchdog = None
+        silent = loop.time() - self._mic_heard
+        if silent >= MIC_GAP and self._cutter is not None:
+            self._mic_heard = loop.time()
+            if self._cutter.gap(silent) is Voice.STOP:
+                self._end_utterance()
+                return
+        self._mic_watchdog = loop.call_later(MIC_GAP, self._check_microphone)
+
+    def _end_utterance(self) -> None:
+        """Close the utterance in progress, if any: ``user_stop`` now, the words when heard."""
+        if self._mic_watchdog is not None:
+            self._mic_watchdog.cancel()
+            self._mic_watchdog = None
+        pcm = self._cutter.cut() if self._cutter is not None else None
+        if pcm is None:
+            return
+        utterance_id = self._utterance_id
+        self._emit(EventType.USER_STOP, utterance_id)
+        if len(self._recognitions) >= MAX_RECOGNITIONS:
+            logger.warning("local avatar: speech recognition is behind; utterance %s is not "
+                           "transcribed", utterance_id)
+            return
+        recognition = asyncio.get_running_loop().create_task(
+            self._recognize(utterance_id, pcm), name="local-avatar-stt")
+        self._recognitions.add(recognition)
+        recognition.add_done_callback(self._recognized)
+
+    async def _recognize(self, utterance_id: str, pcm: bytes) -> None:
+        text = await self._recognizer.transcribe(pcm)
+        if text and not self._stopped:
+            self._emit(EventType.USER_TALKING_MESSAGE, utterance_id, message=text)
+            self._emit(EventType.USER_END_MESSAGE, utterance_id, message=text)
+
+    def _recognized(self, recognition: asyncio.Task[None]) -> None:
+        self._recognitions.discard(recognition)
+        if not recognition.cancelled() and recognition.exception() is not None:
+            # One utterance is lost; the conversation goes on.
+            logger.error("local avatar: speech recognition failed", exc_info=recognition.exception())
 
     # -- clocks ------------------------------------------------------------------------------
 
@@ -211,6 +376,7 @@ class LocalUpstream(Upstream):
             self._emit(EventType.AVATAR_TALKING_MESSAGE, item.task_id, message=chunk)
 
     def _finish(self, item: _Scheduled) -> None:
+        self._deaf_until = item.end + self._echo_tail
         duration_ms = round((item.end - item.start) * 1000 / SAMPLE_RATE, 1)
         self._emit(EventType.AVATAR_END_MESSAGE, item.task_id, message="".join(item.spoken))
         self._emit(EventType.AVATAR_STOP_TALKING, item.task_id, duration_ms=duration_ms)
