@@ -1,6 +1,6 @@
 // The demo page: every control of the SDK on one screen, for the gateway that serves it.
 import StreamingAvatar, { StreamingEvents, TaskType } from "/web/sdk/index.js";
-import { $, EventLog, Transcript, watchStats } from "/web/ui.js";
+import { $, EventLog, Transcript, showEvents, watchStats } from "/web/ui.js";
 
 const params = new URLSearchParams(location.search);
 const token = params.get("token") || ""; // a gateway token, when the gateway requires one
@@ -70,19 +70,7 @@ function report(what) {
 }
 
 function wire(instance) {
-  for (const type of Object.values(StreamingEvents)) {
-    if (type === StreamingEvents.STREAM_READY || type === StreamingEvents.CONNECTION_QUALITY_CHANGED) continue;
-    instance.on(type, (e) => {
-      log.event(e.detail || { type });
-      transcript.event(e.detail || { type });
-    });
-  }
-  instance.on("session_state", (e) => log.event(e.detail));
-  instance.on(StreamingEvents.STREAM_READY, (e) => {
-    $("avatar").srcObject = e.detail;
-    log.add("stream_ready");
-  });
-  instance.on(StreamingEvents.CONNECTION_QUALITY_CHANGED, (e) => log.add(`connection quality ${e.detail}`));
+  showEvents(instance, log, transcript, $("avatar"));
   instance.on(StreamingEvents.STREAM_DISCONNECTED, () => {
     if (avatar === instance) {
       setStatus(`disconnected · session ${instance.sessionId || ""}`.trim());

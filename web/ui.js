@@ -1,5 +1,6 @@
 // What the demo page and the viewer page share: the event log, the transcript and the stream's
 // live numbers. Plain DOM, no framework, no build step.
+import { StreamingEvents } from "/web/sdk/index.js";
 
 export const $ = (id) => document.getElementById(id);
 
@@ -62,6 +63,25 @@ export class Transcript {
     this.element.scrollTop = this.element.scrollHeight;
     return text;
   }
+}
+
+/** Show an SDK instance's avatar and user events in the log and the transcript, and its
+ * stream in the video element. */
+export function showEvents(avatar, log, transcript, video) {
+  const quiet = [StreamingEvents.STREAM_READY, StreamingEvents.CONNECTION_QUALITY_CHANGED];
+  for (const type of Object.values(StreamingEvents)) {
+    if (quiet.includes(type)) continue;
+    avatar.on(type, (e) => {
+      log.event(e.detail || { type });
+      transcript.event(e.detail || { type });
+    });
+  }
+  avatar.on("session_state", (e) => log.event(e.detail));
+  avatar.on(StreamingEvents.STREAM_READY, (e) => {
+    video.srcObject = e.detail;
+    log.add("stream_ready");
+  });
+  avatar.on(StreamingEvents.CONNECTION_QUALITY_CHANGED, (e) => log.add(`connection quality ${e.detail}`));
 }
 
 /** Resolution, codec and decoded frame rate of the video, from the peer connection's stats. */

@@ -1,6 +1,6 @@
 // The viewer page: watch one session (the demo's "share viewer link"); no controls, no microphone.
 import StreamingAvatar, { StreamingEvents } from "/web/sdk/index.js";
-import { $, EventLog, Transcript, watchStats } from "/web/ui.js";
+import { $, EventLog, Transcript, showEvents, watchStats } from "/web/ui.js";
 
 const params = new URLSearchParams(location.search);
 const sessionId = params.get("session");
@@ -9,17 +9,7 @@ const transcript = new Transcript($("transcript"));
 const avatar = new StreamingAvatar({ token: params.get("token") || "" });
 window.avatarViewer = { avatar };
 
-for (const type of Object.values(StreamingEvents)) {
-  if (type === StreamingEvents.STREAM_READY || type === StreamingEvents.CONNECTION_QUALITY_CHANGED) continue;
-  avatar.on(type, (e) => {
-    log.event(e.detail || { type });
-    transcript.event(e.detail || { type });
-  });
-}
-avatar.on(StreamingEvents.STREAM_READY, (e) => {
-  $("avatar").srcObject = e.detail;
-  log.add("stream_ready");
-});
+showEvents(avatar, log, transcript, $("avatar"));
 avatar.on(StreamingEvents.STREAM_DISCONNECTED, () => ($("status").textContent = "the stream ended"));
 
 $("unmute").addEventListener("click", () => {
