@@ -1,6 +1,7 @@
-"""Fan-out benchmark: what one more viewer costs, encode-once vs one encoder per viewer.
+"""Fan-out benchmark: what one more viewer costs, encode-once vs one encoder per viewer,
+and VP8 vs H.264.
 
-For every design (``encode-once``, ``naive``) and every viewer count N this starts a fresh
+For every design and every viewer count N this starts a fresh
 gateway pinned to one CPU, creates one local-avatar session, keeps the avatar speaking (so the
 encoder sees a moving mouth, not a still picture), and starts ``bench/fanout_viewers.py``
 pinned to another CPU with N aiortc viewers. After a warm-up the viewer process measures for a
@@ -8,11 +9,25 @@ fixed window: delivered video fps and audio packets/s per viewer, video bitrate,
 frame, and the gateway's CPU time (``/proc``: 100% = one core), RSS and Prometheus counters.
 Then everything this script started is stopped, by PID.
 
+Designs (gateway ``MEDIA_DESIGN`` + the codec the viewers ask for):
+
+* ``encode-once``: encode-once, every viewer VP8 (one shared VP8 encoder).
+* ``naive``: aiortc's default of one VP8 encoder per viewer.
+* ``encode-once-h264``: encode-once, every viewer H.264 constrained baseline (one shared
+  libx264 encoder).
+* ``encode-once-mixed``: encode-once, even viewers VP8 and odd viewers H.264 (two shared
+  encoders; at N=1 only the VP8 one).
+
+The default run is ``encode-once,naive``; ``--designs encode-once,encode-once-h264,
+encode-once-mixed`` compares codecs.
+
 The naive design collapses quickly (every viewer runs its own VP8 encoder on the one core), so
 a design stops growing N once its median fps falls below ``--collapse-fps``.
 
-Output: one line per data point while running, then a Markdown results table and a
-naive/encode-once comparison, and every row as a JSON line in ``bench/out/fanout.jsonl``.
+Output: one line per data point while running, then a Markdown results table, a
+naive/encode-once comparison and a codec comparison (each against ``encode-once`` at the same
+N, with the shared encoders' mean encode time per frame from the gateway's histogram), and
+every row as a JSON line in ``bench/out/fanout.jsonl``.
 
 All WebRTC traffic must stay in a private network namespace, so this runs under
 ``tests/netns.sh`` (and re-executes itself that way when started outside one)::
@@ -47,7 +62,16 @@ ROOT = BENCH.parent
 NETNS = ROOT / "tests" / "netns.sh"
 VIEWERS_SCRIPT = BENCH / "fanout_viewers.py"
 NETNS_ADDRESS = "10.203.0.1"  # the veth address tests/netns.sh creates
-DESIGNS = ("encode-once", "naive")
+DESIGN_SETUP = {
+    # design: (the gateway's AVATAR_GATEWAY_MEDIA_DESIGN, fanout_viewers.py --codec)
+    "encode-once": ("encode-once", "vp8"),
+    "naive": ("naive", "vp8"),
+    "encode-once-h264": ("encode-once", "h264"),
+    "encode-once-mixed": ("encode-once", "mixed"),
+}
+DESIGNS = tuple(DESIGN_SETUP)
+DEFAULT_DESIGNS = ("encode-once", "naive")
+CODEC_DESIGNS = ("encode-once-h264", "encode-once-mixed")
 CPU_NOISE_PCT = 2.0  # run-to-run spread of the gateway's CPU % at the same N, seen on 2 cores
 
 SPEECH = (
@@ -109,6 +133,12 @@ class Row:
     keyframe_requests: int | None = None
     packets_dropped: int | None = None
     frames_skipped_busy: int | None = None
+    codec: str = "vp8"
+    """What the viewers asked for: ``vp8``, ``h264`` or ``mixed`` (see fanout_viewers)."""
+    fps_min_by_codec: dict[str, float | None] = field(default_factory=dict)
+    kbps_median_by_codec: dict[str, float | None] = field(default_factory=dict)
+    encode: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """Per shared encoder (codec): frames, fps, mean_ms per frame, busy_pct (% of a core)."""
     probe_sizes: list[str] = field(default_factory=list)
     probe_ok: bool | None = None
     server_rss_growth_mb: float | None = None
@@ -175,7 +205,7 @@ async def gateway(opts: Options, design: str, n: int, log: Path) -> AsyncIterato
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AVATAR_GATEWAY_") or k == "AVATAR_GATEWAY_TEST_NETNS"}
     env.update({
-        "AVATAR_GATEWAY_MEDIA_DESIGN": design,
+        "AVATAR_GATEWAY_MEDIA_DESIGN": DESIGN_SETUP[design][0],
         "AVATAR_GATEWAY_MAX_VIEWERS_PER_SESSION": str(max(200, n)),
         "AVATAR_GATEWAY_ICE_HOST_ADDRESSES": NETNS_ADDRESS,
         "PYTHONUNBUFFERED": "1",
@@ -271,10 +301,11 @@ async def create_session(http: aiohttp.ClientSession, base_url: str, quality: st
 
 
 async def run_viewers(opts: Options, gw: Gateway, session: dict[str, Any], n: int,
-                      log: Path) -> dict[str, Any]:
+                      codec: str, log: Path) -> dict[str, Any]:
     args = [
         "taskset", "-c", str(opts.viewer_cpu), sys.executable, str(VIEWERS_SCRIPT),
         "--gateway", gw.base_url, "--whep", str(session["whep_url"]), "--n", str(n),
+        "--codec", codec,
         "--batch", str(opts.batch), "--warmup", str(opts.warmup), "--measure", str(opts.measure),
         "--server-pid", str(gw.process.pid), "--metrics",
         "--expect-size", f"{session['width']}x{session['height']}",
@@ -324,6 +355,10 @@ def fill_row(row: Row, result: dict[str, Any]) -> None:
     row.server_rss_mb = result.get("server_rss_mb")
     if row.server_rss_mb is not None and result.get("server_rss_start_mb") is not None:
         row.server_rss_growth_mb = round(row.server_rss_mb - result["server_rss_start_mb"], 1)
+    by_codec: dict[str, Any] = result.get("by_codec", {})
+    row.fps_min_by_codec = {c: g["video_fps"]["min"] for c, g in by_codec.items()}
+    row.kbps_median_by_codec = {c: g["video_kbps"]["median"] for c, g in by_codec.items()}
+    row.encode = dict(result.get("encode", {}))
     counters: dict[str, float] = result.get("server_counters", {})
     if row.design == "naive":
         row.keyframes = int(result["keyframes_received"]["total"])
@@ -341,7 +376,7 @@ def fill_row(row: Row, result: dict[str, Any]) -> None:
 
 
 async def run_point(opts: Options, design: str, n: int) -> Row:
-    row = Row(design, n)
+    row = Row(design, n, codec=DESIGN_SETUP[design][1])
     started = time.monotonic()
     logs = opts.out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -354,7 +389,8 @@ async def run_point(opts: Options, design: str, n: int) -> Row:
             speaker = Speaker(http, f"{gw.base_url}/v1/sessions/{session['id']}/speak")
             speaking = asyncio.get_running_loop().create_task(speaker.run())
             try:
-                result = await run_viewers(opts, gw, session, n, logs / f"{name}.viewers.log")
+                result = await run_viewers(opts, gw, session, n, row.codec,
+                                           logs / f"{name}.viewers.log")
             finally:
                 speaking.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -394,10 +430,12 @@ def pair(a: float | None, b: float | None, digits: int = 1) -> str:
 
 
 def add_slopes(rows: Sequence[Row]) -> None:
-    """CPU per extra viewer, against the smallest N measured for the same design."""
+    """CPU per extra viewer, against the smallest N measured for the same design (for mixed
+    viewers the smallest N >= 2: with one viewer only the VP8 encoder runs)."""
     for design in {r.design for r in rows}:
         measured = sorted((r for r in rows if r.design == design and r.measured
-                           and r.server_cpu_pct is not None), key=lambda r: r.n)
+                           and r.server_cpu_pct is not None
+                           and (r.codec != "mixed" or r.n >= 2)), key=lambda r: r.n)
         if not measured:
             continue
         base = measured[0]
@@ -428,15 +466,18 @@ def status_text(row: Row) -> str:
 
 def progress_line(row: Row) -> str:
     if not row.measured:
-        return f"{row.design:>11} N={row.n:<3} {status_text(row)}  [{row.elapsed_s:.0f} s]"
-    return (f"{row.design:>11} N={row.n:<3} fps {pair(row.fps_min, row.fps_median)}  "
+        return f"{row.design:>17} N={row.n:<3} {status_text(row)}  [{row.elapsed_s:.0f} s]"
+    encode = "".join(f"  {codec} encode {fmt(e.get('mean_ms'), 2)} ms/frame"
+                     for codec, e in sorted(row.encode.items()))
+    return (f"{row.design:>17} N={row.n:<3} fps {pair(row.fps_min, row.fps_median)}  "
             f"audio {pair(row.audio_pps_min, row.audio_pps_median)}  "
             f"server CPU {fmt(row.server_cpu_pct)}%  viewers CPU {fmt(row.viewer_cpu_pct)}%  "
             f"TTFF {pair(row.ttff_median_ms, row.ttff_max_ms, 0)} ms  "
             f"join backlog max {fmt(row.join_backlog_max_ms, 0)} ms  "
             f"RSS {rss_text(row)} MB  {fmt(row.video_kbps_median, 0)} kbps  "
             f"kf {fmt(row.keyframes)}  dropped {fmt(row.packets_dropped)}  "
-            f"probes {','.join(row.probe_sizes)}  {status_text(row)}  [{row.elapsed_s:.0f} s]")
+            f"probes {','.join(row.probe_sizes)}{encode}  {status_text(row)}  "
+            f"[{row.elapsed_s:.0f} s]")
 
 
 RESULT_HEADER = (
@@ -496,6 +537,73 @@ def comparison_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+CODEC_NAMES = {"vp8": "VP8", "h264": "H.264", "mixed": "VP8 + H.264"}
+
+
+def by_codec_text(row: Row, overall: float | None, values: dict[str, float | None],
+                  digits: int = 1) -> str:
+    """``overall``, or per codec when the viewers were mixed."""
+    if row.codec != "mixed" or len(values) < 2:
+        return fmt(overall, digits)
+    return " / ".join(f"{CODEC_NAMES.get(c, c)} {fmt(v, digits)}"
+                      for c, v in sorted(values.items(), reverse=True))
+
+
+def encode_text(row: Row, key: str, digits: int) -> str:
+    if not row.encode:
+        return "-"
+    return " + ".join(f"{CODEC_NAMES.get(c, c)} {fmt(e.get(key), digits)}"
+                      for c, e in sorted(row.encode.items(), reverse=True))
+
+
+def codec_table(rows: Sequence[Row]) -> str:
+    """Every encode-once design against ``encode-once`` (all VP8) at the same N."""
+    vp8 = {r.n: r for r in rows if r.design == "encode-once" and r.measured}
+    others = [r for r in rows if r.design in CODEC_DESIGNS and r.measured]
+    if not others or not set(vp8) & {r.n for r in others}:
+        return "(no viewer count was measured for both encode-once and a codec design)"
+    base = min(vp8.values(), key=lambda r: r.n)
+    lines = [
+        "| N | design (viewer codec) | server CPU % (1 core) | CPU vs VP8: ratio / difference "
+        "| video fps/viewer min | fps min ratio vs VP8 | CPU % per extra viewer | "
+        "per-viewer slope ratio vs VP8 | video kbps/viewer med | "
+        "encode ms/frame (mean) | encoder wall time % of window | encoded fps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {d: i for i, d in enumerate(("encode-once", *CODEC_DESIGNS))}
+    for n in sorted(set(vp8) & {r.n for r in others}):
+        b = vp8[n]
+        group = sorted([b, *(r for r in others if r.n == n)], key=lambda r: order[r.design])
+        for r in group:
+            if r is b:
+                cpu_ratio = fps_ratio = slope_ratio = "1 (baseline)"
+            else:
+                cpu_ratio = ratio(r.server_cpu_pct, b.server_cpu_pct, 2)
+                if r.server_cpu_pct is not None and b.server_cpu_pct is not None:
+                    cpu_ratio += f" / {r.server_cpu_pct - b.server_cpu_pct:+.1f}"
+                fps_ratio = ratio(r.fps_min, b.fps_min, 2)
+                slope_ratio = ratio(r.cpu_per_viewer_pct, b.cpu_per_viewer_pct)
+                mine = next((x for x in rows if x.design == r.design and x.measured
+                             and x.n == r.slope_base_n), None)
+                if r.cpu_per_viewer_pct is not None and mine is not None and (
+                        abs((b.server_cpu_pct or 0) - (base.server_cpu_pct or 0)) < CPU_NOISE_PCT
+                        or abs((r.server_cpu_pct or 0) - (mine.server_cpu_pct or 0))
+                        < CPU_NOISE_PCT):
+                    slope_ratio = f"- (grew < {CPU_NOISE_PCT:g}% of a core: noise)"
+            slope = fmt(r.cpu_per_viewer_pct, 2) if r.cpu_per_viewer_pct is not None else "-"
+            if r.cpu_per_viewer_pct is not None and r.slope_base_n != base.n:
+                slope += f" (from N={r.slope_base_n})"
+            lines.append(
+                f"| {n} | {r.design} ({CODEC_NAMES.get(r.codec, r.codec)}) | "
+                f"{fmt(r.server_cpu_pct)} | {cpu_ratio} | "
+                f"{by_codec_text(r, r.fps_min, r.fps_min_by_codec)} | {fps_ratio} | "
+                f"{slope} | {slope_ratio} | "
+                f"{by_codec_text(r, r.video_kbps_median, r.kbps_median_by_codec, 0)} | "
+                f"{encode_text(r, 'mean_ms', 2)} | {encode_text(r, 'busy_pct', 1)} | "
+                f"{encode_text(r, 'fps', 1)} |")
+    return "\n".join(lines)
+
+
 def environment(opts: Options) -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -526,8 +634,9 @@ def environment(opts: Options) -> dict[str, Any]:
 
 def report(rows: Sequence[Row], env: dict[str, Any], stream: TextIO) -> None:
     size = next((f"{r.width}x{r.height}" for r in rows if r.width), "?")
-    print(f"\n## Fan-out benchmark: {env['quality']} ({size}@30), VP8 + Opus, speaking avatar\n",
-          file=stream)
+    codecs = "VP8" if all(r.codec == "vp8" for r in rows) else "VP8 / H.264"
+    print(f"\n## Fan-out benchmark: {env['quality']} ({size}@30), {codecs} + Opus, "
+          "speaking avatar\n", file=stream)
     print(f"{env['date']}, {env['cpus']} x {env['cpu']}, Python {env['python']}, "
           f"aiortc {env.get('aiortc', '?')}, PyAV {env.get('av', '?')}. Gateway pinned to CPU "
           f"{env['server_cpu']}, viewer process (N aiortc peers, 2 decoding probes) to CPU "
@@ -538,8 +647,21 @@ def report(rows: Sequence[Row], env: dict[str, Any], stream: TextIO) -> None:
           "CPU per extra viewer: slope against the design's smallest N.\n",
           file=stream)
     print(results_table(rows), file=stream)
-    print("\n### naive / encode-once\n", file=stream)
-    print(comparison_table(rows), file=stream)
+    designs = {r.design for r in rows}
+    if "naive" in designs or not designs & set(CODEC_DESIGNS):
+        print("\n### naive / encode-once\n", file=stream)
+        print(comparison_table(rows), file=stream)
+    if designs & set(CODEC_DESIGNS):
+        print("\n### codecs: H.264 and mixed viewers / encode-once (VP8)\n", file=stream)
+        print("Ratios and differences (in % of a core) are against `encode-once` (every "
+              "viewer VP8) at the same N. Mixed: even viewers VP8, odd viewers H.264, so at "
+              "N=1 it is VP8 only. fps min: the worst viewer's delivered fps; fps and kbps per "
+              "codec for mixed. CPU per extra viewer: slope against the design's own smallest "
+              "N (mixed: smallest N >= 2). Encode ms/frame: mean of the gateway's "
+              "`avatargw_video_encode_duration_seconds` per codec over the window; that is "
+              "wall time in the encoder thread, so with two encoders sharing the gateway's one "
+              "core each one's time includes waiting for the other.\n", file=stream)
+        print(codec_table(rows), file=stream)
     stream.flush()
 
 
@@ -567,11 +689,12 @@ def design_list(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        description="Fan-out benchmark: encode-once vs one encoder per viewer.",
+        description="Fan-out benchmark: encode-once vs one encoder per viewer, VP8 vs H.264.",
         epilog="Run inside the private network namespace: "
                "tests/netns.sh .venv/bin/python bench/fanout.py [options]")
-    parser.add_argument("--designs", type=design_list, default=DESIGNS,
-                        help="comma-separated (default encode-once,naive)")
+    parser.add_argument("--designs", type=design_list, default=DEFAULT_DESIGNS,
+                        help=f"comma-separated, of {', '.join(DESIGNS)} "
+                             "(default encode-once,naive)")
     parser.add_argument("--viewers", type=int_list, default=(1, 8, 16, 32, 48),
                         help="comma-separated viewer counts (default 1,8,16,32,48)")
     parser.add_argument("--quality", choices=("high", "medium", "low"), default="high")
@@ -649,7 +772,7 @@ async def run(opts: Options) -> list[Row]:
                 if design == "naive" and row.status != "ok":
                     skipped = [m for m in opts.viewers if m > n]
                     if skipped:
-                        print(f"{design:>11} stopping: {row.status} at N={n}; "
+                        print(f"{design:>17} stopping: {row.status} at N={n}; "
                               f"not measured: N={', '.join(map(str, skipped))}", flush=True)
                     break
     # Slopes are final only now; rewrite the file with them.

@@ -1,15 +1,23 @@
 """N WHEP viewers of one gateway session in one process: the viewer side of bench/fanout.py.
 
-Decoding N 720p VP8 streams would saturate the viewer process long before the gateway, so
+Decoding N 720p streams would saturate the viewer process long before the gateway, so
 aiortc's ``rtcrtpreceiver.decoder_worker`` is replaced by a counting worker: every viewer
-counts the complete encoded frames its jitter buffer hands on (frames, bytes, VP8 keyframes,
-and the resolution written in each VP8 keyframe header) without decoding them. Two probe
-viewers (the first and the last) also decode every video frame with libvpx, which proves
+counts the complete encoded frames its jitter buffer hands on (frames, bytes, keyframes, and
+the resolution written in each VP8 keyframe header or H.264 sequence parameter set) without
+decoding them. Two probe viewers (the first and the last; with ``--codec mixed`` the last of
+each codec) also decode every video frame (libvpx, or FFmpeg's H.264 decoder), which proves
 the stream is decodable and gives the decoded resolution.
 
+``--codec`` picks the video codec the viewers ask for, by ordering the video transceiver's
+codec preferences the way a browser lists its favourite first: ``vp8`` (aiortc's own order),
+``h264`` (constrained baseline 42e01f, packetization-mode 1, first) or ``mixed`` (even viewers
+VP8, odd viewers H.264). The codec in the gateway's answer (the video m-line's first payload
+type) and the codec of every received frame must be the one asked for: otherwise this process
+exits with status 3 and says which viewer got what.
+
 Time to first frame is measured from just before the WHEP POST to the first frame a viewer
-can show: the first decoded frame for probes, the first complete VP8 keyframe (what the
-decoder would turn into a picture within a few ms) for counting viewers.
+can show: the first decoded frame for probes, the first complete keyframe (VP8 keyframe or
+H.264 IDR: what the decoder would turn into a picture within a few ms) for counting viewers.
 
 Timeline: connect all viewers in batches, wait ``--warmup`` seconds, snapshot, wait
 ``--measure`` seconds, snapshot. Rates are computed between the two snapshots. With
@@ -28,6 +36,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import resource
 import statistics
 import sys
@@ -41,11 +50,16 @@ import aiohttp
 import aioice.ice
 import aiortc.rtcrtpreceiver as rtcrtpreceiver
 import av
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.codecs import get_decoder
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc.sdp import SessionDescription
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BACKLOG_WINDOW = 5.0  # seconds after the first frame in which the join backlog is looked for
+CODEC_CHOICES = ("vp8", "h264", "mixed")
+H264_PROFILE = "42e01f"  # constrained baseline, level 3.1: what the gateway's encoder makes
+CODEC_MISMATCH_EXIT = 3
 
 
 # -- per-track counters, filled by the decoder threads ----------------------------------------
@@ -57,6 +71,9 @@ class TrackStats:
     plain int/float updates are atomic under the GIL, which is all a snapshot needs."""
 
     probe: bool = False
+    codec: str | None = None
+    """Lower-case name (``vp8``, ``h264``) of the codec the received frames carried."""
+    codecs_seen: set[str] = field(default_factory=set)
     frames: int = 0
     bytes: int = 0
     keyframes: int = 0
@@ -108,6 +125,103 @@ def vp8_keyframe_size(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
+class _Bits:
+    """Big-endian bit reader with Exp-Golomb codes (H.264 7.2 and 9.1)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._value = int.from_bytes(data, "big")
+        self._left = len(data) * 8
+
+    def u(self, n: int) -> int:
+        if n > self._left:
+            raise ValueError("SPS truncated")
+        self._left -= n
+        return (self._value >> self._left) & ((1 << n) - 1)
+
+    def ue(self) -> int:
+        zeros = 0
+        while self.u(1) == 0:
+            zeros += 1
+            if zeros > 31:
+                raise ValueError("bad Exp-Golomb code")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        k = self.ue()
+        return (k + 1) // 2 if k & 1 else -(k // 2)
+
+
+def h264_sps_size(nal: bytes) -> tuple[int, int] | None:
+    """Width and height from an H.264 sequence parameter set NAL unit (7.3.2.1.1), cropping
+    applied; None when it uses scaling matrices (never in constrained baseline)."""
+    rbsp = nal[1:].replace(b"\x00\x00\x03", b"\x00\x00")  # undo emulation prevention
+    bits = _Bits(rbsp)
+    profile_idc = bits.u(8)
+    bits.u(16)  # constraint flags, reserved bits, level_idc
+    bits.ue()  # seq_parameter_set_id
+    chroma_format_idc = 1
+    if profile_idc in (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135):
+        chroma_format_idc = bits.ue()
+        if chroma_format_idc == 3:
+            bits.u(1)  # separate_colour_plane_flag
+        bits.ue()  # bit_depth_luma_minus8
+        bits.ue()  # bit_depth_chroma_minus8
+        bits.u(1)  # qpprime_y_zero_transform_bypass_flag
+        if bits.u(1):  # seq_scaling_matrix_present_flag
+            return None
+    bits.ue()  # log2_max_frame_num_minus4
+    poc_type = bits.ue()
+    if poc_type == 0:
+        bits.ue()  # log2_max_pic_order_cnt_lsb_minus4
+    elif poc_type == 1:
+        bits.u(1)  # delta_pic_order_always_zero_flag
+        bits.se()  # offset_for_non_ref_pic
+        bits.se()  # offset_for_top_to_bottom_field
+        for _ in range(bits.ue()):  # num_ref_frames_in_pic_order_cnt_cycle
+            bits.se()
+    bits.ue()  # max_num_ref_frames
+    bits.u(1)  # gaps_in_frame_num_value_allowed_flag
+    width_mbs = bits.ue() + 1
+    height_units = bits.ue() + 1
+    frame_mbs_only = bits.u(1)
+    if not frame_mbs_only:
+        bits.u(1)  # mb_adaptive_frame_field_flag
+    bits.u(1)  # direct_8x8_inference_flag
+    width, height = width_mbs * 16, height_units * 16 * (2 - frame_mbs_only)
+    if bits.u(1):  # frame_cropping_flag
+        left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
+        sub_width = 2 if chroma_format_idc in (1, 2) else 1
+        sub_height = 2 if chroma_format_idc == 1 else 1
+        width -= sub_width * (left + right)
+        height -= sub_height * (2 - frame_mbs_only) * (top + bottom)
+    return width, height
+
+
+def h264_keyframe_size(data: bytes) -> tuple[int, int] | None:
+    """For an access unit in Annex B form (what aiortc's depayloader hands on): the SPS's
+    width and height if it holds an IDR slice, (0, 0) for an IDR without an SPS, else None."""
+    idr, size = False, (0, 0)
+    for nal in data.split(b"\x00\x00\x01"):
+        nal = nal.rstrip(b"\x00")
+        if not nal:
+            continue
+        nal_type = nal[0] & 0x1F
+        if nal_type == 5:
+            idr = True
+        elif nal_type == 7:
+            with contextlib.suppress(ValueError):
+                size = h264_sps_size(nal) or size
+    return size if idr else None
+
+
+def keyframe_size(codec_name: str, data: bytes) -> tuple[int, int] | None:
+    if codec_name == "vp8":
+        return vp8_keyframe_size(data)
+    if codec_name == "h264":
+        return h264_keyframe_size(data)
+    return None
+
+
 def counting_decoder_worker(
     loop: asyncio.AbstractEventLoop,
     input_q: queue.Queue[Any],
@@ -134,14 +248,20 @@ def counting_decoder_worker(
         elif codec.mimeType.startswith("video/") and now - stats.first_frame_at < BACKLOG_WINDOW:
             media = (encoded_frame.timestamp - stats.first_media_ts) / codec.clockRate
             stats.join_backlog = max(stats.join_backlog, media - (now - stats.first_frame_at))
-        if codec.name == "VP8":
-            size = vp8_keyframe_size(data)
-            if size is not None:
-                stats.keyframes += 1
+        if not codec.mimeType.startswith("video/"):
+            continue
+        name = codec.name.lower()
+        if name not in stats.codecs_seen:
+            stats.codecs_seen.add(name)
+            stats.codec = name
+        size = keyframe_size(name, data)
+        if size is not None:
+            stats.keyframes += 1
+            if size != (0, 0):
                 stats.width, stats.height = size
-                if stats.first_keyframe_at is None:
-                    stats.first_keyframe_at = now
-        if not stats.probe or not codec.mimeType.startswith("video/"):
+            if stats.first_keyframe_at is None:
+                stats.first_keyframe_at = now
+        if not stats.probe:
             continue
         if decoder is None or codec.name != decoder_codec:
             decoder, decoder_codec = get_decoder(codec), codec.name
@@ -174,10 +294,72 @@ def pin_ice_addresses(addresses: Sequence[str]) -> None:
 # -- viewers ----------------------------------------------------------------------------------
 
 
+def viewer_codec(mode: str, index: int) -> str:
+    """The codec viewer ``index`` asks for: ``mixed`` alternates, VP8 first."""
+    if mode == "mixed":
+        return "vp8" if index % 2 == 0 else "h264"
+    return mode
+
+
+def probe_indices(mode: str, n: int) -> set[int]:
+    """The first and the last viewer; with ``mixed``, the last viewer of each codec."""
+    if mode == "mixed" and n >= 2:
+        return {n - 1, n - 2}
+    return {0, n - 1}
+
+
+def codec_preferences(codec: str) -> list[RTCRtpCodecCapability]:
+    """aiortc's video receive codecs, ``codec`` first (for H.264: 42e01f with packetization
+    mode 1 before any other H.264 entry), the rest in aiortc's order."""
+    capabilities = RTCRtpReceiver.getCapabilities("video")
+    assert capabilities is not None
+    wanted = f"video/{codec}"
+
+    def rank(c: RTCRtpCodecCapability) -> int:
+        if c.mimeType.lower() != wanted:
+            return 2
+        if codec == "h264" and (c.parameters.get("packetization-mode") != "1"
+                                or str(c.parameters.get("profile-level-id", "")).lower()
+                                != H264_PROFILE):
+            return 1
+        return 0
+
+    ordered = sorted(capabilities.codecs, key=rank)  # stable: aiortc's order within a rank
+    first = ordered[0]
+    if rank(first) != 0:
+        raise RuntimeError(f"aiortc cannot receive {codec}: {capabilities.codecs}")
+    return ordered
+
+
+def answered_video_codec(sdp: str) -> str:
+    """``name`` or ``name;fmtp`` of the first payload type of the answer's video m-line: the
+    codec the gateway will send."""
+    parsed = SessionDescription.parse(sdp)
+    video = next((m for m in parsed.media if m.kind == "video"), None)
+    if video is None or not video.rtp.codecs:
+        return "none"
+    codec = video.rtp.codecs[0]
+    text = codec.name.lower()
+    if text == "h264":
+        text += (f";packetization-mode={codec.parameters.get('packetization-mode', '0')}"
+                 f";profile-level-id={str(codec.parameters.get('profile-level-id', '')).lower()}")
+    return text
+
+
+def codec_ok(wanted: str, answered: str) -> bool:
+    if wanted == "h264":
+        return answered == f"h264;packetization-mode=1;profile-level-id={H264_PROFILE}"
+    return answered == wanted
+
+
 @dataclass(slots=True)
 class Viewer:
     index: int
     probe: bool
+    codec: str = "vp8"
+    """The video codec this viewer asks for (``vp8`` or ``h264``)."""
+    answered_codec: str | None = None
+    """What the gateway's answer put first on the video m-line (see answered_video_codec)."""
     pc: Any = None
     video: TrackStats | None = None
     audio: TrackStats | None = None
@@ -217,11 +399,13 @@ async def connect_viewer(
     http: aiohttp.ClientSession, whep_url: str, viewer: Viewer, data_channel: bool,
     connect_timeout: float, answer_delay: float = 0.0,
 ) -> None:
-    """Offer recvonly video + audio (+ an ``events`` data channel, like the web page)."""
+    """Offer recvonly video (``viewer.codec`` first) + audio (+ an ``events`` data channel,
+    like the web page)."""
     pc = viewer.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.on("track", viewer.on_track)
     pc.on("connectionstatechange", viewer.on_state)
-    pc.addTransceiver("video", direction="recvonly")
+    video = pc.addTransceiver("video", direction="recvonly")
+    video.setCodecPreferences(codec_preferences(viewer.codec))
     pc.addTransceiver("audio", direction="recvonly")
     if data_channel:
         pc.createDataChannel("events")
@@ -235,6 +419,10 @@ async def connect_viewer(
                 raise RuntimeError(f"WHEP POST -> {response.status}: {body[:200]}")
             viewer.location = response.headers.get("Location")
         viewer.answered_at = time.monotonic()
+        viewer.answered_codec = answered_video_codec(body)
+        if not codec_ok(viewer.codec, viewer.answered_codec):
+            raise RuntimeError(f"asked for {viewer.codec}, the answer sends "
+                               f"{viewer.answered_codec}")
         if answer_delay > 0:
             await asyncio.sleep(answer_delay)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
@@ -332,6 +520,50 @@ def spread(values: Sequence[float], digits: int = 1) -> dict[str, float | None]:
             "max": round(max(values), digits)}
 
 
+SERIES_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+ENCODE_HISTOGRAM = "avatargw_video_encode_duration_seconds"
+
+
+def series_labels(series: str) -> dict[str, str]:
+    """``{"codec": "vp8", ...}`` from ``name{codec="vp8",...}``."""
+    _, _, labels = series.partition("{")
+    return dict(SERIES_LABEL.findall(labels))
+
+
+def encode_stats(start: dict[str, float], end: dict[str, float],
+                 window: float) -> dict[str, dict[str, float | None]]:
+    """Per video codec over the window: frames the shared encoder made (and per second), and
+    its mean encode time per frame (from the encode-duration histogram's sum and count)."""
+    result: dict[str, dict[str, float | None]] = {}
+    for series, value in end.items():
+        if not series.startswith(ENCODE_HISTOGRAM + "_count{"):
+            continue
+        codec = series_labels(series).get("codec", "?")
+        frames = value - start.get(series, 0.0)
+        sum_series = series.replace("_count{", "_sum{", 1)
+        seconds = end.get(sum_series, 0.0) - start.get(sum_series, 0.0)
+        result[codec] = {
+            "frames": round(frames),
+            "fps": round(frames / window, 1) if window > 0 else None,
+            "mean_ms": round(seconds / frames * 1000, 3) if frames > 0 else None,
+            "busy_pct": round(seconds / window * 100, 1) if window > 0 else None,
+        }
+    return result
+
+
+def codec_errors(viewers: Sequence[Viewer]) -> list[str]:
+    """Viewers that got another codec than they asked for, by the answer or by the frames."""
+    errors = []
+    for v in viewers:
+        if v.answered_codec is not None and not codec_ok(v.codec, v.answered_codec):
+            errors.append(f"viewer {v.index} asked for {v.codec}, the answer sends "
+                          f"{v.answered_codec}")
+        elif v.video is not None and v.video.codecs_seen - {v.codec}:
+            errors.append(f"viewer {v.index} asked for {v.codec}, received "
+                          f"{', '.join(sorted(v.video.codecs_seen))} frames")
+    return errors
+
+
 def counter_deltas(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
     """Window increments of every gateway counter (``avatargw_*_total`` series)."""
     return {series: round(value - start.get(series, 0.0), 3)
@@ -346,12 +578,19 @@ def summarize(
     window = end.at - start.at
     live = [i for i, v in enumerate(viewers) if v.error is None]
     fps, pps, kbps, keyframes = [], [], [], []
+    by_codec: dict[str, dict[str, list[float]]] = {}
     for i in live:
         a, b = start.viewers[i], end.viewers[i]
         fps.append((b.video_frames - a.video_frames) / window)
         pps.append((b.audio_frames - a.audio_frames) / window)
         kbps.append((b.video_bytes - a.video_bytes) * 8 / window / 1000)
         keyframes.append(b.video_keyframes - a.video_keyframes)
+        group = by_codec.setdefault(viewers[i].codec, {"fps": [], "kbps": [], "ttff": []})
+        group["fps"].append(fps[-1])
+        group["kbps"].append(kbps[-1])
+        first = viewers[i].first_frame_at
+        if first is not None:
+            group["ttff"].append((first - viewers[i].posted_at) * 1000)
     ttff = [(v.first_frame_at - v.posted_at) * 1000 for v in viewers
             if v.error is None and v.first_frame_at is not None]
     backlog = [v.video.join_backlog * 1000 for v in viewers
@@ -367,6 +606,7 @@ def summarize(
             "decoded_frames": v.video.decoded,
             "decoded_fps": round((end.viewers[i].decoded - start.viewers[i].decoded) / window, 1),
             "decode_errors": v.video.decode_errors,
+            "codec": v.video.codec,
             "decoded_size": size,
             "size_ok": None if expected is None else size == expected,
             "ttff_ms": None if v.first_frame_at is None
@@ -374,6 +614,7 @@ def summarize(
         })
     result: dict[str, Any] = {
         "n": len(viewers),
+        "codec": args.codec,
         "connected": len(live),
         "errors": sorted({v.error for v in viewers if v.error is not None}),
         "connect_s": round(connect_s, 2),
@@ -392,6 +633,11 @@ def summarize(
         "probes": probes,
         "viewer_cpu_pct": round((end.own_cpu - start.own_cpu) / window * 100, 1),
         "per_viewer_fps": [round(x, 1) for x in fps],
+        "by_codec": {codec: {"viewers": len(group["fps"]), "video_fps": spread(group["fps"]),
+                             "video_kbps": spread(group["kbps"], 0),
+                             "ttff_ms": spread(group["ttff"], 0)}
+                     for codec, group in sorted(by_codec.items())},
+        "codec_errors": codec_errors(viewers),
     }
     if start.server_cpu is not None and end.server_cpu is not None:
         result["server_cpu_pct"] = round((end.server_cpu - start.server_cpu) / window * 100, 1)
@@ -400,6 +646,7 @@ def summarize(
             result[key] = None if rss is None else round(rss, 1)
     if start.metrics is not None and end.metrics is not None:
         result["server_counters"] = counter_deltas(start.metrics, end.metrics)
+        result["encode"] = encode_stats(start.metrics, end.metrics, window)
         prefix = "avatargw_viewer_time_to_first_frame_seconds"
         result["server_ttff"] = {
             "count": end.metrics.get(f"{prefix}_count"),
@@ -413,8 +660,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pin_ice_addresses(args.ice_address)
     whep_url = args.whep if args.whep.startswith("http") else args.gateway.rstrip("/") + args.whep
     metrics_url = args.gateway.rstrip("/") + "/metrics" if args.metrics else None
-    probes = {0, args.n - 1} if args.probes else set()
-    viewers = [Viewer(index=i, probe=i in probes) for i in range(args.n)]
+    probes = probe_indices(args.codec, args.n) if args.probes else set()
+    viewers = [Viewer(index=i, probe=i in probes, codec=viewer_codec(args.codec, i))
+               for i in range(args.n)]
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         began = time.monotonic()
@@ -426,6 +674,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         connect_s = time.monotonic() - began
         print(f"fanout_viewers: {sum(v.error is None for v in viewers)}/{args.n} connected "
               f"in {connect_s:.1f} s", file=sys.stderr, flush=True)
+        wrong = codec_errors(viewers)
+        if wrong:
+            fail_codec(wrong)
         await asyncio.sleep(args.warmup)
         start = await snapshot(viewers, args.server_pid, http, metrics_url)
         await asyncio.sleep(args.measure)
@@ -449,6 +700,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gateway", required=True, help="gateway base URL, http://host:port")
     parser.add_argument("--whep", required=True, help="the session's whep_url (absolute or path)")
     parser.add_argument("--n", type=int, default=1, help="number of viewers")
+    parser.add_argument("--codec", choices=CODEC_CHOICES, default="vp8",
+                        help="video codec the viewers ask for; mixed: even viewers VP8, odd "
+                             "H.264 (default vp8)")
     parser.add_argument("--batch", type=int, default=8, help="viewers connecting concurrently")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--measure", type=float, default=10.0)
@@ -475,6 +729,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def fail_codec(errors: Sequence[str]) -> None:
+    """A viewer decoding another codec than asked would measure the wrong thing: stop now."""
+    shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+    print(f"fanout_viewers: CODEC MISMATCH in {len(errors)} viewers: {shown}",
+          file=sys.stderr, flush=True)
+    os._exit(CODEC_MISMATCH_EXIT)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if os.environ.get("AVATAR_GATEWAY_TEST_NETNS") != "1":
@@ -482,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               "(tests/netns.sh), normally via bench/fanout.py", file=sys.stderr)
         sys.exit(2)
     result = asyncio.run(run(args))
+    if result["codec_errors"]:
+        fail_codec(result["codec_errors"])
     text = json.dumps(result)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
