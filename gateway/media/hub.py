@@ -56,10 +56,16 @@ class HubStats:
 
 
 class VideoLane:
-    """One video codec's encoder, its viewers and its keyframe policy."""
+    """One video codec's encoder, its viewers and its keyframe policy.
 
-    def __init__(self, hub: Hub, encoder: VideoEncoder) -> None:
+    Lanes encode the same frame objects in parallel threads, and an encoder marks the frame it
+    is given (``pict_type`` asks for a keyframe): only the first lane may touch the upstream's
+    frame; any other lane encodes a private copy (``owns_frames`` False), made in its thread.
+    """
+
+    def __init__(self, hub: Hub, encoder: VideoEncoder, owns_frames: bool) -> None:
         self.codec = encoder.codec
+        self._owns_frames = owns_frames
         self.tracks: set[PacketTrack] = set()
         self._hub = hub
         self._config = hub.config
@@ -101,6 +107,8 @@ class VideoLane:
 
     def _encode_timed(self, frame: av.VideoFrame, keyframe: bool) -> tuple[list[Packet], float]:
         started = time.perf_counter()
+        if not self._owns_frames:
+            frame = _private_copy(frame)
         packets = self._encoder.encode(frame, keyframe)
         return packets, time.perf_counter() - started
 
@@ -144,6 +152,12 @@ class VideoLane:
         self._pending_frame = None
         # The worker may still be inside the encoder for this one frame; don't block the loop.
         self._executor.shutdown(wait=False)
+
+
+def _private_copy(frame: av.VideoFrame) -> av.VideoFrame:
+    copy = av.VideoFrame.from_numpy_buffer(frame.to_ndarray(format="yuv420p"), format="yuv420p")
+    copy.pts, copy.time_base = frame.pts, frame.time_base
+    return copy
 
 
 class Hub:
@@ -205,7 +219,7 @@ class Hub:
             lane = self._lanes.get(track.codec)
             if lane is None:
                 encoder = VIDEO_ENCODERS[track.codec](self.config.bitrate, self.config.fps)
-                lane = self._lanes[track.codec] = VideoLane(self, encoder)
+                lane = self._lanes[track.codec] = VideoLane(self, encoder, not self._lanes)
             lane.tracks.add(track)
             self.request_keyframe("join", track.codec)
         else:
