@@ -27,9 +27,9 @@ import numpy.typing as npt
 
 from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, Utterance
 from ..avatar.looks import DEFAULT_LOOK
-from ..avatar.stt import RecognizerProcess, SpeechRecognizer
+from ..avatar.stt import RecognizerError, RecognizerProcess, SpeechRecognizer
 from ..config import QualityTier
-from ..errors import BadRequest, Conflict, Unprocessable
+from ..errors import BadRequest, Conflict, Unprocessable, UpstreamUnavailable
 from ..media.vad import UtteranceCutter, Voice
 from .base import AvatarEvent, EventType, MediaSink, SpeakResult, TaskType, Upstream
 
@@ -223,7 +223,7 @@ class LocalUpstream(Upstream):
         starts at the first call that turns listening on (about 0.3 s) and runs until
         :meth:`stop`.
 
-        :raises ~gateway.avatar.stt.RecognizerError: the recognizer could not start.
+        :raises ~gateway.errors.UpstreamUnavailable: the recognizer could not start (503).
         """
         if self._stopped or self._sink is None:
             raise Conflict("the local avatar is not running")
@@ -232,7 +232,10 @@ class LocalUpstream(Upstream):
             self._stop_listening(emit=True)
             return
         if not self._recognizer_ready:
-            await self._recognizer.start()
+            try:
+                await self._recognizer.start()
+            except RecognizerError as exc:
+                raise UpstreamUnavailable(f"the local avatar cannot listen: {exc}") from None
             self._recognizer_ready = True
         if self._wants_listening and not self._listening and not self._stopped:
             self._listening = True
