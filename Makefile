@@ -27,14 +27,16 @@ lint-web:
 	    && echo "web/: node --check and tsc --strict passed"; \
 	else echo "note: install nodejs (with npx) to check web/ (skipped)"; fi
 
-# The browser test drives Debian's chromium (Playwright's own browser download cannot work here).
-/usr/bin/chromium:
+# Debian tools the tests drive: chromium (Playwright's own browser download cannot work here) and
+# prometheus + promtool (a real Prometheus scrapes the gateway; promtool checks deploy/).
+DEBIAN_TOOLS := /usr/bin/chromium /usr/bin/prometheus
+$(DEBIAN_TOOLS):
 	@if [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	else echo "note: 'sudo apt-get install chromium' to run the browser test (skipped without it)"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus; \
+	else echo "note: 'sudo apt-get install chromium prometheus' to run the tests that need them (skipped without)"; fi
 
 # WebRTC tests run inside a private network namespace (see tests/netns.sh).
-pytest: $(STAMP) /usr/bin/chromium
+pytest: $(STAMP) $(DEBIAN_TOOLS)
 	tests/netns.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint pytest
