@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
         client_max_size=settings.max_body_bytes,
         middlewares=[metrics_middleware, cors_middleware, error_middleware, auth_middleware],
     )
-    metrics = Metrics()
+    metrics = Metrics(commit=settings.build_commit)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_session_lifecycle)
     app.cleanup_ctx.append(_loop_lag_monitor)
+    app.cleanup_ctx.append(_viewer_stats_sampler)
     return app
 
 
@@ -193,6 +194,30 @@ async def _loop_lag_monitor(app: web.Application) -> AsyncIterator[None]:
             histogram.observe(max(0.0, loop.time() - started - period))
 
     task = asyncio.get_running_loop().create_task(measure(), name="loop-lag-monitor")
+    yield
+    task.cancel()
+    await asyncio.wait([task])
+
+
+async def _viewer_stats_sampler(app: web.Application) -> AsyncIterator[None]:
+    """Every ``stats_interval``: each viewer's RTP counters and RTT into the metrics."""
+    registry, interval = app[SESSIONS], app[SETTINGS].stats_interval
+
+    async def sample_all() -> None:
+        # A function of its own: its locals (the last viewer) are gone while the loop sleeps.
+        for session in registry.list():
+            for viewer in session.viewers():
+                try:
+                    await viewer.sample_stats()
+                except Exception:  # a viewer closing under us; the next sample is fine
+                    logger.debug("viewer stats sample failed", exc_info=True)
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await sample_all()
+
+    task = asyncio.get_running_loop().create_task(sample(), name="viewer-stats-sampler")
     yield
     task.cancel()
     await asyncio.wait([task])

@@ -92,6 +92,8 @@ class Settings:
     """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
     viewer_video_queue: int = 30
     viewer_audio_queue: int = 50
+    stats_interval: float = 5.0
+    """Seconds between samples of every viewer's RTP counters (packets sent, lost, RTT)."""
 
     media_design: str = "encode-once"
     """``naive`` gives every viewer its own encoder (aiortc's default); only for benchmarks."""
@@ -144,6 +146,8 @@ class Settings:
     openai_timeout: float = 30.0
     chat_history_turns: int = 20
     """Per-session conversation memory (user + assistant messages kept)."""
+    build_commit: str = ""
+    """Source revision, set by the image build; the ``commit`` label of ``avatargw_build_info``."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -165,7 +169,7 @@ class Settings:
             raise ConfigError(f"default_upstream must be local, heygen or liveavatar, "
                               f"got {self.default_upstream!r}")
         for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout",
-                     "upstream_timeout", "idle_grace", "keep_alive_interval",
+                     "upstream_timeout", "idle_grace", "keep_alive_interval", "stats_interval",
                      "reconnect_ready_within",
                      "max_session_duration"):
             if getattr(self, name) <= 0:

@@ -29,15 +29,15 @@ _SESSION_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, commit: str = "") -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
 
         self.build_info = Gauge(f"{NS}_build_info", "Build metadata (always 1).",
-                                ["version", "python"], registry=r)
-        self.build_info.labels(__version__, platform.python_version()).set(1)
+                                ["version", "commit", "python"], registry=r)
+        self.build_info.labels(__version__, commit or "unknown", platform.python_version()).set(1)
         self.ready = Gauge(f"{NS}_ready", "1 when /readyz passes.", registry=r)
 
         # sessions and upstreams
@@ -50,6 +50,12 @@ class Metrics:
                                           buckets=_SESSION_BUCKETS, registry=r)
         self.speak_requests = Counter(f"{NS}_speak_requests_total", "Speak tasks submitted.",
                                       ["upstream", "task_type"], registry=r)
+        self.speak_latency = Histogram(f"{NS}_speak_latency_seconds",
+                                       "Speak request to the avatar starting to talk "
+                                       "(avatar_start_talking), queueing behind earlier speech "
+                                       "included.", ["upstream"],
+                                       buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+                                       registry=r)
         self.upstream_frames = Counter(f"{NS}_upstream_frames_received_total",
                                        "Frames the upstream handed to the hub.",
                                        ["upstream", "kind"], registry=r)
@@ -99,6 +105,17 @@ class Metrics:
         self.sent_bytes = Counter(f"{NS}_sent_bytes_total",
                                   "Encoded media bytes handed to viewer senders.",
                                   ["kind"], registry=r)
+        self.sent_packets = Counter(f"{NS}_sent_packets_total",
+                                    "RTP packets sent to viewers (sampled from each sender).",
+                                    ["kind"], registry=r)
+        self.packets_lost = Counter(f"{NS}_packets_lost_total",
+                                    "RTP packets viewers reported lost (RTCP receiver reports).",
+                                    ["kind"], registry=r)
+        self.viewer_rtt = Histogram(f"{NS}_viewer_rtt_seconds",
+                                    "Round-trip time to viewers, from RTCP receiver reports "
+                                    "(one observation per viewer per sample).",
+                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6),
+                                    registry=r)
 
         # viewers
         self.viewers = Gauge(f"{NS}_viewers", "Viewer peer connections by state.",

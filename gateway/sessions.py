@@ -8,6 +8,7 @@ no peer connection, task or upstream session outlives its session.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -48,6 +49,9 @@ from .viewers.peer import Viewer, rtc_configuration
 from .viewers.whep import parse_offer
 
 logger = logging.getLogger(__name__)
+
+MAX_PENDING_TASKS = 256
+"""Speak tasks remembered until their avatar_start_talking (for the latency histogram)."""
 
 Answerer = Callable[[str, str], AsyncGenerator[str, None]]
 """``(question, conversation id) → the answer's sentences``: the gateway's chat service."""
@@ -118,6 +122,8 @@ class Session:
         self._audio_clock = metrics.upstream_last_frame.labels(upstream.kind, "audio")
         self._reconnecting = False
         self._answering = asyncio.Lock()
+        self._speak_submitted: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._speak_latency = metrics.speak_latency.labels(upstream.kind)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -174,6 +180,10 @@ class Session:
                 self._metrics.upstream_reconnects.labels(self.upstream.kind, "ok").inc()
         elif event.type is EventType.USER_END_MESSAGE:
             self._reply_to(str(event.data.get("message") or ""))
+        elif event.type is EventType.AVATAR_START_TALKING and event.task_id is not None:
+            submitted = self._speak_submitted.pop(event.task_id, None)
+            if submitted is not None:
+                self._speak_latency.observe(time.monotonic() - submitted)
         self.events.publish(event)
         payload = event.to_json()
         for viewer in tuple(self._viewers.values()):
@@ -269,15 +279,22 @@ class Session:
             raise BadRequest(f"text is longer than {self._settings.max_text_chars} characters")
         self._metrics.speak_requests.labels(self.upstream.kind, task_type).inc()
         if task_mode is TaskMode.ASYNC:
-            return await self.upstream.speak(text, task_type)
+            return self._submitted(await self.upstream.speak(text, task_type))
         # Subscribe first: a short utterance could end before a later subscription started.
         subscription = self.events.subscribe()
         try:
-            result = await self.upstream.speak(text, task_type)
+            result = self._submitted(await self.upstream.speak(text, task_type))
             await self._spoken(subscription, result.task_id, result.duration_ms)
             return result
         finally:
             subscription.close()
+
+    def _submitted(self, result: SpeakResult) -> SpeakResult:
+        """Remember when a task was accepted, for the speak-latency histogram (bounded)."""
+        self._speak_submitted[result.task_id] = time.monotonic()
+        while len(self._speak_submitted) > MAX_PENDING_TASKS:
+            self._speak_submitted.popitem(last=False)
+        return result
 
     async def speak_sentences(self, sentences: AsyncIterator[str],
                               task_mode: TaskMode = TaskMode.ASYNC) -> SpokenAnswer:
@@ -353,6 +370,9 @@ class Session:
     @property
     def viewer_count(self) -> int:
         return len(self._viewers)
+
+    def viewers(self) -> tuple[Viewer, ...]:
+        return tuple(self._viewers.values())
 
     def _new_viewer(self) -> Viewer:
         self._require_live()

@@ -360,3 +360,31 @@ async def test_server_offer_flow_for_the_seed_api(client: Client, session_id: st
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
     assert session.viewer_count == 0
+
+
+async def test_rtp_counters_rtt_and_speak_latency_reach_the_metrics(
+        aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(make_settings(stats_interval=0.3)))
+    created = await (await client.post("/v1/sessions")).json()
+    viewers = [WhepViewer(client, created["id"]) for _ in range(2)]
+    metrics = client.app[METRICS]
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+        spoke = await client.post(f"/v1/sessions/{created['id']}/speak",
+                                  json={"text": "Counting packets.", "task_mode": "sync"})
+        assert spoke.status == 200
+        # aiortc viewers send a receiver report every ~1 s: wait for RTTs from both.
+        await wait_for(lambda: metrics.viewer_rtt._sum.get() > 0
+                       and sum(b.get() for b in metrics.viewer_rtt._buckets) >= 2)
+        received = sum(len(v.received.video) for v in viewers)
+        sent_video = metrics.sent_packets.labels("video")._value.get()
+        assert sent_video >= received > 0  # every decoded frame took at least one RTP packet
+        assert metrics.sent_packets.labels("audio")._value.get() > 0
+        assert metrics.packets_lost.labels("video")._value.get() == 0  # a clean link
+        assert 0 < metrics.viewer_rtt._sum.get() < 1.0 * sum(b.get() for b in metrics.viewer_rtt._buckets)
+        latency = metrics.speak_latency.labels("local")
+        assert sum(b.get() for b in latency._buckets) == 1 and 0 < latency._sum.get() < 5.0
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))

@@ -91,6 +91,8 @@ class Viewer:
         self.close_reason: str | None = None
         self.video_codec = ""
         """The codec this viewer's video is encoded with (``vp8`` or ``h264``), once negotiated."""
+        self._rtp_counts: dict[str, tuple[int, int]] = {}
+        """Per kind: (packets sent, packets the viewer reported lost) at the last sample."""
         metrics.viewers.labels("connecting").inc()
 
         pc = self._pc
@@ -233,6 +235,32 @@ class Viewer:
         if fragment.end_of_candidates:
             await self._pc.addIceCandidate(None)
 
+    async def sample_stats(self) -> None:
+        """Add this viewer's RTP counts since the last sample to the metrics, and its RTT.
+
+        aiortc's public ``getStats`` of each sender: ``outbound-rtp`` (packets sent) and, once
+        the viewer sent a receiver report, ``remote-inbound-rtp`` (cumulative loss, RTT).
+        """
+        if self.close_reason is not None and self._pc.connectionState == "closed":
+            return
+        for transceiver in self._pc.getTransceivers():
+            sender = transceiver.sender
+            kind = transceiver.kind
+            sent = lost = 0
+            rtt: float | None = None
+            for stats in (await sender.getStats()).values():
+                if stats.type == "outbound-rtp":
+                    sent = stats.packetsSent
+                elif stats.type == "remote-inbound-rtp":
+                    lost, rtt = stats.packetsLost, stats.roundTripTime
+            last_sent, last_lost = self._rtp_counts.get(kind, (0, 0))
+            self._rtp_counts[kind] = (sent, lost)
+            # Receiver reports carry a cumulative, signed count that duplicates can lower.
+            self._metrics.sent_packets.labels(kind).inc(max(0, sent - last_sent))
+            self._metrics.packets_lost.labels(kind).inc(max(0, lost - last_lost))
+            if rtt is not None and kind == "video":
+                self._metrics.viewer_rtt.observe(rtt)
+
     def send_event(self, payload: str) -> bool:
         """Queue one JSON event on the viewer's data channel, if it opened one."""
         channel = self._channel
@@ -276,6 +304,8 @@ class Viewer:
         for task in (self._watchdog, self._microphone):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
+        with contextlib.suppress(Exception):  # the last seconds' counts; never fail a close
+            await self.sample_stats()
         self._set_state("closed")
         self._metrics.viewer_disconnects.labels(reason).inc()
         self._metrics.viewer_duration.observe(time.monotonic() - self.created)
