@@ -1,16 +1,16 @@
-"""Command line: ``avatar-gateway serve|sim [--host H] [--port P] [--log-level L]``."""
+"""Command line: ``avatar-gateway serve|sim [--host H] [--port P] [--log-level L]`` and
+``avatar-gateway config-reference [--update FILE]``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, logs
 from .config import ConfigError, Settings
 
 
@@ -34,28 +34,52 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, help="port to bind (default 8090)")
     sim.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
+    reference = commands.add_parser(
+        "config-reference", help="print every setting (variable, default, meaning) as Markdown")
+    reference.add_argument("--update", metavar="FILE",
+                           help="rewrite the table between the config-reference markers in FILE")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "config-reference":
+        return _config_reference(args.update)
     overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port))
                                  if v is not None}
     if args.command == "sim":
+        logs.configure(args.log_level)
         return _sim(overrides)
     try:
         settings = Settings.from_env(**overrides)
     except ConfigError as exc:
         print(f"avatar-gateway: {exc}", file=sys.stderr)
         return 2
+    logs.configure(args.log_level, settings.log_format)
     from .app import create_app  # heavy imports (aiortc, av) after argument errors
 
     print(f"avatar-gateway {__version__}: open {settings.base_url}/ to watch the avatar "
           f"and make it speak (Ctrl-C to stop)", flush=True)
     web.run_app(create_app(settings), host=settings.host, port=settings.port,
                 print=None, access_log=None, shutdown_timeout=10.0)
+    return 0
+
+
+def _config_reference(update: str | None) -> int:
+    from pathlib import Path
+
+    from .config_reference import reference_markdown
+    from .config_reference import update as update_file
+
+    if update is None:
+        print(reference_markdown(), end="")
+        return 0
+    try:
+        changed = update_file(Path(update))
+    except (OSError, ValueError) as exc:
+        print(f"avatar-gateway config-reference: {exc}", file=sys.stderr)
+        return 2
+    print(f"{update}: {'updated' if changed else 'already up to date'}")
     return 0
 
 

@@ -67,6 +67,7 @@ class Settings:
     host: str = "127.0.0.1"
     """Address to bind. A non-loopback address requires ``api_token`` or ``allow_insecure``."""
     port: int = 8080
+    """TCP port for HTTP (signaling, API, pages, metrics)."""
     public_url: str = ""
     """Base URL clients use to reach the gateway (for printed links); derived when empty."""
     api_token: Secret = Secret("")
@@ -77,13 +78,18 @@ class Settings:
     ice_servers: tuple[str, ...] = ()
     """STUN/TURN URLs handed to aiortc and to browsers, e.g. ``stun:stun.example.org:3478``."""
     ice_username: str = ""
+    """TURN username for the ``turn:``/``turns:`` entries of ``ice_servers``."""
     ice_credential: Secret = Secret("")
+    """TURN password; advertised to players in WHEP ``Link`` headers with the username."""
     ice_host_addresses: tuple[str, ...] = ()
     """Restrict the host addresses aiortc gathers candidates on (containers, multi-homed
     hosts, loopback-only test rigs). Empty: every interface but loopback (aioice default)."""
 
     default_quality: str = "high"
+    """Quality of a session that names none: ``high`` 1280x720, ``medium`` 854x480, ``low``
+    640x360 (HeyGen's tiers; the video bitrate ceiling follows)."""
     video_fps: int = 30
+    """Frame rate of the local avatar and of the shared encoders (1..60)."""
     keyframe_interval: float = 4.0
     """Seconds between periodic keyframes: bounds recovery for a viewer whose PLI is lost."""
     keyframe_min_gap: float = 0.5
@@ -91,7 +97,9 @@ class Settings:
     viewer_connect_timeout: float = 30.0
     """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
     viewer_video_queue: int = 30
+    """Encoded video frames a viewer may fall behind before it skips to the next keyframe."""
     viewer_audio_queue: int = 50
+    """Encoded audio packets (20 ms each) a viewer may fall behind before the oldest go."""
     stats_interval: float = 5.0
     """Seconds between samples of every viewer's RTP counters (packets sent, lost, RTT)."""
 
@@ -99,24 +107,39 @@ class Settings:
     """``naive`` gives every viewer its own encoder (aiortc's default); only for benchmarks."""
 
     max_sessions: int = 8
+    """Sessions open at once, of any upstream; more is a 429 with Retry-After."""
     max_viewers_per_session: int = 64
+    """Viewer peer connections per session; more is a 429 with Retry-After."""
     max_body_bytes: int = 64 * 1024
+    """Largest request body (JSON, SDP) accepted; larger is a 413."""
     max_text_chars: int = 5000
+    """Longest text the avatar is asked to speak (and longest question to the chat)."""
 
     tts_voice: str = "en-us"
+    """eSpeak NG voice of the local avatar when a session names none (``GET /v1/catalog``
+    lists them)."""
     tts_words_per_minute: int = 165
+    """Speaking rate of the local avatar."""
     local_avatar: str = "ada"
     """The embedded avatar's look when a session names none (``GET /v1/catalog`` lists them)."""
 
     default_upstream: str = "local"
     """``local`` (embedded avatar), ``heygen`` or ``liveavatar``."""
     heygen_api_key: Secret = Secret("")
+    """HeyGen API key; set, it makes the ``heygen`` upstream available. Never sent to a
+    browser."""
     heygen_base_url: str = "https://api.heygen.com"
+    """HeyGen API base (the simulator: ``http://127.0.0.1:8090``)."""
     heygen_avatar_id: str = "default"
+    """HeyGen avatar of a session that names none."""
     heygen_voice_id: str = ""
+    """HeyGen voice of a session that names none; empty: the avatar's own."""
     liveavatar_api_key: Secret = Secret("")
+    """LiveAvatar API key; set, it makes the ``liveavatar`` upstream available (FULL mode)."""
     liveavatar_base_url: str = "https://api.liveavatar.com"
+    """LiveAvatar API base (the simulator: ``http://127.0.0.1:8090``)."""
     liveavatar_avatar_id: str = "default"
+    """LiveAvatar avatar of a session that names none."""
     upstream_timeout: float = 15.0
     """Seconds for one provider REST call."""
     max_upstream_sessions: int = 3
@@ -143,9 +166,14 @@ class Settings:
     openai_base_url: str = ""
     """Any OpenAI-compatible server; empty means api.openai.com."""
     openai_model: str = "gpt-4o-mini"
+    """Chat model for ``talk`` and the seed API's answers."""
     openai_timeout: float = 30.0
+    """Seconds for one chat request (streamed answers: until the last token)."""
     chat_history_turns: int = 20
     """Per-session conversation memory (user + assistant messages kept)."""
+    log_format: str = "text"
+    """``text`` (one readable line per record) or ``json`` (one JSON object per line, for log
+    collectors)."""
     build_commit: str = ""
     """Source revision, set by the image build; the ``commit`` label of ``avatargw_build_info``."""
 
@@ -157,6 +185,8 @@ class Settings:
                 f"default_quality must be one of {sorted(QUALITY_TIERS)}, "
                 f"got {self.default_quality!r}"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         if self.media_design not in ("encode-once", "naive"):
             raise ConfigError(f"media_design must be 'encode-once' or 'naive', "
                               f"got {self.media_design!r}")

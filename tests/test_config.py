@@ -69,3 +69,67 @@ def test_public_bind_needs_auth() -> None:
     assert Settings.from_env({"AVATAR_GATEWAY_HOST": "0.0.0.0",
                               "AVATAR_GATEWAY_API_TOKEN": "t"}).host == "0.0.0.0"
     assert Settings.from_env({"AVATAR_GATEWAY_HOST": "::1"}).base_url == "http://[::1]:8080"
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_every_setting_is_documented_and_the_readme_table_is_current() -> None:
+    import dataclasses
+
+    from gateway.config_reference import END, START, field_docs, reference_markdown
+
+    docs = field_docs()
+    assert list(docs) == [f.name for f in dataclasses.fields(Settings)]
+    undocumented = [name for name, text in docs.items() if not text]
+    assert not undocumented, f"add a docstring under these fields in config.py: {undocumented}"
+    table = reference_markdown()
+    for f in dataclasses.fields(Settings):
+        assert f"`AVATAR_GATEWAY_{f.name.upper()}`" in table
+    assert "`AVATAR_GATEWAY_API_TOKEN_FILE`" in table and "`OPENAI_API_KEY`" in table
+    readme = README.read_text(encoding="utf-8")
+    current = readme[readme.index(START) + len(START) + 1:readme.index(END)]
+    assert current == table, "stale: run `avatar-gateway config-reference --update README.md`"
+
+
+def test_config_reference_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import main
+    from gateway.config_reference import END, START
+
+    assert main(["config-reference"]) == 0
+    assert "| `AVATAR_GATEWAY_LOG_FORMAT` | `text` |" in capsys.readouterr().out
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# x\n{START}\nSTALE TABLE\n{END}\ntail\n")
+    assert main(["config-reference", "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert "STALE TABLE" not in text and "`AVATAR_GATEWAY_HOST`" in text and text.endswith(f"{END}\ntail\n")
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert main(["config-reference", "--update", str(tmp_path / "plain.md")]) == 2
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from gateway import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("info", "json")
+    try:
+        logging.getLogger("gateway.test").info("session %s closed", "abc", extra={"reason": "idle"})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("gateway.test").exception("it failed")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = capsys.readouterr().err.strip().splitlines()
+    first, second = (json.loads(line) for line in lines[-2:])
+    assert first["message"] == "session abc closed" and first["reason"] == "idle"
+    assert first["level"] == "info" and first["logger"] == "gateway.test"
+    assert first["time"].endswith("Z")
+    assert second["level"] == "error" and "ValueError: boom" in second["exception"]
+    with pytest.raises(ConfigError, match="log_format"):
+        Settings.from_env({"AVATAR_GATEWAY_LOG_FORMAT": "xml"})
