@@ -22,6 +22,8 @@ from prometheus_client import (
 from . import __version__
 
 NS = "avatargw"
+UPSTREAMS = ("local", "heygen", "liveavatar")
+START_RESULTS = ("ok", "quota", "auth", "unavailable", "error")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ENCODE_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.012, 0.016, 0.025, 0.033, 0.05, 0.1)
@@ -80,6 +82,12 @@ class Metrics:
                                                "Latency of REST calls to avatar providers.",
                                                ["provider", "endpoint"], buckets=_LATENCY_BUCKETS,
                                                registry=r)
+        # Closed sets are exported at 0 from the start, so increase() sees a first failure.
+        for upstream in UPSTREAMS:
+            for result in START_RESULTS:
+                self.upstream_starts.labels(upstream, result)
+            for result in ("ok", "failed"):
+                self.upstream_reconnects.labels(upstream, result)
         self.events_dropped = Counter(f"{NS}_events_dropped_total",
                                       "Session events not delivered to a slow consumer.",
                                       ["channel"], registry=r)

@@ -46,7 +46,7 @@ from .upstream.base import (
     Upstream,
 )
 from .viewers.peer import Viewer, rtc_configuration
-from .viewers.whep import parse_offer
+from .viewers.whep import browser_ice_servers, parse_offer
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,10 @@ class Session:
             "created_at": self.created_at,
             "whep_url": f"/v1/sessions/{self.id}/whep",
             "events_url": f"/v1/sessions/{self.id}/events",
+            # What a player's peer connection needs before it offers (TURN behind NAT).
+            "ice_servers": browser_ice_servers(self._settings.ice_servers,
+                                               self._settings.ice_username,
+                                               self._settings.ice_credential.reveal()),
         }
 
     # -- MediaSink (called by the upstream) --------------------------------------------------

@@ -282,8 +282,9 @@ async def test_session_limit_is_429_with_retry_after(aiohttp_client: ClientFacto
     response = await client.post("/v1/sessions")
     assert "maximum" in await error_of(response, 429)
     assert int(response.headers["Retry-After"]) > 0
+    # Still ready: the open session's viewers must reach it; the body says it is full.
     ready = await client.get("/readyz")
-    assert ready.status == 503 and "session limit reached" in (await ready.json())["reasons"]
+    assert ready.status == 200 and (await ready.json())["full"] is True
 
 
 async def test_ops_endpoints(client: Client, session_id: str) -> None:
@@ -358,3 +359,27 @@ async def test_catalog_lists_what_a_session_can_be_created_with(client: Client) 
     refused = await client.post("/v1/sessions", json={"avatar_id": "zoe"})
     assert "available: ada, ben, cleo" in await error_of(refused, 400)
     assert "voice" in await error_of(await client.post("/v1/sessions", json={"voice": "xx-nope"}), 400)
+
+
+async def test_sessions_carry_the_ice_servers_players_need(aiohttp_client: ClientFactory) -> None:
+    settings = make_settings(ice_servers=("stun:stun.example.org:3478",
+                                          "turns:turn.example.org:443?transport=tcp"),
+                             ice_username="user", ice_credential="pass")
+    client = await aiohttp_client(create_app(settings))
+    created = await (await client.post("/v1/sessions")).json()
+    assert created["ice_servers"] == [
+        {"urls": ["stun:stun.example.org:3478"]},
+        {"urls": ["turns:turn.example.org:443?transport=tcp"], "username": "user",
+         "credential": "pass", "credentialType": "password"},
+    ]
+    listed = await (await client.get(f"/v1/sessions/{created['id']}")).json()
+    assert listed["ice_servers"] == created["ice_servers"]
+
+
+async def test_first_failures_are_visible_to_increase(client: Client) -> None:
+    # A failure series that appears only when it first happens hides that failure from
+    # increase(): every closed outcome is exported at 0 from the start.
+    text = await (await client.get("/metrics")).text()
+    for result in ("ok", "quota", "auth", "unavailable", "error"):
+        line = f'avatargw_upstream_session_starts_total{{result="{result}",upstream="heygen"}} 0.0'
+        assert line in text

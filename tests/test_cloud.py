@@ -209,7 +209,8 @@ async def test_no_key_or_provider_token_leaks(rig: Rig, caplog: pytest.LogCaptur
         await viewer.connect()
         await text("POST", f"{url}/speak", json={"text": "Nothing secret here."})
         await text("POST", f"{url}/speak", json={"text": "x", "task_type": "nonsense"})
-        for path in ("/v1/sessions", url, "/metrics", "/readyz", "/livez", "/", "/web/whep.js"):
+        for path in ("/v1/sessions", url, "/metrics", "/readyz", "/livez", "/", "/web/demo.js",
+                     "/web/sdk/index.js"):
             await text("GET", path)
         async with asyncio.timeout(10):
             while not viewer.received.events:

@@ -110,8 +110,11 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "quality": _str(enum=list(QUALITY_TIERS)), "width": {"type": "integer"},
             "height": {"type": "integer"}, "viewers": {"type": "integer", "minimum": 0},
             "created_at": {"type": "number"}, "whep_url": _str(), "events_url": _str(),
+            "ice_servers": {"type": "array", "items": _ref("IceServer"), "description": (
+                "For the player's RTCPeerConnection (the same servers as the WHEP Link headers, "
+                "which arrive only after the offer).")},
         }, ("id", "upstream", "state", "quality", "width", "height", "viewers", "created_at",
-            "whep_url", "events_url")),
+            "whep_url", "events_url", "ice_servers")),
         "SessionCreate": _obj({
             "upstream": _str(enum=["local", "heygen", "liveavatar"],
                              description="Default: AVATAR_GATEWAY_DEFAULT_UPSTREAM."),
@@ -346,7 +349,11 @@ def build_document(settings: Settings) -> Schema:
     schemas = _schemas(settings)
     schemas["Readiness"] = _obj({"status": _str(enum=["ok", "unavailable"]),
                                  "reasons": {"type": "array", "items": _str()},
-                                 "sessions": {"type": "integer"}}, ("status", "reasons", "sessions"))
+                                 "sessions": {"type": "integer"},
+                                 "full": {"type": "boolean", "description": (
+                                     "At the session limit: still ready for the open sessions; "
+                                     "one more is a 429.")}},
+                                ("status", "reasons", "sessions", "full"))
     return {
         "openapi": "3.1.0",
         "info": {

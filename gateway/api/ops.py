@@ -17,18 +17,15 @@ async def livez(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """503 while draining (so load balancers stop sending) or when no session can be created."""
+    """503 while draining, so load balancers stop sending. A gateway at its session limit stays
+    ready: its open sessions' viewers and controllers must still reach it (``full`` says so,
+    and creating one more session is a 429)."""
     sessions = request.app[SESSIONS]
     settings = request.app[SETTINGS]
-    reasons = []
-    if request.app[LIFECYCLE].draining:
-        reasons.append("draining")
-    if len(sessions) >= settings.max_sessions:
-        reasons.append("session limit reached")
-    ready = not reasons
-    request.app[METRICS].ready.set(1 if ready else 0)
-    body = {"status": "ok" if ready else "unavailable", "reasons": reasons,
-            "sessions": len(sessions)}
+    ready = not request.app[LIFECYCLE].draining
+    body = {"status": "ok" if ready else "unavailable",
+            "reasons": [] if ready else ["draining"],
+            "sessions": len(sessions), "full": len(sessions) >= settings.max_sessions}
     return web.json_response(body, status=200 if ready else 503)
 
 

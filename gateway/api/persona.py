@@ -26,7 +26,7 @@ from ..config import Settings
 from ..errors import BadRequest, Conflict, NotFound
 from ..sessions import Session
 from ..viewers.peer import Viewer
-from ..viewers.whep import SdpFragment, parse_sdpfrag
+from ..viewers.whep import SdpFragment, browser_ice_servers, parse_sdpfrag
 from .common import (
     CHAT,
     METRICS,
@@ -149,15 +149,8 @@ async def init_bot(request: web.Request) -> web.Response:
 
 def ice_servers(settings: Settings) -> list[dict[str, Any]]:
     """The ICE servers for the browser, in HeyGen v1's ``ice_servers2`` shape."""
-    servers: list[dict[str, Any]] = []
-    for url in settings.ice_servers:
-        server: dict[str, Any] = {"urls": [url]}
-        if url.startswith(("turn:", "turns:")) and settings.ice_username:
-            server["username"] = settings.ice_username
-            server["credential"] = settings.ice_credential.reveal()
-            server["credentialType"] = "password"
-        servers.append(server)
-    return servers
+    return browser_ice_servers(settings.ice_servers, settings.ice_username,
+                               settings.ice_credential.reveal())
 
 
 @routes.post("/persona/heygen/session/create")

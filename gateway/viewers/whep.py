@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiortc import RTCIceCandidate, RTCRtpCodecParameters
 from aiortc.codecs import CODECS
@@ -156,6 +157,21 @@ def parse_sdpfrag(text: str) -> SdpFragment:
         elif not _SDP_LINE.match(line):
             raise BadSDP(f"malformed SDP fragment line {line!r}")
     return SdpFragment(ufrag, pwd, tuple(candidates), end)
+
+
+def browser_ice_servers(urls: Iterable[str], username: str = "",
+                        credential: str = "") -> list[dict[str, Any]]:
+    """The same servers as :func:`link_headers`, as ``RTCIceServer`` dictionaries for a page's
+    ``RTCPeerConnection`` (a player gathers before it POSTs, so it needs them beforehand)."""
+    servers: list[dict[str, Any]] = []
+    for url in urls:
+        server: dict[str, Any] = {"urls": [url]}
+        if url.startswith(("turn:", "turns:")) and username:
+            server["username"] = username
+            server["credential"] = credential
+            server["credentialType"] = "password"
+        servers.append(server)
+    return servers
 
 
 def link_headers(urls: Iterable[str], username: str = "", credential: str = "") -> list[str]:

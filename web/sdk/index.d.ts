@@ -13,7 +13,8 @@ export interface StreamingAvatarApiConfig {
   /** The gateway's base URL. Default: the page's origin (`location.origin`). */
   basePath?: string;
   /**
-   * ICE servers for the WHEP peer connection. Default: none (host candidates only).
+   * ICE servers for the WHEP peer connection. Default: the ones the gateway advertises in the
+   * session (`ice_servers`, from `AVATAR_GATEWAY_ICE_SERVERS`); none when it has none.
    * @remarks gateway extension
    */
   iceServers?: RTCIceServer[];
@@ -147,6 +148,8 @@ export interface GatewaySession {
   whep_url: string;
   /** Relative URL of the session's server-sent event stream. */
   events_url: string;
+  /** STUN/TURN servers the gateway advertises; the SDK uses them unless `iceServers` is given. */
+  ice_servers: RTCIceServer[];
   [key: string]: unknown;
 }
 

@@ -201,7 +201,8 @@ class StreamingAvatar {
     }
     const player = new WhepPlayer(this.#url(this.#session.whep_url || `/v1/sessions/${sessionId}/whep`), {
       token: this.#token,
-      iceServers: this.#iceServers,
+      // The gateway's STUN/TURN servers, unless the page chose its own.
+      iceServers: this.#iceServers.length ? this.#iceServers : (this.#session.ice_servers || []),
       preferCodec: this.#preferCodec,
       sendAudio: !watching,
     });
