@@ -23,6 +23,7 @@ from gateway.avatar import (
     Utterance,
     available_voices,
 )
+from gateway.avatar.lipsync import ANTICIPATION_S
 from gateway.avatar.looks import DEFAULT_LOOK, LOOKS
 
 HELLO = "Hello world, I am your avatar."
@@ -237,7 +238,11 @@ def test_bilabials_close_the_mouth(bilabial: Utterance) -> None:
         end = phs[i + 1].start if i + 1 < len(phs) else bilabial.duration
         ts = np.linspace(phs[i].start - 0.01, end, 8)
         assert min(lips.pose_at(float(t)).open for t in ts) < 0.06, word
-        assert lips.pose_at(phs[i].start + 0.01).open < 0.15, word
+        # Closed in the middle of the bilabial as the lip sync places it (it leads the sound
+        # by its anticipation; a fixed +10 ms probe fell outside short /b/s, eSpeak's timing of
+        # one text drifts by a few ms from call to call).
+        middle = (phs[i].start + end) / 2 - ANTICIPATION_S
+        assert lips.pose_at(middle).open < 0.15, word
         checked += 1
     assert checked >= 5
 

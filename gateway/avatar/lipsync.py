@@ -25,7 +25,7 @@ _RMS_WINDOW_S = 0.020
 # Co-articulation: neighbouring visemes blend over roughly +-2 sigma.
 _SMOOTH_SIGMA_S = 0.014
 # Lips reach a shape slightly before its sound starts (most visible on m/b/p).
-_ANTICIPATION_S = 0.015
+ANTICIPATION_S = 0.015
 _EDGE_FADE_S = 0.030
 
 
@@ -150,8 +150,8 @@ class LipSync:
         voiced = np.zeros(n)
         phs = utterance.phonemes
         for i, ph in enumerate(phs):
-            start = ph.start - _ANTICIPATION_S
-            end = (phs[i + 1].start if i + 1 < len(phs) else self._duration) - _ANTICIPATION_S
+            start = ph.start - ANTICIPATION_S
+            end = (phs[i + 1].start if i + 1 < len(phs) else self._duration) - ANTICIPATION_S
             if end <= start:
                 continue
             parts = _DIPHTHONGS.get(ph.symbol.lstrip("',"))
