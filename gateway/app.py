@@ -4,7 +4,6 @@ typed state, and the lifecycle that closes every session on shutdown."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,12 +12,13 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .api import catalog, ops, sessions, whep
-from .api.common import LIFECYCLE, METRICS, SESSIONS, SETTINGS, Lifecycle
+from .api import catalog, ops, sessions, tokens, whep
+from .api.common import LIFECYCLE, METRICS, PRINCIPAL, SESSIONS, SETTINGS, TOKENS, Lifecycle
 from .api.openapi import setup_openapi
 from .api.persona import setup as setup_persona_api
+from .auth import OPEN, TokenAuthority, bearer, check, required_role
 from .config import Settings
-from .errors import GatewayError, Unauthorized
+from .errors import GatewayError
 from .journal import SessionJournal
 from .metrics import Metrics
 from .providers import Providers
@@ -130,13 +130,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[SETTINGS].api_token
-    if token and request.path.startswith(_API_PREFIXES):
-        header = request.headers.get("Authorization", "")
-        # EventSource cannot set headers; it may pass the token as a query parameter instead.
-        given = header[7:] if header.startswith("Bearer ") else request.query.get("access_token", "")
-        if not hmac.compare_digest(given.encode(), token.reveal().encode()):
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+    """Resolve the bearer token to a principal and check it against the route's role, once,
+    before any handler runs (``gateway/auth.py`` holds the table)."""
+    needed = required_role(request)
+    if needed is None:
+        request[PRINCIPAL] = OPEN
+    else:
+        principal = request.app[TOKENS].principal(bearer(request))
+        check(principal, needed, request)
+        request[PRINCIPAL] = principal
     return await handler(request)
 
 
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
+    app[TOKENS] = TokenAuthority(settings)
     journal = SessionJournal(Path(settings.state_dir) / "journal.sqlite3")
     app[SESSIONS] = SessionRegistry(settings, metrics, Providers(settings, metrics, journal))
     configure_ice_host_addresses(settings.ice_host_addresses)
@@ -162,6 +165,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.add_routes(catalog.routes)
     app.add_routes(sessions.routes)
     app.add_routes(whep.routes)
+    app.add_routes(tokens.routes)
     setup_persona_api(app)
     setup_openapi(app)
     app.router.add_get("/", _index)

@@ -71,7 +71,16 @@ class Settings:
     public_url: str = ""
     """Base URL clients use to reach the gateway (for printed links); derived when empty."""
     api_token: Secret = Secret("")
-    """Bearer token for controllers and viewers; empty means no authentication."""
+    """Controller bearer token: create, drive and delete sessions, mint viewer tokens. Empty
+    with an empty ``admin_token``: no authentication (then only a loopback bind is allowed)."""
+    admin_token: Secret = Secret("")
+    """Admin bearer token: everything, and minting controller tokens (``POST /v1/tokens``)."""
+    token_secret: Secret = Secret("")
+    """HMAC key signing minted tokens; empty: a random key per process (tokens end with it)."""
+    viewer_token_ttl: float = 3600.0
+    """Default lifetime of a minted token, seconds."""
+    max_token_ttl: float = 86400.0
+    """Longest lifetime a minted token may ask for, seconds."""
     allow_insecure: bool = False
     """Permit binding a non-loopback address with no ``api_token``."""
 
@@ -200,6 +209,7 @@ class Settings:
                               f"got {self.default_upstream!r}")
         for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout",
                      "upstream_timeout", "idle_grace", "keep_alive_interval", "stats_interval",
+                     "viewer_token_ttl", "max_token_ttl",
                      "reconnect_ready_within",
                      "max_session_duration"):
             if getattr(self, name) <= 0:
@@ -217,7 +227,8 @@ class Settings:
         for url in self.ice_servers:
             if not url.startswith(("stun:", "turn:", "turns:")):
                 raise ConfigError(f"ice_servers: {url!r} is not a stun:/turn:/turns: URL")
-        if not self.api_token and not self.allow_insecure and not is_loopback(self.host):
+        if (not self.api_token and not self.admin_token and not self.allow_insecure
+                and not is_loopback(self.host)):
             raise ConfigError(
                 f"refusing to bind {self.host} without authentication: set "
                 f"{ENV_PREFIX}API_TOKEN, or {ENV_PREFIX}ALLOW_INSECURE=1 if you really mean it"

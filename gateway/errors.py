@@ -6,7 +6,8 @@
     ├── BadRequest                    400  invalid JSON / parameters
     │   ├── BadSDP                    400  SDP that cannot be parsed or used
     │   └── UnsupportedCodec          400  no codec in common with the hub
-    ├── Unauthorized                  401  missing or wrong bearer token
+    ├── Unauthorized                  401  missing, wrong, tampered or expired token
+    ├── Forbidden                     403  a valid token of a role that may not do this
     ├── NotFound                      404  unknown session or viewer
     ├── Conflict                      409  session not in a state that allows the request
     ├── PreconditionFailed            412  WHEP If-Match does not name the ICE session
@@ -52,6 +53,11 @@ class UnsupportedCodec(BadRequest):
 class Unauthorized(GatewayError):
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(GatewayError):

@@ -393,12 +393,13 @@ class Session:
         # Only an upstream that listens gets a microphone.
         return self._forward_microphone if self.upstream.listens else None
 
-    async def add_viewer(self, offer_sdp: str) -> tuple[Viewer, str]:
-        """WHEP: the viewer offers, the gateway answers."""
+    async def add_viewer(self, offer_sdp: str, microphone: bool = True) -> tuple[Viewer, str]:
+        """WHEP: the viewer offers, the gateway answers. ``microphone``: a controller's offer
+        of two-way audio carries its microphone to the avatar; a viewer's never does."""
         offer = parse_offer(offer_sdp)
         viewer = self._new_viewer()
         try:
-            answer = await viewer.negotiate(offer, self._microphone)
+            answer = await viewer.negotiate(offer, self._microphone if microphone else None)
         except BaseException:
             await viewer.close("negotiation_failed")
             raise

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..auth import Principal, TokenAuthority
 from ..chat.llm import ChatService
 from ..chat.persona import PersonaStore
 from ..config import Settings
@@ -18,6 +19,8 @@ from ..sessions import SessionRegistry
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SESSIONS = web.AppKey("sessions", SessionRegistry)
+TOKENS = web.AppKey("tokens", TokenAuthority)
+PRINCIPAL = web.RequestKey("principal", Principal)
 PERSONAS = web.AppKey("personas", PersonaStore)
 CHAT = web.AppKey("chat", ChatService)
 
@@ -70,3 +73,8 @@ def required_str(data: dict[str, Any], key: str) -> str:
 async def one_sentence(text: str) -> AsyncGenerator[str, None]:
     """``text`` as a stream of one sentence, for :meth:`Session.speak_sentences`."""
     yield text
+
+
+def principal(request: web.Request) -> Principal:
+    """Who is asking (the auth middleware sets it for every request it lets through)."""
+    return request[PRINCIPAL]

@@ -152,6 +152,18 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "default_avatar", "default_voice"))},
         }, ("default_upstream", "default_quality", "qualities", "upstreams")),
         "Named": _obj({"id": _str(), "name": _str()}, ("id", "name")),
+        "TokenRequest": _obj({
+            "role": _str(enum=["viewer", "controller"], default="viewer"),
+            "session_id": _str(description="Required for a viewer token, absent otherwise."),
+            "ttl": {"type": "number", "exclusiveMinimum": 0, "maximum": settings.max_token_ttl,
+                    "default": settings.viewer_token_ttl, "description": "Lifetime, seconds."},
+        }),
+        "Token": _obj({
+            "token": _str(), "role": _str(enum=["viewer", "controller"]),
+            "session_id": {"type": ["string", "null"]}, "expires_at": {"type": "number"},
+            "expires_in": {"type": "number"},
+            "watch_url": _str(description="The viewer page for this session with this token."),
+        }, ("token", "role", "session_id", "expires_at", "expires_in")),
         "Persona": _obj({
             "name": short, "title": short,
             "education": _obj(education, ("degree", "year", "institution"), additional=False),
@@ -286,6 +298,12 @@ def _gateway_paths(settings: Settings) -> dict[str, Schema]:
             "get": _op("List sessions", "sessions", {"200": _json(_obj(
                 {"sessions": {"type": "array", "items": session}}, ("sessions",)))}),
         },
+        "/v1/tokens": {"post": _op(
+            "Mint a token", "auth", {"201": _json(_ref("Token"), "Created")},
+            body=_body(_ref("TokenRequest")),
+            description=("A viewer token watches one session (WHEP, its events, its JSON) until it "
+                         "expires; a controller may mint those. A controller token (admin only) "
+                         "drives every session. 401: no valid token; 403: a role that may not."))},
         "/v1/catalog": {"get": _op(
             "Catalog", "sessions", {"200": _json(_ref("Catalog"))},
             description="Upstreams, their avatars and voices, and the quality tiers.")},

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..auth import Role
 from ..errors import BadRequest, PreconditionFailed, UnsupportedMediaType
 from ..viewers.whep import SDP_TYPE, SDPFRAG_TYPE, link_headers, parse_sdpfrag
-from .common import METRICS, SESSIONS, SETTINGS
+from .common import METRICS, SESSIONS, SETTINGS, principal
 
 routes = web.RouteTableDef()
 
@@ -28,7 +29,10 @@ async def create_viewer(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     offer = _text_body(await request.read())
     try:
-        viewer, answer = await session.add_viewer(offer)
+        # Only a controller's microphone reaches the avatar; a viewer's offer is answered
+        # receive-only whatever it offers.
+        viewer, answer = await session.add_viewer(
+            offer, microphone=principal(request).role >= Role.CONTROLLER)
     except BadRequest:
         metrics.viewer_sessions.labels("bad_sdp").inc()
         raise
