@@ -18,10 +18,11 @@ from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.api.common import SESSIONS
+from gateway.app import create_app
 from gateway.avatar import SpeechSynthesizer
 from gateway.upstream.local import LocalUpstream
 
-from .conftest import IN_NETNS
+from .conftest import IN_NETNS, ClientFactory, make_settings
 
 Client = TestClient[Any, Any]
 CHROMIUM = "/usr/bin/chromium"
@@ -125,9 +126,10 @@ def shots_for(request: pytest.FixtureRequest) -> Path:
     return ARTIFACTS / "screenshots" / re.sub(r"[^\w.-]+", "_", request.node.name)
 
 
-async def open_demo(browser: Browser, client: Client, shots: Path, codec: str = "") -> Tab:
+async def open_demo(browser: Browser, client: Client, shots: Path, codec: str = "",
+                    token: str = "") -> Tab:
     tab = Tab(await browser.new_page(viewport={"width": 1100, "height": 900}), "demo", shots)
-    await tab.page.goto(str(client.make_url("/")))
+    await tab.page.goto(str(client.make_url("/" + (f"?token={token}" if token else ""))))
     await tab.wait("() => document.getElementById('upstream').options.length > 0"
                    " && document.getElementById('status').textContent.includes('press New')")
     if codec:
@@ -255,6 +257,31 @@ async def test_three_tabs_watch_the_same_session(client: Client, browser: Browse
         await viewer.shot("ended")
     assert client.app[SESSIONS].list() == []
     for tab in (demo, *viewers):
+        assert not tab.errors, (tab.name, tab.errors)
+
+
+@needs_chromium
+async def test_with_auth_the_share_link_carries_a_viewer_token(
+        aiohttp_client: ClientFactory, browser: Browser, request: pytest.FixtureRequest) -> None:
+    client = await aiohttp_client(create_app(make_settings(api_token="ctl-secret")))
+    demo = await open_demo(browser, client, shots_for(request), token="ctl-secret")
+    session_id = await new_and_start(demo)
+    assert await demo.playing() == (640, 360)
+    share = await demo.page.get_attribute("#share", "href")
+    assert share is not None and "token=v1." in share and "ctl-secret" not in share
+    viewer = Tab(await browser.new_page(), "viewer", shots_for(request))
+    await viewer.page.goto(share)
+    assert await viewer.playing() == (640, 360)
+    await viewer.shot("watching")
+    # The link watches; it does not drive: the viewer token is refused on speak.
+    token = share.split("token=", 1)[1]
+    refused = await client.post(f"/v1/sessions/{session_id}/speak", json={"text": "hi"},
+                                headers={"Authorization": f"Bearer {token}"})
+    assert refused.status == 403
+    await demo.page.click("#close")
+    await demo.wait_text("#status", "idle")
+    await viewer.wait_text("#status", "the stream ended")
+    for tab in (demo, viewer):
         assert not tab.errors, (tab.name, tab.errors)
 
 

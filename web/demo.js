@@ -79,6 +79,21 @@ function wire(instance) {
   });
 }
 
+/** The viewer page for a session. With auth on, it carries a viewer token minted for that one
+ * session (watch only, expiring), never this page's own token. */
+async function viewerLink(sessionId) {
+  const link = new URL("/web/viewer.html", location.href);
+  link.searchParams.set("session", sessionId);
+  if (!token) return link.href;
+  const response = await fetch("/v1/tokens", {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ role: "viewer", session_id: sessionId }),
+  });
+  if (!response.ok) throw new Error(`minting a viewer token: HTTP ${response.status}`);
+  return new URL((await response.json()).watch_url, location.href).href;
+}
+
 $("upstream").addEventListener("change", onUpstreamChange);
 
 $("new").addEventListener("click", async () => {
@@ -94,9 +109,7 @@ $("new").addEventListener("click", async () => {
       voice: $("voice").value ? { voiceId: $("voice").value } : undefined,
     });
     avatar = instance;
-    const share = new URL("/web/viewer.html", location.href);
-    share.searchParams.set("session", info.session_id);
-    $("share").href = share.href;
+    $("share").href = await viewerLink(info.session_id);
     log.add(`session ${info.session_id} created (${info.session.upstream}, ${info.session.width}x${info.session.height})`);
     setStatus(`session ${info.session_id.slice(0, 8)} · created`);
     setPhase("created");
