@@ -18,14 +18,17 @@ from .api.openapi import setup_openapi
 from .api.persona import setup as setup_persona_api
 from .auth import OPEN, TokenAuthority, bearer, check, required_role
 from .config import Settings
-from .errors import GatewayError
+from .errors import GatewayError, RateLimited
 from .journal import SessionJournal
 from .metrics import Metrics
 from .providers import Providers
+from .ratelimit import RateLimiter, retry_after
 from .sessions import SessionRegistry
 from .viewers.peer import configure_ice_host_addresses
 
 logger = logging.getLogger(__name__)
+
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
@@ -129,6 +132,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Before authentication, so a flood of bad tokens is limited too. Keyed by the peer
+    address (behind a proxy: the proxy's; limit per client there)."""
+    limiter = request.app[RATE_LIMITER]
+    if limiter.enabled and required_role(request) is not None:
+        wait = limiter.take(request.remote or "unknown")
+        if wait > 0:
+            raise RateLimited(f"too many requests: at most {limiter.rate:g} per second "
+                              f"(bursts of {limiter.burst:g}) from one client",
+                              retry_after=retry_after(wait))
+    return await handler(request)
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the bearer token to a principal and check it against the route's role, once,
     before any handler runs (``gateway/auth.py`` holds the table)."""
@@ -150,13 +167,15 @@ def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings.from_env()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[metrics_middleware, cors_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, cors_middleware, error_middleware, rate_limit_middleware,
+                     auth_middleware],
     )
     metrics = Metrics(commit=settings.build_commit)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
     app[TOKENS] = TokenAuthority(settings)
+    app[RATE_LIMITER] = RateLimiter(settings.rate_limit, settings.rate_limit_burst)
     journal = SessionJournal(Path(settings.state_dir) / "journal.sqlite3")
     app[SESSIONS] = SessionRegistry(settings, metrics, Providers(settings, metrics, journal))
     configure_ice_host_addresses(settings.ice_host_addresses)

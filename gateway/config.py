@@ -119,6 +119,11 @@ class Settings:
     """Sessions open at once, of any upstream; more is a 429 with Retry-After."""
     max_viewers_per_session: int = 64
     """Viewer peer connections per session; more is a 429 with Retry-After."""
+    rate_limit: float = 50.0
+    """API requests per second a client address may sustain (0: no limit); more is a 429 with
+    Retry-After. Probes, metrics and the pages are not limited."""
+    rate_limit_burst: int = 200
+    """Requests a client address may make at once before ``rate_limit`` applies."""
     max_body_bytes: int = 64 * 1024
     """Largest request body (JSON, SDP) accepted; larger is a 413."""
     max_text_chars: int = 5000
@@ -214,7 +219,10 @@ class Settings:
                      "max_session_duration"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.rate_limit < 0:
+            raise ConfigError("rate_limit must be 0 (off) or positive")
         for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions", "max_upstream_sessions",
+                     "rate_limit_burst",
                      "reconnect_attempts",
                      "max_viewers_per_session", "max_body_bytes", "max_text_chars"):
             if getattr(self, name) < 1:

@@ -15,6 +15,7 @@
     ├── UnsupportedMediaType          415  wrong Content-Type
     ├── Unprocessable                 422  understood but not supported (ICE restart)
     ├── CapacityError                 429  session / viewer limit reached (Retry-After)
+    │   └── RateLimited               429  too many requests from one client (Retry-After)
     └── UpstreamError                 502  the avatar upstream failed
         ├── UpstreamAuthError         502  the provider refused the gateway's API key
         ├── UpstreamSessionGone       502  the provider no longer knows the session
@@ -93,6 +94,10 @@ class Unprocessable(GatewayError):
 class CapacityError(GatewayError):
     status = 429
     code = "capacity"
+
+
+class RateLimited(CapacityError):
+    code = "rate_limited"
 
 
 class UpstreamError(GatewayError):

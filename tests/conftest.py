@@ -27,7 +27,8 @@ def _network_rule() -> None:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"default_quality": "low", "keyframe_interval": 2.0,
+    # No rate limit unless a test is about it: the suite's own bursts are not what it guards.
+    base: dict[str, Any] = {"default_quality": "low", "keyframe_interval": 2.0, "rate_limit": 0.0,
                             "state_dir": tempfile.mkdtemp(prefix="avatar-gateway-test-")}
     base.update(overrides)
     return Settings.from_env({}, **base)
