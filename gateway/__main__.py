@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, logs
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"avatar-gateway: {exc}", file=sys.stderr)
         return 2
     logs.configure(args.log_level, settings.log_format)
+    if (settings.allow_insecure and not settings.api_token and not settings.admin_token
+            and not is_loopback(settings.host)):
+        # Said at every start: anyone who reaches this address may drive the avatar and spend
+        # the provider credits.
+        logging.getLogger("gateway").warning(
+            "serving %s WITHOUT authentication (AVATAR_GATEWAY_ALLOW_INSECURE=1): anyone who "
+            "can reach it may create sessions and spend provider credits", settings.host)
     from .app import create_app  # heavy imports (aiortc, av) after argument errors
 
     print(f"avatar-gateway {__version__}: open {settings.base_url}/ to watch the avatar "

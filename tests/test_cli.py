@@ -66,3 +66,19 @@ def test_bad_configuration_is_refused_with_a_message() -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "without authentication" in result.stderr
+
+
+def test_an_open_public_bind_warns_at_every_start(tmp_path: Path) -> None:
+    # Explicitly allowed, but never silent: the warning is the first thing in the log.
+    port = free_port()
+    env = {**os.environ, "AVATAR_GATEWAY_HOST": "0.0.0.0", "AVATAR_GATEWAY_ALLOW_INSECURE": "1",
+           "AVATAR_GATEWAY_STATE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "WITHOUT authentication" in line and "0.0.0.0" in line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
