@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
@@ -16,6 +17,54 @@ from gateway.viewers.peer import configure_ice_host_addresses
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 IN_NETNS = os.environ.get("AVATAR_GATEWAY_TEST_NETNS") == "1"
+
+
+# -- secrets scan ---------------------------------------------------------------------------
+# Every key and configured token the suite hands the gateway (or the simulator). Tests may SEND
+# them; nothing the gateway EMITS may contain one: no response body or header a test client
+# read, no log record of the whole run. tests/test_zz_secrets.py checks, after everything else.
+KNOWN_SECRETS = frozenset({
+    "sim-heygen-key", "sim-liveavatar-key", "sim-secret-at-least-32-characters-long",
+    "sk-test-NEVER-SHOW-THIS-0123456789abcdef",
+    "adm-token", "ctl-token", "ctl-secret", "s3cret-token", "s3cr3t-token", "other-key",
+})
+EMITTED: list[str] = []
+"""Everything recorded for the scan: formatted log records and response heads and bodies."""
+
+
+class _LogRecorder(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            EMITTED.append(self.format(record))
+        except Exception:  # a record that cannot even format is not ours to fail on
+            EMITTED.append(repr(record.msg))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_everything_emitted() -> Iterator[None]:
+    root = logging.getLogger()
+    handler = _LogRecorder(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+    original = TestClient._request
+
+    async def recording(self: TestClient[Any, Any], method: str, path: Any,
+                        **kwargs: Any) -> ClientResponse:
+        response = await original(self, method, path, **kwargs)
+        EMITTED.append(f"{method} {path} -> {response.status} {dict(response.headers)}")
+        if not response.content_type.startswith("text/event-stream"):
+            EMITTED.append((await response.read()).decode("utf-8", "replace"))
+        return response
+
+    TestClient._request = recording  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TestClient._request = original  # type: ignore[method-assign]
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
