@@ -42,12 +42,14 @@ class _LogRecorder(logging.Handler):
 
 @pytest.fixture(scope="session", autouse=True)
 def _record_everything_emitted() -> Iterator[None]:
-    root = logging.getLogger()
+    root, ours = logging.getLogger(), logging.getLogger("gateway")
     handler = _LogRecorder(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level = root.level
+    level = ours.level
     root.addHandler(handler)
-    root.setLevel(min(level, logging.INFO))
+    # The gateway's own INFO records too (not the libraries': pytest keeps each test's records,
+    # and aiortc's arguments would keep peer connections alive for the leak checks).
+    ours.setLevel(logging.INFO)
     original = TestClient._request
 
     async def recording(self: TestClient[Any, Any], method: str, path: Any,
@@ -64,7 +66,7 @@ def _record_everything_emitted() -> Iterator[None]:
     finally:
         TestClient._request = original  # type: ignore[method-assign]
         root.removeHandler(handler)
-        root.setLevel(level)
+        ours.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -161,7 +161,7 @@ class LiveKitServer:
         await ws.prepare(request)
         connection = ClientConnection(room, ws, grant, request.transport,
                                       on_closed=self._connections.discard)
-        logger.info("%r joins (sdk=%s %s, protocol %s)", connection, request.query.get("sdk", "?"),
+        logger.info("%s joins (sdk=%s %s, protocol %s)", repr(connection), request.query.get("sdk", "?"),
                     request.query.get("version", "?"), request.query.get("protocol", "?"))
         # Counted until its close has finished, which may outlive this handler.
         self._connections.add(connection)

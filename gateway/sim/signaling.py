@@ -226,7 +226,7 @@ class ClientConnection:
             self._closed.set()
             if self._on_closed is not None:
                 self._on_closed(self)
-            logger.info("%r closed", self)
+            logger.info("%s closed", repr(self))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -238,7 +238,7 @@ class ClientConnection:
         if task.cancelled() or task.exception() is None:
             return
         # A failed protocol task leaves the client waiting forever: end the connection loudly.
-        logger.error("%r: %s failed; closing", self, task.get_name(), exc_info=task.exception())
+        logger.error("%s: %s failed; closing", repr(self), task.get_name(), exc_info=task.exception())
         self._hang_up()
 
     def _hang_up(self) -> None:
@@ -256,7 +256,7 @@ class ClientConnection:
         try:
             self._outbox.put_nowait(message.SerializeToString())
         except asyncio.QueueFull:
-            logger.warning("%r does not read its signaling socket; dropping it", self)
+            logger.warning("%s does not read its signaling socket; dropping it", repr(self))
             self._hang_up()
 
     async def _write_loop(self) -> None:
@@ -265,7 +265,7 @@ class ClientConnection:
             try:
                 await self._ws.send_bytes(data)
             except ConnectionError as exc:
-                logger.info("%r: signaling socket gone (%s)", self, exc)
+                logger.info("%s: signaling socket gone (%s)", repr(self), exc)
                 return
 
     async def _read_loop(self) -> None:
@@ -273,18 +273,18 @@ class ClientConnection:
             try:
                 message = await self._ws.receive(timeout=PING_TIMEOUT)
             except TimeoutError:
-                logger.warning("%r: nothing for %d s (no pings); dropping it", self, PING_TIMEOUT)
+                logger.warning("%s: nothing for %d s (no pings); dropping it", repr(self), PING_TIMEOUT)
                 return
             if message.type is WSMsgType.BINARY:
                 try:
                     request = signal.SignalRequest.FromString(message.data)
                 except DecodeError:
-                    logger.warning("%r: undecodable signal request; dropping it", self)
+                    logger.warning("%s: undecodable signal request; dropping it", repr(self))
                     return
                 if not await self._handle(request):
                     return
             elif message.type is WSMsgType.TEXT:
-                logger.warning("%r: ignoring a text message (LiveKit signaling is binary)", self)
+                logger.warning("%s: ignoring a text message (LiveKit signaling is binary)", repr(self))
             else:  # CLOSE, CLOSING, CLOSED, ERROR
                 return
 
@@ -308,7 +308,7 @@ class ClientConnection:
                     await self._subscriber.setRemoteDescription(
                         RTCSessionDescription(sdp=request.answer.sdp, type="answer"))
             except PeerError as exc:
-                logger.warning("%r: unusable subscriber answer: %s", self, exc)
+                logger.warning("%s: unusable subscriber answer: %s", repr(self), exc)
                 return False
             self._answered.set()
         elif kind == "offer":
@@ -320,12 +320,12 @@ class ClientConnection:
                 if info.sid == request.mute.sid:
                     info.muted = request.mute.muted
         elif kind == "leave":
-            logger.info("%r leaves", self)
+            logger.info("%s leaves", repr(self))
             return False
         else:
             # subscription, track_setting, subscription_permission, sync_state, update_layers,
             # ...: a one-avatar room has nothing to adapt, so they need no answer.
-            logger.debug("%r: ignoring %s", self, kind)
+            logger.debug("%s: ignoring %s", repr(self), kind)
         return True
 
     async def _add_candidate(self, trickle: signal.TrickleRequest) -> None:
@@ -333,7 +333,7 @@ class ClientConnection:
         try:
             init = json.loads(trickle.candidateInit)
         except json.JSONDecodeError:
-            logger.warning("%r: trickle with bad JSON: %.200s", self, trickle.candidateInit)
+            logger.warning("%s: trickle with bad JSON: %.200s", repr(self), trickle.candidateInit)
             return
         text = str(init.get("candidate") or "").removeprefix("candidate:")
         if pc is None or not text:
@@ -347,12 +347,12 @@ class ClientConnection:
             async with self._peer_lock:
                 await pc.addIceCandidate(candidate)
         except ValueError as exc:
-            logger.warning("%r: ICE candidate %.200s not used: %s", self, text, exc)
+            logger.warning("%s: ICE candidate %.200s not used: %s", repr(self), text, exc)
 
     def _add_track(self, request: signal.AddTrackRequest) -> None:
         if not self._grant.can_publish:
             # The SDKs check can_publish themselves; one that does not waits for its timeout.
-            logger.warning("%r may not publish; ignoring track %r", self, request.name)
+            logger.warning("%s may not publish; ignoring track %r", repr(self), request.name)
             return
         audio = request.type == models.AUDIO
         info = models.TrackInfo(
@@ -378,7 +378,7 @@ class ClientConnection:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
                 await pc.setLocalDescription(await pc.createAnswer())
             except PeerError as exc:
-                logger.warning("%r: unusable publisher offer: %s", self, exc)
+                logger.warning("%s: unusable publisher offer: %s", repr(self), exc)
                 return False
         self._post(signal.SignalResponse(answer=signal.SessionDescription(
             type="answer", sdp=pc.localDescription.sdp, id=offer.id)))
@@ -388,7 +388,7 @@ class ClientConnection:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         info = self._published.get(track.id)
-        logger.info("%r publishes %s track %s", self, track.kind, info.sid if info else track.id)
+        logger.info("%s publishes %s track %s", repr(self), track.kind, info.sid if info else track.id)
         if track.kind == "audio":
             self._spawn(self._room.read_microphone(self.identity, track), "sim-microphone")
         else:
@@ -400,19 +400,19 @@ class ClientConnection:
             channel.on("message", functools.partial(self._on_data_message, channel.label == "_reliable"))
         else:
             # e.g. "_data_track" (livekit-client 2.2x): data tracks, not DataPackets.
-            logger.debug("%r: ignoring data channel %s", self, channel.label)
+            logger.debug("%s: ignoring data channel %s", repr(self), channel.label)
 
     def _on_data_message(self, reliable: bool, message: bytes | str) -> None:
         if not isinstance(message, bytes):
-            logger.warning("%r: ignoring a text data message (DataPackets are binary)", self)
+            logger.warning("%s: ignoring a text data message (DataPackets are binary)", repr(self))
             return
         try:
             packet = models.DataPacket.FromString(message)
         except DecodeError:
-            logger.warning("%r: undecodable data packet", self)
+            logger.warning("%s: undecodable data packet", repr(self))
             return
         if not self._grant.can_publish_data:
-            logger.warning("%r may not publish data; packet dropped", self)
+            logger.warning("%s may not publish data; packet dropped", repr(self))
             return
         self._room.receive_data(self, packet, reliable)
 
