@@ -42,14 +42,17 @@ class _LogRecorder(logging.Handler):
 
 @pytest.fixture(scope="session", autouse=True)
 def _record_everything_emitted() -> Iterator[None]:
-    root, ours = logging.getLogger(), logging.getLogger("gateway")
+    root = logging.getLogger()
+    # The gateway's own INFO records, and aiohttp's (its access log shows request lines, where a
+    # token in a URL would leak), not the media libraries': pytest keeps each test's records,
+    # and aiortc's arguments would keep peer connections alive for the leak checks.
+    ours = [logging.getLogger("gateway"), logging.getLogger("aiohttp")]
     handler = _LogRecorder(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level = ours.level
+    levels = [logger.level for logger in ours]
     root.addHandler(handler)
-    # The gateway's own INFO records too (not the libraries': pytest keeps each test's records,
-    # and aiortc's arguments would keep peer connections alive for the leak checks).
-    ours.setLevel(logging.INFO)
+    for logger in ours:
+        logger.setLevel(logging.INFO)
     original = TestClient._request
 
     async def recording(self: TestClient[Any, Any], method: str, path: Any,
@@ -66,7 +69,8 @@ def _record_everything_emitted() -> Iterator[None]:
     finally:
         TestClient._request = original  # type: ignore[method-assign]
         root.removeHandler(handler)
-        ours.setLevel(level)
+        for logger, level in zip(ours, levels, strict=True):
+            logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -73,7 +73,7 @@ async def test_a_viewer_token_watches_its_session_and_drives_nothing(gateway: Cl
     mine, other = await new_session(gateway), await new_session(gateway)
     minted = await mint(gateway, CONTROLLER, role="viewer", session_id=mine, ttl=60)
     assert minted["role"] == "viewer" and minted["session_id"] == mine
-    assert minted["watch_url"] == f"/web/viewer.html?session={mine}&token={minted['token']}"
+    assert minted["watch_url"] == f"/web/viewer.html?session={mine}#token={minted['token']}"
     viewer = bearer(minted["token"])
 
     # What it may do, on its own session.

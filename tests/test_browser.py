@@ -129,7 +129,7 @@ def shots_for(request: pytest.FixtureRequest) -> Path:
 async def open_demo(browser: Browser, client: Client, shots: Path, codec: str = "",
                     token: str = "") -> Tab:
     tab = Tab(await browser.new_page(viewport={"width": 1100, "height": 900}), "demo", shots)
-    await tab.page.goto(str(client.make_url("/" + (f"?token={token}" if token else ""))))
+    await tab.page.goto(str(client.make_url("/")) + (f"#token={token}" if token else ""))
     await tab.wait("() => document.getElementById('upstream').options.length > 0"
                    " && document.getElementById('status').textContent.includes('press New')")
     if codec:
@@ -268,10 +268,11 @@ async def test_with_auth_the_share_link_carries_a_viewer_token(
     session_id = await new_and_start(demo)
     assert await demo.playing() == (640, 360)
     share = await demo.page.get_attribute("#share", "href")
-    assert share is not None and "token=v1." in share and "ctl-secret" not in share
+    assert share is not None and "#token=v1." in share and "ctl-secret" not in share
     viewer = Tab(await browser.new_page(), "viewer", shots_for(request))
     await viewer.page.goto(share)
     assert await viewer.playing() == (640, 360)
+    assert "token" not in viewer.page.url and "token" not in demo.page.url  # out of history
     await viewer.shot("watching")
     # The link watches; it does not drive: the viewer token is refused on speak.
     token = share.split("token=", 1)[1]

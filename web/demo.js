@@ -1,9 +1,8 @@
 // The demo page: every control of the SDK on one screen, for the gateway that serves it.
 import StreamingAvatar, { StreamingEvents, TaskType } from "/web/sdk/index.js";
-import { $, EventLog, Transcript, showEvents, watchStats } from "/web/ui.js";
+import { $, EventLog, Transcript, showEvents, takeToken, watchStats } from "/web/ui.js";
 
-const params = new URLSearchParams(location.search);
-const token = params.get("token") || ""; // a gateway token, when the gateway requires one
+const token = takeToken(); // a gateway token (`/#token=…`), when the gateway requires one
 const log = new EventLog($("events"));
 const transcript = new Transcript($("transcript"));
 let catalog = null;

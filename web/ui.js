@@ -4,6 +4,19 @@ import { StreamingEvents } from "/web/sdk/index.js";
 
 export const $ = (id) => document.getElementById(id);
 
+/** The gateway token from the page's fragment (`#token=…`), then dropped from the address bar.
+ * A fragment never reaches a server: no access log, proxy log or Referer carries it. */
+export function takeToken() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get("token") || "";
+  if (token) {
+    fragment.delete("token");
+    const rest = fragment.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  }
+  return token;
+}
+
 /** The newest line on top; bounded so a long session does not grow the page without end. */
 export class EventLog {
   constructor(element, limit = 200) {

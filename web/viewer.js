@@ -1,12 +1,12 @@
 // The viewer page: watch one session (the demo's "share viewer link"); no controls, no microphone.
 import StreamingAvatar, { StreamingEvents } from "/web/sdk/index.js";
-import { $, EventLog, Transcript, showEvents, watchStats } from "/web/ui.js";
+import { $, EventLog, Transcript, showEvents, takeToken, watchStats } from "/web/ui.js";
 
 const params = new URLSearchParams(location.search);
 const sessionId = params.get("session");
 const log = new EventLog($("events"));
 const transcript = new Transcript($("transcript"));
-const avatar = new StreamingAvatar({ token: params.get("token") || "" });
+const avatar = new StreamingAvatar({ token: takeToken() });
 window.avatarViewer = { avatar };
 
 showEvents(avatar, log, transcript, $("avatar"));

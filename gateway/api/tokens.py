@@ -37,5 +37,6 @@ async def mint_token(request: web.Request) -> web.Response:
     body: dict[str, object] = {"token": token, "role": role.label, "session_id": session_id,
                                "expires_at": round(expires, 3), "expires_in": float(ttl)}
     if session_id is not None:
-        body["watch_url"] = f"/web/viewer.html?session={session_id}&token={token}"
+        # In the fragment: it never reaches a server log or a Referer header.
+        body["watch_url"] = f"/web/viewer.html?session={session_id}#token={token}"
     return web.json_response(body, status=201)
