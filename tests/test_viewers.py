@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
-import os
 from typing import Any
 
 import av
@@ -23,6 +21,7 @@ from gateway.sessions import Session
 from gateway.upstream.local import LocalUpstream
 
 from .conftest import ClientFactory, make_settings
+from .leaks import media_tasks, open_sockets, peer_connections
 from .rtc_client import VideoSample, WhepViewer
 
 Client = TestClient[Any, Any]
@@ -185,37 +184,6 @@ async def test_vp8_and_h264_viewers_share_one_encoder_per_codec(client: Client,
                 for v in h264} == {"h264"}
     finally:
         await asyncio.gather(*(v.close() for v in viewers))
-
-
-def open_sockets(kind: str) -> int:
-    """Sockets of this process listed in /proc/net/<kind> (udp: ICE/DTLS, tcp: HTTP)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    count = 0
-    for table in (f"/proc/net/{kind}", f"/proc/net/{kind}6"):
-        with open(table) as fh:
-            next(fh)
-            count += sum(line.split()[9] in inodes for line in fh)
-    return count
-
-
-def media_tasks() -> list[str]:
-    """Running tasks, minus aiohttp's per-connection handlers (HTTP keep-alive, not media)."""
-    names = []
-    for task in asyncio.all_tasks():
-        code = task.get_coro().cr_code  # type: ignore[union-attr]
-        if "aiohttp" not in code.co_filename:
-            names.append(code.co_qualname)
-    return sorted(names)
-
-
-def peer_connections() -> int:
-    gc.collect()
-    return sum(isinstance(o, RTCPeerConnection) for o in gc.get_objects())
 
 
 async def join_and_leave(client: Client, session: Session, count: int, vanish: bool) -> None:
