@@ -7,6 +7,7 @@ sequence numbers and random RTP timestamp origin, so many senders can share one 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,11 @@ from aiortc.rtp import (
 
 from .codecs import Packet
 from .mailbox import Mailbox, MailboxClosed
+
+MAX_SEND_BACKLOG = 128 * 1024
+"""Bytes a viewer's socket may have waiting in asyncio (the kernel refused them: a full
+uplink or a bloated queue on the way) before its tracks stop taking packets."""
+BACKLOG_POLL = 0.02
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -57,6 +63,8 @@ class PacketTrack(MediaStreamTrack):
         self._awaiting_keyframe = kind == "video"
         self._reading = False
         self._on_first_packet = on_first_packet
+        self.send_backlog: Callable[[], int] | None = None
+        """Bytes waiting to be sent to this viewer (set by the viewer once it has a transport)."""
         self.dropped = 0
 
     @property
@@ -94,6 +102,7 @@ class PacketTrack(MediaStreamTrack):
 
     async def recv(self) -> Packet:
         self.activate()
+        await self._wait_for_the_network()
         try:
             packet = await self._queue.get()
         except MailboxClosed:
@@ -102,6 +111,18 @@ class PacketTrack(MediaStreamTrack):
             callback, self._on_first_packet = self._on_first_packet, None
             callback()
         return packet
+
+    async def _wait_for_the_network(self) -> None:
+        """UDP never pushes back on aiortc, and aioice ignores asyncio's pause_writing: what
+        the kernel refuses piles up in the transport without bound. So wait here until the
+        backlog drains; meanwhile the hub fills this track's queue, which overflows the usual
+        way (skip to the next keyframe, drops counted), and memory stays bounded."""
+        backlog = self.send_backlog
+        if backlog is None:
+            return
+        # No event to wait on: asyncio tells only the protocol (aioice's), which ignores it.
+        while self.readyState == "live" and backlog() > MAX_SEND_BACKLOG:  # noqa: ASYNC110
+            await asyncio.sleep(BACKLOG_POLL)
 
     def stop(self) -> None:
         super().stop()

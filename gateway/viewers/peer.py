@@ -9,6 +9,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aioice.ice
 import av
@@ -91,6 +92,7 @@ class Viewer:
         self.close_reason: str | None = None
         self.video_codec = ""
         """The codec this viewer's video is encoded with (``vp8`` or ``h264``), once negotiated."""
+        self._ice_protocols: list[Any] = []
         self._rtp_counts: dict[str, tuple[int, int]] = {}
         """Per kind: (packets sent, packets the viewer reported lost) at the last sample."""
         metrics.viewers.labels("connecting").inc()
@@ -174,6 +176,23 @@ class Viewer:
         match = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.MULTILINE)
         self._remote_ufrag = match.group(1) if match else ""
 
+    def send_backlog(self) -> int:
+        """Bytes asyncio holds for this viewer's ICE sockets (datagrams the kernel refused).
+
+        Called per packet, so the protocols are looked up once. Private aiortc/aioice state
+        (pinned versions; ``tests/test_isolation.py`` reads the same numbers): one BUNDLE
+        transport, its aioice connection's datagram protocols.
+        """
+        protocols = self._ice_protocols
+        if not protocols:
+            try:
+                ice = self._pc.getTransceivers()[0].sender.transport.transport
+                protocols = self._ice_protocols = list(ice.iceGatherer._connection._protocols)
+            except (AttributeError, IndexError):
+                return 0
+        return sum(p.transport.get_write_buffer_size() for p in protocols
+                   if p.transport is not None)
+
     def expire_unless_connected(self, timeout: float) -> None:
         """Close the viewer if ICE/DTLS has not connected within ``timeout`` seconds.
 
@@ -196,6 +215,8 @@ class Viewer:
             on_first = self._first_video_packet if kind == "video" else None
             track = self._hub.subscribe(kind, on_first, codec)
         self._tracks.append(track)
+        if isinstance(track, PacketTrack):
+            track.send_backlog = self.send_backlog
         transceiver = self._pc.addTransceiver(track, direction="sendonly")
         if isinstance(track, PacketTrack) and kind == "video":
             self.video_codec = track.codec
@@ -311,6 +332,8 @@ class Viewer:
         self._metrics.viewer_duration.observe(time.monotonic() - self.created)
         for track in self._tracks:
             track.stop()
+            if isinstance(track, PacketTrack):
+                track.send_backlog = None  # the track may outlive us in aiortc's sender
         try:
             # Shielded: a cancelled waiter would cancel aiortc's own close future (InvalidStateError).
             await asyncio.shield(self._pc.close())
