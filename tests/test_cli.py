@@ -28,12 +28,17 @@ def call(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int
         return response.status, json.loads(response.read() or b"null")
 
 
+def serve(port: int, **env: str) -> subprocess.Popen[str]:
+    """`python -m gateway serve --port PORT` with these AVATAR_GATEWAY_* variables."""
+    variables = {f"AVATAR_GATEWAY_{name.upper()}": value for name, value in env.items()}
+    return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **variables})
+
+
 def test_serve_prints_url_and_drains_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "AVATAR_GATEWAY_DEFAULT_QUALITY": "low",
-           "AVATAR_GATEWAY_STATE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = serve(port, default_quality="low", state_dir=str(tmp_path))
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -70,11 +75,7 @@ def test_bad_configuration_is_refused_with_a_message() -> None:
 
 def test_an_open_public_bind_warns_at_every_start(tmp_path: Path) -> None:
     # Explicitly allowed, but never silent: the warning is the first thing in the log.
-    port = free_port()
-    env = {**os.environ, "AVATAR_GATEWAY_HOST": "0.0.0.0", "AVATAR_GATEWAY_ALLOW_INSECURE": "1",
-           "AVATAR_GATEWAY_STATE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = serve(free_port(), host="0.0.0.0", allow_insecure="1", state_dir=str(tmp_path))
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
