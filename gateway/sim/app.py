@@ -52,6 +52,38 @@ class AdminError(Exception):
         self.message = message
 
 
+_CORS_METHODS = "GET, POST, OPTIONS"
+_CORS_HEADERS = "Authorization, Content-Type, X-API-KEY, x-api-key, Accept"
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The providers' APIs are called from browsers (the official web SDKs ``fetch`` them from
+    the app's own page; LiveAvatar's with ``credentials: "include"``), so every provider route
+    answers preflights and carries CORS headers. The admin API (``/sim/``) does not."""
+    provider = request.path.startswith(("/v1/", "/v2/"))
+    origin = request.headers.get("Origin")
+    if provider and request.method == "OPTIONS" and origin is not None:
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", _CORS_HEADERS)
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if not provider or origin is None:
+                raise
+            response = exc
+    if provider and origin is not None:
+        # Credentialed requests need the exact origin, never "*".
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Vary"] = "Origin"
+    return response
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Provider errors in the provider's own body shape; admin errors in the gateway's."""
@@ -109,7 +141,7 @@ def create_sim_app(settings: SimSettings | None = None, *,
     closes it at cleanup."""
     settings = settings or SimSettings.from_env()
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[error_middleware, fault_middleware])
+                          middlewares=[cors_middleware, error_middleware, fault_middleware])
     owned = ledger is None
     if ledger is None:
         ledger = Ledger(settings.ledger_path)

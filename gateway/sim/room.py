@@ -53,6 +53,26 @@ def new_sid(prefix: str) -> str:
     return prefix + secrets.token_hex(6)
 
 
+class AgentParticipant:
+    """A participant that publishes no tracks, only data: LiveAvatar's FULL-mode agent
+    (``liveavatar-agent-<session_id>``), which the official web SDK waits for and whose
+    ``agent-response`` packets carry the session's events."""
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self.sid = new_sid("PA_")
+        self.joined_at = time.time()
+        self._version = 0
+
+    def info(self, state: State = models.ParticipantInfo.ACTIVE) -> models.ParticipantInfo:
+        self._version += 1
+        return models.ParticipantInfo(
+            sid=self.sid, identity=self.identity, name=self.identity, state=state,
+            joined_at=int(self.joined_at), joined_at_ms=int(self.joined_at * 1000),
+            version=self._version, kind=models.ParticipantInfo.AGENT,
+            permission=models.ParticipantPermission(can_subscribe=True, can_publish_data=True))
+
+
 def heygen_event_json(event: AvatarEvent) -> bytes | None:
     """HeyGen's wire format: the event as a UTF-8 JSON object (``type``, ``task_id``, ...)."""
     return event.to_json().encode()
@@ -222,6 +242,16 @@ class AvatarParticipant:
         self._queued.add(result.task_id)
         return result
 
+    async def speak_audio(self, pcm: bytes, sample_rate: int) -> SpeakResult:
+        """Lip-sync audio a client sent (LiveAvatar LITE): 16-bit mono PCM at ``sample_rate``."""
+        if self._gone or self._upstream is None:
+            raise Conflict("the avatar has left the room")
+        result = await self._upstream.speak_audio(pcm, sample_rate)
+        if self._gone:
+            raise Conflict("the avatar has left the room")
+        self._queued.add(result.task_id)
+        return result
+
     async def interrupt(self) -> None:
         if self._upstream is not None and not self._gone:
             await self._upstream.interrupt()
@@ -244,11 +274,14 @@ class Room:
         self.on_data: Callable[[str, str, bytes], None] | None = None
         self.on_client: Callable[[str, bool], None] | None = None
         self.on_voice: Callable[[str, str], None] | None = None
+        self.on_microphone: Callable[[str, av.AudioFrame], None] | None = None
+        """Every decoded frame of a client's microphone, listening or not (speech recognition)."""
         self.mic_frames = 0
         self.mic_peak = 0
         self._on_closed = on_closed
         self._connections: dict[str, ClientConnection] = {}
         self._avatar: AvatarParticipant | None = None
+        self._agents: dict[str, AgentParticipant] = {}
         self._starting = False
         self._listening = False
         self._vads: dict[str, EnergyVad] = {}
@@ -291,13 +324,14 @@ class Room:
         return models.Room(
             sid=self.sid, name=self.name, creation_time=int(self.created),
             creation_time_ms=int(self.created * 1000), empty_timeout=300, departure_timeout=20,
-            num_participants=len(self._connections) + (self._avatar is not None),
+            num_participants=len(self._connections) + len(self._agents) + (self._avatar is not None),
             num_publishers=int(self._avatar is not None))
 
     def participants(self, exclude: ClientConnection | None = None) -> list[models.ParticipantInfo]:
         """Everyone a client sees: the avatar and the other clients (without their tracks:
         the simulator does not forward client media between clients)."""
         out = [self._avatar.info()] if self._avatar is not None else []
+        out += [a.info() for a in self._agents.values()]
         out += [c.info() for c in self._connections.values() if c is not exclude]
         return out
 
@@ -341,7 +375,7 @@ class Room:
         if kind == "user":
             user = packet.user
             destination = destination or list(user.destination_identities)
-            if not destination or AVATAR_IDENTITY in destination:
+            if not destination or AVATAR_IDENTITY in destination or not self._agents.keys().isdisjoint(destination):
                 _guarded("on_data", self.on_data, connection.identity, user.topic, user.payload)
             user.participant_identity = connection.identity
             user.participant_sid = connection.sid
@@ -369,6 +403,7 @@ class Room:
             rms, peak = pcm_level(frame)
             self.mic_frames += 1
             self.mic_peak = max(self.mic_peak, peak)
+            _guarded("on_microphone", self.on_microphone, identity, frame)
             self._voice(identity, rms, frame.samples / frame.sample_rate)
         vad = self._vads.pop(identity, None)
         if vad is not None and vad.speaking and self._listening:
@@ -396,6 +431,8 @@ class Room:
         sender_sid = ""
         if self._avatar is not None and sender == self._avatar.identity:
             sender_sid = self._avatar.sid
+        elif sender in self._agents:
+            sender_sid = self._agents[sender].sid
         elif sender in self._connections:
             sender_sid = self._connections[sender].sid
         self._sequence += 1
@@ -448,6 +485,25 @@ class Room:
         await avatar._stop()
         logger.info("room %s: avatar %s left", self.name, avatar.sid)
 
+    def add_agent(self, identity: str) -> AgentParticipant:
+        """A data-only participant joins (see :class:`AgentParticipant`); idempotent."""
+        if self._closed:
+            raise Conflict(f"room {self.name} is closed")
+        agent = self._agents.get(identity)
+        if agent is None:
+            agent = self._agents[identity] = AgentParticipant(identity)
+            info = agent.info()
+            for connection in self._connections.values():
+                connection.announce([info])
+        return agent
+
+    def remove_agent(self, identity: str) -> None:
+        agent = self._agents.pop(identity, None)
+        if agent is not None:
+            gone = agent.info(models.ParticipantInfo.DISCONNECTED)
+            for connection in self._connections.values():
+                connection.announce([gone])
+
     # -- faults and the end -----------------------------------------------------------------------
 
     async def drop_clients(self) -> None:
@@ -477,6 +533,7 @@ class Room:
         why = _reason(reason)
         await asyncio.gather(*(c.leave(why) for c in list(self._connections.values())))
         avatar, self._avatar = self._avatar, None
+        self._agents.clear()
         if avatar is not None:
             await avatar._stop()
         tasks = list(self._tasks)

@@ -1,6 +1,6 @@
 """A small JSON-over-HTTP client shared by the HeyGen and LiveAvatar REST clients.
 
-Both providers answer ``{"code": 100, "message": ..., "data": ...}`` on success and
+Both providers answer ``{"code": 100|1000, "message": ..., "data": ...}`` on success and
 ``{"code": <int>, "message": ...}`` with a 4xx on failure. This module turns every failure
 into an exception from :mod:`gateway.errors`, retries only where the caller says a request is
 safe to repeat, and measures every call.
@@ -31,7 +31,8 @@ from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-SUCCESS_CODES = (100, "100", "SUCCESS", "success")
+SUCCESS_CODES = (100, "100", 1000, "1000", "SUCCESS", "success")
+"""HeyGen answers 100; LiveAvatar 1000 (its official SDK accepts nothing else; its docs show 100)."""
 
 
 @dataclass(frozen=True, slots=True)
