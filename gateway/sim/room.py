@@ -375,7 +375,8 @@ class Room:
         if kind == "user":
             user = packet.user
             destination = destination or list(user.destination_identities)
-            if not destination or AVATAR_IDENTITY in destination or not self._agents.keys().isdisjoint(destination):
+            to_provider = AVATAR_IDENTITY in destination or not self._agents.keys().isdisjoint(destination)
+            if not destination or to_provider:
                 _guarded("on_data", self.on_data, connection.identity, user.topic, user.payload)
             user.participant_identity = connection.identity
             user.participant_sid = connection.sid
