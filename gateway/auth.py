@@ -129,12 +129,23 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+QUERY_TOKEN_ROUTES = frozenset({("GET", "/v1/sessions/{session_id}/events")})
+"""Where ``?access_token=`` is accepted: only the event stream, because EventSource cannot set
+headers. Anywhere else a token in the URL would only end up in proxy logs and history."""
+
+
 def bearer(request: web.Request) -> str:
-    """The bearer token: the header, or ``?access_token=`` (EventSource cannot set headers)."""
+    """The bearer token: the header, or ``?access_token=`` on :data:`QUERY_TOKEN_ROUTES`."""
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         return header[7:].strip()
-    return request.query.get("access_token", "")
+    if "access_token" not in request.query:
+        return ""
+    resource = request.match_info.route.resource
+    if (request.method, resource.canonical if resource else "") not in QUERY_TOKEN_ROUTES:
+        raise Unauthorized("?access_token= is only accepted on the event stream "
+                           "(GET /v1/sessions/{id}/events); send 'Authorization: Bearer <token>'")
+    return request.query["access_token"]
 
 
 # -- what each route needs ------------------------------------------------------------------

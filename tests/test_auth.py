@@ -83,6 +83,11 @@ async def test_a_viewer_token_watches_its_session_and_drives_nothing(gateway: Cl
     # EventSource cannot set headers: the token also works as ?access_token=.
     async with gateway.get(f"/v1/sessions/{mine}/events?access_token={minted['token']}") as events:
         assert events.status == 200
+    # ...and nowhere else: a token in a URL ends up in proxy logs and browser history.
+    for method, path in (("GET", f"/v1/sessions/{mine}"), ("POST", f"/v1/sessions/{mine}/whep")):
+        async with gateway.request(method, f"{path}?access_token={minted['token']}") as response:
+            assert response.status == 401, (method, path, response.status)
+            assert "only accepted on the event stream" in await response.text()
     answer = await gateway.post(f"/v1/sessions/{mine}/whep", data=minimal_offer(),
                                 headers={**SDP, **viewer})
     assert answer.status == 201

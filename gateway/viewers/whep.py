@@ -48,6 +48,20 @@ def _require_transport(parsed: SessionDescription, what: str) -> None:
             raise BadSDP(f"the {what}'s {media.kind} section has no a=ice-ufrag / a=ice-pwd")
 
 
+def _require_mids(parsed: SessionDescription) -> None:
+    # aiortc pairs transceivers with m-lines by mid; an m-line without one (or a mid used
+    # twice) fails half-way through setRemoteDescription and leaves a peer connection that
+    # cannot even be closed. Unified Plan requires unique mids anyway (RFC 8843, RFC 9429).
+    seen: set[str] = set()
+    for index, media in enumerate(parsed.media):
+        mid = media.rtp.muxId
+        if not mid:
+            raise BadSDP(f"the offer's {media.kind} m-line (#{index}) has no a=mid")
+        if mid in seen:
+            raise BadSDP(f"the offer uses a=mid:{mid} for more than one m-line")
+        seen.add(mid)
+
+
 # What the hub can encode, as aiortc describes it (VP8; H.264 constrained baseline and baseline).
 _VIDEO_CODECS = [c for c in CODECS["video"] if c.mimeType.lower() in ("video/vp8", "video/h264")]
 
@@ -98,6 +112,7 @@ def parse_offer(text: str) -> Offer:
         if media.direction not in (None, "recvonly", "sendrecv"):
             raise BadSDP(f"the {media.kind} m-line is {media.direction}: a viewer must receive")
     _require_transport(parsed, "offer")
+    _require_mids(parsed)
     ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None) or ""
     return Offer(
         sdp=sdp.replace("\n", "\r\n") + "\r\n",
