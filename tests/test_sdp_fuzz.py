@@ -77,3 +77,48 @@ async def test_mutated_offer_is_a_client_error(client: Client, session_id: str, 
     assert not never_retrieved, [r.getMessage() for r in never_retrieved]
     listing = await (await client.get(f"/v1/sessions/{session_id}")).json()
     assert listing["viewers"] == 0, listing
+
+
+def _candidates(count: int, address: str = "10.203.0.77") -> str:
+    return "".join(f"a=candidate:{i} 1 udp {2130706431 - i} {address} {40000 + i} typ host\r\n"
+                   for i in range(count))
+
+
+async def test_candidate_floods_and_unreachable_addresses_are_refused(client: Client,
+                                                                      session_id: str) -> None:
+    response = await client.post(f"/v1/sessions/{session_id}/whep", data=minimal_offer(),
+                                 headers={"Content-Type": "application/sdp"})
+    assert response.status == 201
+    location = response.headers["Location"]
+    frag = {"Content-Type": "application/trickle-ice-sdpfrag"}
+
+    async def patch(body: str) -> tuple[int, str]:
+        async with client.patch(location, data="a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n"
+                                + "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n" + body,
+                                headers=frag) as r:
+            return r.status, await r.text()
+
+    # One PATCH of 1000 candidates (55 KB) is refused whole, before aioice sees any of it.
+    status, text = await patch(_candidates(1000))
+    assert status == 400 and "at most 32" in text, text
+    for bad in ("224.0.0.251", "0.0.0.0", "255.255.255.255", "ff02::1", "not-an-address"):
+        status, text = await patch(_candidates(1, bad))
+        assert status == 400 and "candidate address" in text, (bad, text)
+    # The budget is per viewer: small PATCHes add up to the same limit.
+    assert (await patch(_candidates(20)))[0] == 204
+    status, text = await patch(_candidates(13, "10.203.0.78"))
+    assert status == 400 and "has sent 20" in text, text
+    assert (await patch(_candidates(12, "10.203.0.79")))[0] == 204
+    assert (await client.delete(location)).status == 200
+
+
+async def test_an_offer_carrying_too_many_candidates_is_refused(client: Client,
+                                                                session_id: str) -> None:
+    offer = minimal_offer().replace("a=mid:0\r\n", "a=mid:0\r\n" + _candidates(40), 1)
+    response = await client.post(f"/v1/sessions/{session_id}/whep", data=offer,
+                                 headers={"Content-Type": "application/sdp"})
+    assert response.status == 400 and "at most 32" in await response.text()
+    multicast = minimal_offer().replace("a=mid:0\r\n", "a=mid:0\r\n" + _candidates(1, "239.1.1.1"), 1)
+    response = await client.post(f"/v1/sessions/{session_id}/whep", data=multicast,
+                                 headers={"Content-Type": "application/sdp"})
+    assert response.status == 400 and "multicast" in await response.text()

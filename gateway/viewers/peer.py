@@ -30,9 +30,13 @@ from ..errors import BadSDP, GatewayError, Unprocessable, UnsupportedCodec
 from ..media.hub import Hub
 from ..media.tracks import FrameTrack, PacketTrack, attach_sender
 from ..metrics import Metrics
-from .whep import Offer, SdpFragment, parse_answer
+from .whep import MAX_REMOTE_CANDIDATES, Offer, SdpFragment, count_candidates, parse_answer
 
 logger = logging.getLogger(__name__)
+# aioice logs every connectivity check at INFO: a viewer with many candidates (or a hostile
+# PATCH) would turn the log into a flood. Its checks stay available at DEBUG.
+if logging.getLogger("aioice.ice").level == logging.NOTSET:
+    logging.getLogger("aioice.ice").setLevel(logging.WARNING)
 
 # A viewer that cannot drain its data channel loses events rather than the gateway's memory.
 MAX_CHANNEL_BUFFER = 1 << 20
@@ -85,6 +89,7 @@ class Viewer:
         self._tracks: list[PacketTrack | FrameTrack] = []
         self._channel: RTCDataChannel | None = None
         self._remote_ufrag = ""
+        self._remote_candidates = 0
         self._state = "connecting"
         self._closing: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -139,6 +144,7 @@ class Viewer:
         except (ValueError, AttributeError, TypeError, StopIteration) as exc:
             raise BadSDP(f"the offer cannot be used: {str(exc) or type(exc).__name__}") from None
         self._remote_ufrag = offer.ice_ufrag
+        self._remote_candidates = count_candidates(offer.sdp)
         return pc.localDescription.sdp
 
     async def offer(
@@ -249,6 +255,11 @@ class Viewer:
         """Trickle ICE from the viewer (PATCH). aiortc cannot restart ICE: RFC 9725 says 422."""
         if fragment.ice_ufrag is not None and fragment.ice_ufrag != self._remote_ufrag:
             raise Unprocessable("ICE restart is not supported; start a new WHEP session")
+        total = self._remote_candidates + len(fragment.candidates)
+        if total > MAX_REMOTE_CANDIDATES:
+            raise BadSDP(f"too many candidates: at most {MAX_REMOTE_CANDIDATES} per viewer "
+                         f"(this one has sent {self._remote_candidates})")
+        self._remote_candidates = total
         for candidate in fragment.candidates:
             if candidate.sdpMid is None:
                 candidate.sdpMid = self._pc.getTransceivers()[0].mid

@@ -4,6 +4,7 @@ offer validation, trickle-ICE SDP fragments (RFC 8840), ETags and ICE-server ``L
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 
 _SDP_LINE = re.compile(r"^[a-z]=.*$")
+
+MAX_REMOTE_CANDIDATES = 32
+"""Per viewer, in its offer and PATCHes together. A browser sends a handful; aioice pairs and
+re-sorts its whole check list per candidate and sends checks to every address it is given, so
+an unbounded list is both a CPU and a reflection attack."""
 
 # aiortc's parser fails on some malformed SDP in ways other than ValueError: an a=fmtp for a
 # payload type with no a=rtpmap raises StopIteration, a section cut short AttributeError. All
@@ -113,6 +119,11 @@ def parse_offer(text: str) -> Offer:
             raise BadSDP(f"the {media.kind} m-line is {media.direction}: a viewer must receive")
     _require_transport(parsed, "offer")
     _require_mids(parsed)
+    candidates = [c for m in parsed.media for c in m.ice_candidates]
+    if len(candidates) > MAX_REMOTE_CANDIDATES:
+        raise BadSDP(f"too many candidates: at most {MAX_REMOTE_CANDIDATES} per viewer")
+    for candidate in candidates:
+        _check_address(candidate.ip)
     ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None) or ""
     return Offer(
         sdp=sdp.replace("\n", "\r\n") + "\r\n",
@@ -164,14 +175,35 @@ def parse_sdpfrag(text: str) -> SdpFragment:
                 candidate = candidate_from_sdp(line[12:])
             except (ValueError, IndexError, AssertionError) as exc:
                 raise BadSDP(f"malformed candidate line {line!r}: {exc}") from None
+            _check_address(candidate.ip)
             candidate.sdpMid = mid
             candidate.sdpMLineIndex = max(mline, 0)
             candidates.append(candidate)
+            if len(candidates) > MAX_REMOTE_CANDIDATES:
+                raise BadSDP(f"too many candidates: at most {MAX_REMOTE_CANDIDATES} per viewer")
         elif line == "a=end-of-candidates":
             end = True
         elif not _SDP_LINE.match(line):
             raise BadSDP(f"malformed SDP fragment line {line!r}")
     return SdpFragment(ufrag, pwd, tuple(candidates), end)
+
+
+def _check_address(address: str) -> None:
+    """Addresses no peer can be reached at: the gateway sends no connectivity checks there."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        if address.endswith(".local"):
+            return  # an mDNS name (browsers hide local addresses so); aioice resolves it
+        raise BadSDP(f"candidate address {address!r} is neither an IP address nor an mDNS name") \
+            from None
+    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise BadSDP(f"candidate address {address} is multicast, broadcast or unspecified")
+
+
+def count_candidates(sdp: str) -> int:
+    """Candidates a whole offer carries (non-trickle players put them all in it)."""
+    return sum(1 for line in sdp.split("\n") if line.startswith("a=candidate:"))
 
 
 def browser_ice_servers(urls: Iterable[str], username: str = "",
