@@ -36,7 +36,12 @@ class ProviderSession:
 class RoomCredentials:
     url: str
     token: str
+    """A LiveKit token for the *client* identity, like the providers' own browser SDKs use:
+    an agent token may carry the provider agent's identity, and a second participant with
+    one identity makes LiveKit kick out the first."""
     duration_limit: float | None = None
+    ws_url: str | None = None
+    """LiveAvatar LITE: the websocket that takes the audio the avatar lip-syncs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class RoomUpstream(Upstream, abc.ABC):
         self._credentials: RoomCredentials | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopping = False
+        self._ended = False
         self.reconnects = 0
 
     # -- provider hooks ----------------------------------------------------------------------
@@ -79,6 +85,20 @@ class RoomUpstream(Upstream, abc.ABC):
 
     def _decode_event(self, payload: bytes, topic: str) -> list[AvatarEvent]:
         return decode_heygen_event(payload, topic)
+
+    def _event_identities(self) -> tuple[str, ...]:
+        """Room participants besides the avatar whose data packets carry the session's events."""
+        return ()
+
+    async def _connect(self, credentials: RoomCredentials) -> None:
+        """Open everything the session is reached through: by default its LiveKit room."""
+        self._link = await self._join(credentials)
+
+    async def _disconnect(self) -> None:
+        """Close what :meth:`_connect` opened. Idempotent."""
+        old, self._link = self._link, None
+        if old is not None:
+            await old.close()
 
     # -- Upstream ----------------------------------------------------------------------------
 
@@ -105,7 +125,7 @@ class RoomUpstream(Upstream, abc.ABC):
         await self._journal.opened(self.kind, session.session_id, session.stop_info)
         try:
             self._credentials = await self._start_session(session)
-            self._link = await self._join(self._credentials)
+            await self._connect(self._credentials)
         except BaseException:
             with contextlib.suppress(UpstreamError):
                 await self.stop()
@@ -114,14 +134,15 @@ class RoomUpstream(Upstream, abc.ABC):
     async def _join(self, credentials: RoomCredentials) -> RoomLink:
         assert self._sink is not None
         decoder: EventDecoder = self._decode_event
-        link = RoomLink(self._sink, avatar_identity=self.avatar_identity, decode_event=decoder,
+        link = RoomLink(self._sink, avatar_identity=self.avatar_identity,
+                        event_identities=self._event_identities(), decode_event=decoder,
                         on_lost=self._on_lost)
         await link.connect(credentials.url, credentials.token,
                            ready_within=self._policy.ready_within)
         return link
 
     def _on_lost(self, reason: str) -> None:
-        if self._stopping or self._reconnecting is not None:
+        if self._stopping or self._ended or self._reconnecting is not None:
             return
         self._reconnecting = asyncio.get_running_loop().create_task(
             self._reconnect(reason), name=f"{self.kind}-reconnect")
@@ -131,9 +152,7 @@ class RoomUpstream(Upstream, abc.ABC):
         assert sink is not None and credentials is not None
         sink.on_event(AvatarEvent(EventType.SESSION_STATE,
                                   data={"state": "reconnecting", "reason": reason}))
-        old, self._link = self._link, None
-        if old is not None:
-            await old.close()
+        await self._disconnect()
         delay = self._policy.first_delay
         for attempt in range(1, self._policy.attempts + 1):
             await asyncio.sleep(delay)
@@ -143,14 +162,14 @@ class RoomUpstream(Upstream, abc.ABC):
                 await self.keep_alive()
             except UpstreamSessionGone as exc:
                 self._reconnecting = None
-                sink.on_upstream_ended(f"{reason}; the provider ended the session ({exc.message})")
+                self._end(f"{reason}; the provider ended the session ({exc.message})")
                 return
             except UpstreamError as exc:
                 logger.warning("%s session %s: provider unreachable while rejoining: %s",
                                self.kind, self.provider_session_id, exc.message)
                 continue
             try:
-                self._link = await self._join(credentials)
+                await self._connect(credentials)
             except UpstreamError as exc:
                 logger.warning("%s session %s: rejoin %d/%d failed: %s", self.kind,
                                self.provider_session_id, attempt, self._policy.attempts,
@@ -161,7 +180,16 @@ class RoomUpstream(Upstream, abc.ABC):
             sink.on_event(AvatarEvent(EventType.SESSION_STATE, data={"state": "live"}))
             return
         self._reconnecting = None
-        sink.on_upstream_ended(f"{reason}; rejoin failed {self._policy.attempts} times")
+        self._end(f"{reason}; rejoin failed {self._policy.attempts} times")
+
+    def _end(self, reason: str) -> None:
+        """Tell the sink the session is over, once. The provider said so (e.g. LiveAvatar's
+        ``session.stopped``), or rejoining failed; the sink then calls :meth:`stop`, which also
+        ends a rejoin still under way."""
+        if self._stopping or self._ended or self._sink is None:
+            return
+        self._ended = True
+        self._sink.on_upstream_ended(reason)
 
     async def push_microphone(self, frame: av.AudioFrame) -> None:
         if self._link is not None and self._link.connected:
@@ -176,8 +204,7 @@ class RoomUpstream(Upstream, abc.ABC):
             self._reconnecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconnecting
-        if self._link is not None:
-            await self._link.close()
+        await self._disconnect()
         session = self._session
         if session is None:
             return

@@ -37,9 +37,10 @@ class HeyGenSession:
     url: str
     """LiveKit server URL."""
     access_token: str
-    """LiveKit token for the client identity."""
+    """LiveKit token for the client identity: the gateway joins with it."""
     agent_token: str | None
-    """LiveKit token for a backend agent, when the provider issues one (preferred)."""
+    """LiveKit token for a backend agent, when the provider issues one (unused: it may carry
+    the provider agent's own identity)."""
     duration_limit: float | None
     """``session_duration_limit`` in seconds."""
 
@@ -57,6 +58,20 @@ def _classify(status: int, code: Any, message: str) -> GatewayError | None:
             return UpstreamSessionGone("")
         return Conflict("")
     return None
+
+
+def _field(data: Any, key: str) -> str | None:
+    """A string field of an answer's ``data``; ids may come as numbers."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value if isinstance(value, str) and value else None
+
+
+def _require(value: str | None, key: str, endpoint: str) -> str:
+    if value is None:
+        raise UpstreamError(f"heygen {endpoint}: unusable response (no {key!r})")
+    return value
 
 
 class HeyGenClient:
@@ -103,17 +118,25 @@ class HeyGenClient:
         if activity_idle_timeout is not None:
             body["activity_idle_timeout"] = activity_idle_timeout
         data = await self._post("new", body, safe=False)
+        session_id = _field(data, "session_id")
         try:
+            limit = data.get("session_duration_limit")
+            agent = data.get("livekit_agent_token")
             return HeyGenSession(
-                session_id=str(data["session_id"]),
-                url=str(data["url"]),
-                access_token=str(data["access_token"]),
-                agent_token=data.get("livekit_agent_token") or None,
-                duration_limit=float(data["session_duration_limit"])
-                if data.get("session_duration_limit") else None,
+                session_id=_require(session_id, "session_id", "streaming.new"),
+                url=_require(_field(data, "url"), "url", "streaming.new"),
+                access_token=_require(_field(data, "access_token"), "access_token",
+                                      "streaming.new"),
+                agent_token=agent if isinstance(agent, str) and agent else None,
+                duration_limit=float(limit) if isinstance(limit, int | float)
+                and not isinstance(limit, bool) and limit > 0 else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"heygen streaming.new: unusable response ({exc!r})") from None
+        except UpstreamError:
+            # A session was opened (and bills) but cannot be joined: close it before failing.
+            if session_id:
+                with contextlib.suppress(UpstreamError):
+                    await self.stop(session_id)
+            raise
 
     async def start(self, session_id: str) -> None:
         # Safe: starting an already started session is a state error, never a second session.
@@ -126,10 +149,11 @@ class HeyGenClient:
         data = await self._post("task", {"session_id": session_id, "text": text,
                                          "task_type": str(task_type), "task_mode": str(task_mode)},
                                 safe=False)
-        try:
-            return SpeakResult(task_id=str(data["task_id"]), duration_ms=float(data["duration_ms"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"heygen streaming.task: unusable response ({exc!r})") from None
+        task_id = _require(_field(data, "task_id"), "task_id", "streaming.task")
+        duration = data.get("duration_ms")
+        if isinstance(duration, bool) or not isinstance(duration, int | float):
+            raise UpstreamError("heygen streaming.task: unusable response (no 'duration_ms')")
+        return SpeakResult(task_id=task_id, duration_ms=float(duration))
 
     async def interrupt(self, session_id: str) -> None:
         await self._post("interrupt", {"session_id": session_id}, safe=True)
@@ -193,9 +217,9 @@ class HeyGenUpstream(RoomUpstream):
         await self._client.start(session.session_id)
         assert self._heygen is not None
         heygen = self._heygen
-        # The agent token is meant for a server-side participant like us (spec §6.2).
-        return RoomCredentials(heygen.url, heygen.agent_token or heygen.access_token,
-                               heygen.duration_limit)
+        # The client token, as HeyGen's own SDK joins: the agent token may carry the provider
+        # agent's identity, and LiveKit kicks out the first of two equal identities.
+        return RoomCredentials(heygen.url, heygen.access_token, heygen.duration_limit)
 
     async def _close_session(self, session: ProviderSession) -> None:
         await self._client.stop(session.session_id)

@@ -1,9 +1,13 @@
 """LiveAvatar (HeyGen's successor API): the REST client and FULL-mode command encoding.
 
-Follows specs/heygen-api.md §11. The API key creates a session token; the session token
-(``Authorization: Bearer``) starts, keeps alive and stops that one session. Speech is not a
-REST call: in FULL mode commands travel on the LiveKit data topic ``agent-control`` and the
-avatar answers on ``agent-response``.
+Follows specs/heygen-api.md §11 and its corrections, taken from LiveAvatar's own clients
+(``@heygen/liveavatar-web-sdk`` 0.0.18, ``livekit-plugins-liveavatar`` 1.8.9). The API key
+creates a session token; the session token (``Authorization: Bearer``) starts, keeps alive and
+stops that one session. Success is ``code`` 1000. The gateway joins the room with
+``livekit_client_token``, as the web SDK does. Speech is not a REST call: in FULL mode commands
+travel on the LiveKit data topic ``agent-control`` and the answers (``agent-response``) come
+from the agent participant ``liveavatar-agent-<session_id>``; LITE mode
+(:mod:`.liveavatar_lite`) speaks over the session's websocket instead.
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
 from ..config import QualityTier, Secret
-from ..errors import Conflict, UpstreamError, UpstreamSessionGone
+from ..errors import (
+    Conflict,
+    GatewayError,
+    UpstreamError,
+    UpstreamQuotaExceeded,
+    UpstreamSessionGone,
+)
 from ..journal import SessionJournal
 from ..metrics import Metrics
 from .base import AvatarEvent, EventType, SpeakResult, TaskType
@@ -33,14 +43,37 @@ RESPONSE_TOPIC = "agent-response"
 LIVEAVATAR_QUALITIES = ("very_high", "high", "medium", "low")
 
 
+AGENT_PREFIX = "liveavatar-agent-"
+"""The agent participant that speaks for the avatar: ``liveavatar-agent-<session_id>``."""
+
+
 @dataclass(frozen=True, slots=True)
 class LiveAvatarSession:
     session_id: str
     session_token: str
     livekit_url: str
     client_token: str
-    agent_token: str | None
     max_duration: float | None
+    ws_url: str | None = None
+    """LITE mode: the websocket that takes the audio to lip-sync."""
+
+
+def _classify(status: int, code: Any, message: str) -> GatewayError | None:
+    """LiveAvatar answers a request on a stopped session with 409 "Session already stopped":
+    for the gateway that session is gone (stop succeeded, keep-alive must not rejoin)."""
+    text = message.lower()
+    if status == 409 and ("stopped" in text or "closed" in text or "ended" in text):
+        return UpstreamSessionGone("")
+    if status == 429 or "concurrent" in text:
+        return UpstreamQuotaExceeded("", retry_after=30)
+    return None
+
+
+def _text(data: Any, key: str, endpoint: str) -> str:
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, str) or not value:
+        raise UpstreamError(f"liveavatar {endpoint}: unusable response (no {key!r})")
+    return value
 
 
 class LiveAvatarClient:
@@ -56,42 +89,39 @@ class LiveAvatarClient:
         timeout: float = 15.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self._api = JsonApi(self.provider, base_url, session, metrics, timeout=timeout, retry=retry)
+        self._api = JsonApi(self.provider, base_url, session, metrics, timeout=timeout,
+                            retry=retry, classify=_classify)
         self._api_key = api_key
 
     def _bearer(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
-    async def create(self, *, avatar_id: str, quality: str = "high",
-                     encoding: str = "VP8") -> tuple[str, str]:
-        """``sessions/token``: a FULL-mode session id and the token that controls it."""
+    async def create(self, *, avatar_id: str, quality: str = "high", encoding: str = "VP8",
+                     mode: str = "FULL") -> tuple[str, str]:
+        """``sessions/token``: a session id and the token that controls it."""
         data = await self._api.call(
             "POST", "/v1/sessions/token", endpoint="sessions.token",
             headers={"X-API-KEY": self._api_key.reveal(), "Content-Type": "application/json"},
-            body={"mode": "FULL", "avatar_id": avatar_id,
+            body={"mode": mode, "avatar_id": avatar_id,
                   "video_settings": {"encoding": encoding, "quality": quality}},
         )
-        try:
-            return str(data["session_id"]), str(data["session_token"])
-        except (KeyError, TypeError) as exc:
-            raise UpstreamError(f"liveavatar sessions/token: unusable response ({exc!r})") from None
+        return (_text(data, "session_id", "sessions/token"),
+                _text(data, "session_token", "sessions/token"))
 
     async def start(self, session_id: str, session_token: str) -> LiveAvatarSession:
         data = await self._api.call("POST", "/v1/sessions/start", endpoint="sessions.start",
                                     headers=self._bearer(session_token),
                                     body={"session_id": session_id}, safe_to_retry=True)
-        try:
-            return LiveAvatarSession(
-                session_id=session_id,
-                session_token=session_token,
-                livekit_url=str(data["livekit_url"]),
-                client_token=str(data["livekit_client_token"]),
-                agent_token=data.get("livekit_agent_token") or None,
-                max_duration=float(data["max_session_duration"])
-                if data.get("max_session_duration") else None,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"liveavatar sessions/start: unusable response ({exc!r})") from None
+        url = _text(data, "livekit_url", "sessions/start")
+        token = _text(data, "livekit_client_token", "sessions/start")
+        limit = data.get("max_session_duration")
+        ws_url = data.get("ws_url")
+        return LiveAvatarSession(
+            session_id=session_id, session_token=session_token, livekit_url=url,
+            client_token=token,
+            max_duration=float(limit) if isinstance(limit, int | float)
+            and not isinstance(limit, bool) and limit > 0 else None,
+            ws_url=ws_url if isinstance(ws_url, str) and ws_url else None)
 
     async def keep_alive(self, session_id: str, session_token: str) -> None:
         await self._api.call("POST", "/v1/sessions/keep-alive", endpoint="sessions.keep_alive",
@@ -127,14 +157,29 @@ _RESPONSES: dict[str, tuple[EventType, ...]] = {
 }
 
 
-def decode_response(payload: bytes, topic: str) -> list[AvatarEvent]:
+def _response(payload: bytes, topic: str) -> dict[str, Any] | None:
     if topic != RESPONSE_TOPIC:
-        return []
+        return None
     try:
         body = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return []
-    if not isinstance(body, dict):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def stop_reason(payload: bytes, topic: str) -> str | None:
+    """The reason of a ``session.stopped`` response (``stop_reason``; the docs say
+    ``end_reason``), or None for any other packet."""
+    body = _response(payload, topic)
+    if body is None or body.get("event_type") != "session.stopped":
+        return None
+    reason = body.get("stop_reason") or body.get("end_reason")
+    return str(reason)[:100] if reason else "unknown"
+
+
+def decode_response(payload: bytes, topic: str) -> list[AvatarEvent]:
+    body = _response(payload, topic)
+    if body is None:
         return []
     kinds = _RESPONSES.get(str(body.get("event_type")), ())
     # Responses name the command they answer (``source_event_id``): that is the task id.
@@ -150,6 +195,7 @@ class LiveAvatarUpstream(RoomUpstream):
     """A LiveAvatar FULL-mode session: REST to open/close it, LiveKit data to drive it."""
 
     kind = "liveavatar"
+    mode: ClassVar[str] = "FULL"
     answers_itself = True
     listens = True
 
@@ -175,19 +221,32 @@ class LiveAvatarUpstream(RoomUpstream):
     async def _create_session(self) -> ProviderSession:
         # LiveAvatar names one rung more than HeyGen; our tiers map onto its lower three.
         session_id, token = await self._client.create(
-            avatar_id=self._avatar_id, quality=self._quality.name, encoding=self._encoding)
+            avatar_id=self._avatar_id, quality=self._quality.name, encoding=self._encoding,
+            mode=self.mode)
         self._token = token
         return ProviderSession(session_id, {"session_token": token})
 
     async def _start_session(self, session: ProviderSession) -> RoomCredentials:
         started = await self._client.start(session.session_id, self._token)
-        return RoomCredentials(started.livekit_url, started.agent_token or started.client_token,
-                               started.max_duration)
+        # The client token, as LiveAvatar's web SDK joins: the agent token may carry the
+        # provider agent's own identity, and LiveKit kicks out a duplicate identity.
+        return RoomCredentials(started.livekit_url, started.client_token, started.max_duration,
+                               ws_url=started.ws_url)
 
     async def _close_session(self, session: ProviderSession) -> None:
         await self._client.stop(session.session_id, self._token)
 
+    def _event_identities(self) -> tuple[str, ...]:
+        session_id = self.provider_session_id
+        return (AGENT_PREFIX + session_id,) if session_id else ()
+
     def _decode_event(self, payload: bytes, topic: str) -> list[AvatarEvent]:
+        reason = stop_reason(payload, topic)
+        if reason is not None:
+            # The provider ended it (its limit, its idle timer, a stop from elsewhere): end now
+            # rather than rejoin a closing room.
+            self._end(f"the provider stopped the session ({reason})")
+            return []
         events = decode_response(payload, topic)
         for event in events:
             if event.type is EventType.AVATAR_START_TALKING and event.task_id is not None:

@@ -1,9 +1,12 @@
 """The gateway inside a provider's LiveKit room, with the real ``livekit`` SDK.
 
 It subscribes to the avatar participant, turns its decoded frames into PyAV frames for the
-hub (converted to yuv420p once, here), turns its data packets into :class:`AvatarEvent`s, and
-reports when the avatar leaves or the room goes away. It can also publish a microphone: PCM
-handed to :meth:`RoomLink.push_microphone` becomes a local audio track in the room.
+hub (converted to yuv420p once, here), turns the provider's data packets into
+:class:`AvatarEvent`s, and reports when the avatar leaves or the room goes away. Media is taken
+from the avatar participant only; events from any provider participant (LiveAvatar's agent
+``liveavatar-agent-<session_id>`` speaks for the avatar), never from other clients. It can
+also publish a microphone: PCM handed to :meth:`RoomLink.push_microphone` becomes a local
+audio track in the room.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import contextlib
 import fractions
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import av
 import numpy as np
@@ -88,11 +91,13 @@ class RoomLink:
         sink: MediaSink,
         *,
         avatar_identity: str = "heygen",
+        event_identities: Collection[str] = (),
         decode_event: EventDecoder = decode_heygen_event,
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self._sink = sink
         self._avatar = avatar_identity
+        self._event_senders = frozenset((avatar_identity, *event_identities))
         self._decode = decode_event
         self._on_lost = on_lost
         self._room = rtc.Room()
@@ -111,6 +116,11 @@ class RoomLink:
         room.on("data_received", self._on_data)
 
     @property
+    def identity(self) -> str:
+        """Who the gateway is in the room (the provider's token decides)."""
+        return self._room.local_participant.identity if self._room.isconnected() else ""
+
+    @property
     def connected(self) -> bool:
         return self._room.isconnected() and not self._closed
 
@@ -127,6 +137,10 @@ class RoomLink:
         except rtc.ConnectError as exc:
             await self.close()
             raise UpstreamUnavailable(f"cannot join the LiveKit room: {exc}") from None
+        except BaseException:
+            # Cancelled (the session stopped while joining): never leave a half-joined room.
+            await asyncio.shield(self.close())
+            raise
 
     # -- media in ----------------------------------------------------------------------------
 
@@ -173,7 +187,9 @@ class RoomLink:
 
     def _on_data(self, packet: rtc.DataPacket) -> None:
         sender = packet.participant.identity if packet.participant else None
-        if sender is not None and sender != self._avatar:
+        # No participant: sent by the server itself (provider backends may use its API).
+        # Another client's packet must never pass for the avatar's word.
+        if sender is not None and sender not in self._event_senders:
             return
         for event in self._decode(packet.data, packet.topic or ""):
             self._sink.on_event(event)

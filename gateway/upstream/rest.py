@@ -31,6 +31,9 @@ from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+MAX_RESPONSE_BYTES = 1 << 20
+"""Provider answers are small JSON objects; anything bigger is not one of them."""
+
 SUCCESS_CODES = (100, "100", 1000, "1000", "SUCCESS", "success")
 """HeyGen answers 100; LiveAvatar 1000 (its official SDK accepts nothing else; its docs show 100)."""
 
@@ -109,7 +112,15 @@ class JsonApi:
                 method, self._base + path, json=body, headers=dict(headers), timeout=self._timeout
             ) as response:
                 status = str(response.status)
-                text = await response.text()
+                # Bounded, and never a decode error: a proxy's HTML page or a truncated body
+                # must become a clear upstream error, not an exception of ours.
+                raw = bytearray()
+                async for chunk in response.content.iter_any():
+                    raw += chunk
+                    if len(raw) > MAX_RESPONSE_BYTES:
+                        raise UpstreamError(f"{self.provider} {endpoint}: the response is "
+                                            f"larger than {MAX_RESPONSE_BYTES} bytes")
+                text = raw.decode("utf-8", errors="replace")
                 return self._parse(endpoint, response.status, text, envelope)
         except TimeoutError:
             status = "timeout"
@@ -128,14 +139,15 @@ class JsonApi:
         except json.JSONDecodeError:
             payload = None
         code = payload.get("code") if isinstance(payload, dict) else None
-        message = str(payload.get("message") or payload.get("error") or "") \
-            if isinstance(payload, dict) else text[:200]
+        message = _message(payload) if isinstance(payload, dict) else _excerpt(text)
         failed = status >= 400 or (envelope and code is not None and code not in SUCCESS_CODES)
         if not failed and isinstance(payload, dict):
             return payload.get("data") if envelope else payload
         if not failed:
-            raise UpstreamError(f"{self.provider} {endpoint}: unexpected response {text[:200]!r}")
-        detail = f"{self.provider} {endpoint} failed (HTTP {status}, code {code}): {message or text[:200]}"
+            raise UpstreamError(f"{self.provider} {endpoint}: unreadable response "
+                                f"(HTTP {status}): {_excerpt(text)}")
+        detail = (f"{self.provider} {endpoint} failed (HTTP {status}, code {code}): "
+                  f"{message or _excerpt(text)}")
         if self._classify is not None and (custom := self._classify(status, code, message)):
             raise type(custom)(detail, retry_after=custom.retry_after)
         if status in (401, 403):
@@ -147,3 +159,20 @@ class JsonApi:
         if status >= 500:
             raise UpstreamUnavailable(detail, retry_after=5)
         raise UpstreamError(detail)
+
+
+def _message(payload: dict[str, Any]) -> str:
+    """The provider's error text: ``message``, ``error``, or FastAPI's ``detail`` list (422)."""
+    for key in ("message", "error", "detail"):
+        value = payload.get(key)
+        if isinstance(value, str) and value:
+            return value[:300]
+        if isinstance(value, list | dict) and value:
+            return json.dumps(value)[:300]
+    return ""
+
+
+def _excerpt(text: str) -> str:
+    """The start of a body that is not the JSON we expect, on one line (HTML, proxies)."""
+    flat = " ".join(text.split())
+    return repr(flat[:160] + ("…" if len(flat) > 160 else "")) if flat else "an empty body"
