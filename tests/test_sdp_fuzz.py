@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from .leaks import trimmed_rss
 from .rtc_client import minimal_offer
 
 Client = TestClient[Any, Any]
@@ -122,3 +124,39 @@ async def test_an_offer_carrying_too_many_candidates_is_refused(client: Client,
     response = await client.post(f"/v1/sessions/{session_id}/whep", data=multicast,
                                  headers={"Content-Type": "application/sdp"})
     assert response.status == 400 and "multicast" in await response.text()
+
+
+FLOOD = """
+import socket, sys
+host, port, total, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+junk = bytes([0x17]) * size  # not STUN: aioice hands it to DTLS's queue
+for _ in range(total // size):
+    try:
+        sock.sendto(junk, (host, port))
+    except OSError:
+        pass  # the kernel refused one (buffer full): a flood does not care
+"""
+
+
+@pytest.mark.parametrize("size", [1200, 60_000])
+async def test_udp_flood_to_a_pending_viewer_does_not_grow_memory(client: Client, session_id: str,
+                                                                  size: int) -> None:
+    response = await client.post(f"/v1/sessions/{session_id}/whep", data=minimal_offer(),
+                                 headers={"Content-Type": "application/sdp"})
+    assert response.status == 201
+    answer = await response.text()
+    host, port = next((parts[4], int(parts[5])) for line in answer.split("\r\n")
+                      if line.startswith("a=candidate:") and (parts := line.split()))
+    await asyncio.sleep(0.5)
+    before = trimmed_rss()
+    # 1 GB of garbage (in MTU-sized or in huge datagrams) to the port the answer names, from
+    # another process; the viewer never starts ICE, so nothing ever reads aioice's queue.
+    total = 1 << 30
+    flood = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLOOD, host, str(port), str(total), str(size))
+    assert await asyncio.wait_for(flood.wait(), 300) == 0
+    await asyncio.sleep(0.5)  # let the gateway read what the kernel still holds
+    growth = trimmed_rss() - before
+    assert growth < 50 << 20, f"RSS grew by {growth / 2**20:.0f} MiB under a UDP flood"
+    assert (await client.delete(response.headers["Location"])).status == 200

@@ -43,6 +43,25 @@ MAX_CHANNEL_BUFFER = 1 << 20
 
 _default_host_addresses = aioice.ice.get_host_addresses
 
+MAX_QUEUED_DATAGRAMS = 256
+MAX_DATAGRAM = 4096
+"""Non-STUN datagrams an ICE connection holds for DTLS/SRTP before they are read, and the
+largest it takes. aioice queues every one, from any source, of any size, without bound, and
+nothing reads them until DTLS starts: a pending viewer's port (it is in the WHEP answer)
+could be flooded into gigabytes of RSS. Peers send datagrams under the path MTU, and a
+reading consumer keeps the queue near empty, so the bounds (1 MiB per viewer) only ever drop
+floods."""
+
+
+def _bounded_data_received(self: aioice.ice.Connection, data: bytes, component: int) -> None:
+    if len(data) <= MAX_DATAGRAM and self._queue.qsize() < MAX_QUEUED_DATAGRAMS:
+        self._queue.put_nowait((data, component))
+
+
+# Process-wide, like the host-address hook above: aioice (0.13) has no per-connection
+# queue setting. A test floods a pending viewer's port and measures RSS (tests/test_sdp_fuzz.py).
+aioice.ice.Connection.data_received = _bounded_data_received  # type: ignore[method-assign]
+
 
 def configure_ice_host_addresses(addresses: Sequence[str]) -> None:
     """Pin the host addresses aiortc gathers ICE candidates on, process-wide.
