@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from ..chat.persona import MAX_ITEMS, MAX_LONG, MAX_SHORT
+from ..chat.persona import MAX_ITEMS, MAX_LONG, MAX_SHORT, MAX_YEAR
 from ..config import QUALITY_TIERS, Settings
 from ..upstream.base import TaskMode, TaskType
 from .common import SETTINGS
@@ -94,16 +94,15 @@ VIEWER_ID: Schema = {"name": "viewer_id", "in": "path", "required": True,
 def _schemas(settings: Settings) -> dict[str, Schema]:
     text = _str(minLength=1, maxLength=settings.max_text_chars)
     short = _str(minLength=1, maxLength=MAX_SHORT)
-    year = {"oneOf": [{"type": "integer", "minimum": 1900, "maximum": 2100},
-                      _str(minLength=1, maxLength=40)]}
+    year = _str(minLength=1, maxLength=MAX_YEAR, description=(
+        "A string, as in the seed's API (\"2016\", \"third year\"); a number is refused."))
     education = {"degree": short, "year": year, "institution": short}
-    seed_ok = {"success": {"const": True}, "message": _str()}
     session_id = {"session_id": _str(description="The id `session/create` returned.")}
     return {
         "Error": _obj({"error": _obj({"code": _str(), "message": _str()}, ("code", "message"))},
                       ("error",)),
         "SeedError": _obj({"success": {"const": False}, "message": _str(), "error": _str()},
-                          ("success", "message", "error")),
+                          ("success", "message", "error"), additional=False),
         "Session": _obj({
             "id": _str(), "upstream": _str(enum=["local", "heygen", "liveavatar"]),
             "state": _str(enum=["new", "starting", "live", "closing", "closed"]),
@@ -182,34 +181,33 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                                description="Only what changes; `education` may be partial."),
         "IceServer": _obj({"urls": {"type": "array", "items": _str()}, "username": _str(),
                            "credential": _str(), "credentialType": _str()}, ("urls",)),
-        "SeedSessionRef": _obj({**seed_ok, "data": _obj(session_id, ("session_id",))},
-                               ("success", "message", "data")),
-        "SeedSessionCreated": _obj({**seed_ok, "data": _obj({
+        "SeedSession": _obj({
             **session_id,
             "sdp": _obj({"type": {"const": "offer"}, "sdp": _str()}, ("type", "sdp")),
             "ice_servers2": {"type": "array", "items": _ref("IceServer")},
             "ice_servers": {"type": "array", "items": _str()},
             "upstream": _str(), "quality": _str(),
-        }, ("session_id", "sdp", "ice_servers2"))}, ("success", "message", "data")),
-        "SeedText": _obj({
-            **seed_ok,
-            "ai_response": {"type": ["string", "null"]},
-            "speaking_duration": {"type": "number", "description": "Seconds of speech queued."},
-            "data": _obj({
-                **session_id, "text": _str(), "ai_response": {"type": ["string", "null"]},
-                "speaking_duration": {"type": "number"},
-                "task_ids": {"type": "array", "items": _str()},
-                "offline": {"type": ["boolean", "null"]},
-            }, ("session_id", "text", "ai_response", "speaking_duration", "task_ids")),
-        }, ("success", "message", "ai_response", "speaking_duration", "data")),
+        }, ("session_id", "sdp", "ice_servers2"),
+            description="`data` of `session/create`: the gateway's offer, HeyGen v1 style."),
+        "SeedSessionRef": _obj(session_id, ("session_id",)),
+        "SeedTextData": _obj({
+            **session_id, "text": _str(), "ai_response": _str(),
+            "speaking_duration": {"type": "number"},
+            "task_ids": {"type": "array", "items": _str()},
+            "offline": {"type": ["boolean", "null"]},
+        }, ("session_id", "text", "ai_response", "speaking_duration", "task_ids")),
     }
 
 
 def _seed_paths(settings: Settings) -> dict[str, Schema]:
     persona = _ref("Persona")
-    seed_ok = {"success": {"const": True}, "message": _str()}
     required_id = _str(minLength=1)
     text = _str(minLength=1, maxLength=settings.max_text_chars)
+
+    def envelope(message: str, **fields: Schema) -> Schema:
+        """The seed's success envelope: its message string, exactly, and only its fields."""
+        return _obj({"success": {"const": True}, "message": {"const": message}, **fields},
+                    ("success", "message", *fields), additional=False)
 
     def post(summary: str, body: Schema | None, ok: Schema, *, required: bool = True,
              description: str | None = None) -> Schema:
@@ -228,7 +226,7 @@ def _seed_paths(settings: Settings) -> dict[str, Schema]:
         "/persona": {
             "get": _op("Get the persona", "seed", {"200": _json(persona)}, api=_SEED),
             **post("Update the persona's details", _ref("PersonaDetails"),
-                   _obj({**seed_ok, "persona": persona}, ("success", "message", "persona")),
+                   envelope("Persona details updated successfully", persona=persona),
                    description="Changes name, title and/or education; the rest is kept."),
         },
         "/persona/config": {
@@ -237,52 +235,58 @@ def _seed_paths(settings: Settings) -> dict[str, Schema]:
         },
         "/persona/update": post(
             "Replace the persona configuration", persona,
-            _obj({**seed_ok, "data": persona}, ("success", "message", "data")),
+            envelope("Persona configuration updated successfully", data=persona),
             description="The whole configuration, also accepted wrapped as `{persona: ...}` or "
                         "`{config: ...}`."),
         "/persona/heygen/init": post(
             "Initialize the bot", _obj({}), required=False,
-            ok=_obj({**seed_ok, "data": _obj({"text": _str()}, ("text",))},
-                    ("success", "message", "data"))),
+            ok=envelope("Bot initialized successfully",
+                        data=_obj({"text": _str(description="A welcome line.")}, ("text",)))),
         "/persona/heygen/session/create": post(
             "Create a seed session", _obj({"avatar_name": _str(), "voice_id": _str(),
                                            "quality": _str(enum=list(QUALITY_TIERS))}),
-            _ref("SeedSessionCreated"), required=False,
+            envelope("Session created successfully", data=_ref("SeedSession")), required=False,
             description="Starts an avatar session (configured default upstream) and one viewer "
                         "peer connection; `data.sdp` is the gateway's offer (HeyGen v1 style). "
                         "`avatar_name` and `voice_id` apply to cloud upstreams only."),
         "/persona/heygen/session/start": post(
             "Start a seed session", _obj({"session_id": required_id, "sdp": answer},
                                          ("session_id", "sdp")),
-            _ref("SeedSessionRef"), description="The browser's SDP answer; media starts."),
+            envelope("Session started successfully", data=_ref("SeedSessionRef")),
+            description="The browser's SDP answer (a string, as the seed documents it; "
+                        "`{type: \"answer\", sdp}` also works); media starts."),
         "/persona/heygen/ice": post(
             "Add an ICE candidate", _obj({"session_id": required_id, "candidate": candidate},
                                          ("session_id", "candidate")),
-            _ref("SeedSessionRef")),
+            envelope("ICE candidate handled successfully", data=_ref("SeedSessionRef"))),
         "/persona/heygen/text": post(
             "Speak text or an AI answer",
             _obj({"session_id": required_id, "text": text,
                   "generate_ai_response": {"type": "boolean", "default": False}},
                  ("session_id", "text")),
-            _ref("SeedText"),
+            envelope("Text sent successfully", data=_ref("SeedTextData"),
+                     ai_response=_str(description="The persona's answer, spoken; `\"\"` without "
+                                                  "`generate_ai_response`."),
+                     speaking_duration={"type": "number", "minimum": 0,
+                                        "description": "Seconds of speech queued."}),
             description="With `generate_ai_response`, the persona's answer is streamed from the "
                         "language model and spoken sentence by sentence as it arrives."),
         "/persona/heygen/session/stop": post(
             "Stop a seed session", _obj({"session_id": required_id}, ("session_id",)),
-            _ref("SeedSessionRef"), description="Closes the viewer and the upstream session."),
+            envelope("Session stopped successfully", data=_ref("SeedSessionRef")),
+            description="Closes the viewer and the upstream session."),
         "/openai": post(
             "Initialize the chat service", _obj({}), required=False,
-            ok=_obj({**seed_ok, "text": _str(), "mode": _str(enum=["openai", "offline"]),
-                     "model": {"type": ["string", "null"]}}, ("success", "message", "text"))),
+            ok=envelope("AI service initialized successfully",
+                        text=_str(description="A welcome line in the persona's voice."))),
         "/openai/complete": post(
             "Complete a prompt",
             _obj({"prompt": text, "session_id": _str(minLength=1, maxLength=128,
                                                      description="Conversation to continue.")},
                  ("prompt",)),
-            _obj({**seed_ok, "text": _str(), "offline": {"type": "boolean"}},
-                 ("success", "message", "text")),
-            description="Without an OpenAI key, the offline responder answers (labelled "
-                        "`[offline]`, `offline: true`)."),
+            envelope("AI response generated successfully", text=_str()),
+            description="Without an OpenAI key, the offline responder answers (its text starts "
+                        "with `[offline]`)."),
     }
 
 

@@ -260,7 +260,7 @@ async def add_ice_candidate(request: web.Request) -> web.Response:
     fragment = _candidate(data.get("candidate"))
     seed = request.app[SEED_SESSIONS].get(session_id)
     await _open_viewer(seed).add_candidates(fragment)
-    return _ok("ICE candidate added successfully", data={"session_id": session_id})
+    return _ok("ICE candidate handled successfully", data={"session_id": session_id})
 
 
 @routes.post("/persona/heygen/text")
@@ -270,6 +270,8 @@ async def send_text(request: web.Request) -> web.Response:
     The answer is streamed: each sentence is handed to the avatar as soon as the model has written
     it, so speech starts after the first sentence, not after the whole answer. The response comes
     once every sentence is queued; ``speaking_duration`` is the total speech, in seconds.
+    ``ai_response`` is a string, as the seed documents it: the answer, or ``""`` when none was
+    asked for.
     """
     data = await read_json(request)
     session_id = required_str(data, "session_id")
@@ -288,14 +290,15 @@ async def send_text(request: web.Request) -> web.Response:
     sentences = chat.sentences(text, conversation=session.id) if generate else one_sentence(text)
     async with contextlib.aclosing(sentences):
         spoken = await session.speak_sentences(sentences)
-    ai_response = spoken.text if generate else None
+    ai_response = spoken.text if generate else ""
     task_ids, duration_ms = list(spoken.task_ids), spoken.duration_ms
     speaking_duration = round(duration_ms / 1000.0, 3)
     body = {"session_id": session_id, "text": text, "ai_response": ai_response,
             "speaking_duration": speaking_duration, "task_ids": task_ids,
             "offline": chat.offline if generate else None}
-    # The answer also sits at the top level, where clients of the seed's flat shape read it.
-    return _ok("Text processed successfully", data=body, ai_response=ai_response,
+    # The seed documents the answer and the duration at the top level; ``data`` (free-form in
+    # the seed) repeats them next to what only the gateway knows (task ids, offline).
+    return _ok("Text sent successfully", data=body, ai_response=ai_response,
                speaking_duration=speaking_duration)
 
 
@@ -313,11 +316,9 @@ async def stop_session(request: web.Request) -> web.Response:
 @routes.post("/openai")
 async def init_chat(request: web.Request) -> web.Response:
     await read_json(request, required=False)
-    chat = request.app[CHAT]
-    message = ("OpenAI service initialized successfully" if not chat.offline else
-               "Offline responder initialized (no OpenAI API key is configured)")
-    return web.json_response({"success": True, "message": message, "text": await chat.welcome(),
-                              "mode": chat.mode, "model": chat.model})
+    # Exactly the seed's fields: whether the model or the offline responder answers shows in
+    # every offline answer's label, and in the log at start-up.
+    return _ok("AI service initialized successfully", text=await request.app[CHAT].welcome())
 
 
 @routes.post("/openai/complete")
@@ -334,8 +335,8 @@ async def complete(request: web.Request) -> web.Response:
     if conversation is not None and not 0 < len(conversation) <= MAX_CONVERSATION_ID:
         raise BadRequest(f"'session_id' must be 1 to {MAX_CONVERSATION_ID} characters")
     reply = await request.app[CHAT].complete(prompt, conversation=conversation)
-    return web.json_response({"success": True, "message": "AI response generated successfully",
-                              "text": reply.text, "offline": reply.offline})
+    # An offline reply says so in its text (OFFLINE_LABEL); the seed has no other field for it.
+    return _ok("AI response generated successfully", text=reply.text)
 
 
 # -- wiring --------------------------------------------------------------------------------------

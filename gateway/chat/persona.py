@@ -40,8 +40,8 @@ _T = TypeVar("_T")
 @dataclass(frozen=True, slots=True)
 class Education:
     degree: str
-    year: int | str
-    """A graduation year (``2019``) or a phrase (``"expected 2026"``), as the client sent it."""
+    year: str
+    """Always a string, as in the seed's API: ``"2019"``, ``"third year"``, ``"expected 2026"``."""
     institution: str
 
 
@@ -162,17 +162,16 @@ def _texts(value: object, field: str) -> tuple[str, ...]:
     return tuple(_text(item, f"{field}[{i}]") for i, item in enumerate(value))
 
 
-def _year(value: object) -> int | str:
-    # bool is an int subclass: true is not a year.
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 1900 <= value <= 2100:
-            raise BadRequest("'education.year' must be between 1900 and 2100")
-        return value
-    if isinstance(value, str):
-        return _text(value, "education.year", 40)
-    if value is None:
-        raise BadRequest("'education.year' is required")
-    raise BadRequest("'education.year' must be an integer or a string")
+MAX_YEAR = 40
+"""Characters in ``education.year`` ("2019", "expected 2026", "third year of four")."""
+
+
+def _year(value: object) -> str:
+    # The seed's type is a string; a bare number is refused rather than guessed at, so what a
+    # client reads back is exactly what it wrote.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise BadRequest(f"'education.year' must be a string (e.g. \"{value}\"), not a number")
+    return _text(value, "education.year", MAX_YEAR)
 
 
 def _education(value: object, current: Education | None) -> Education:
@@ -190,7 +189,7 @@ DEFAULT_PERSONA = Persona(
     title="Senior Software Engineer",
     education=Education(
         degree="B.Sc. in Computer Science",
-        year=2016,
+        year="2016",
         institution="University of Washington",
     ),
     technical=Technical(
@@ -278,7 +277,18 @@ class PersonaStore:
 def _read(db: sqlite3.Connection) -> Persona:
     row = db.execute("SELECT body FROM persona WHERE id = 1").fetchone()
     # Validated on the way in; a row that fails here was edited by hand: a real fault (500).
-    return Persona.from_dict(json.loads(row[0]))
+    return Persona.from_dict(_upgrade(json.loads(row[0])))
+
+
+def _upgrade(body: Any) -> Any:
+    """A row written before ``education.year`` became a string (the seed's type) held a number
+    there; it reads back as that number's digits instead of failing validation."""
+    education = body.get("education") if isinstance(body, dict) else None
+    if isinstance(education, dict):
+        year = education.get("year")
+        if isinstance(year, int) and not isinstance(year, bool):
+            education["year"] = str(year)
+    return body
 
 
 def _write(db: sqlite3.Connection, change: Callable[[Persona], Persona]) -> Persona:
