@@ -417,3 +417,32 @@ async def test_bad_input_to_every_documented_route_is_a_documented_error(client:
     assert (await call(client, CONTRACT.endpoint("Get Persona Details")))[1] == persona
     stop = CONTRACT.endpoint("Stop HeyGen Session")
     await answers_as_documented(client, stop, live)
+
+
+async def test_the_openapi_document_states_the_seed_contract(client: Client) -> None:
+    """``/openapi.json`` describes the seed routes as the seed does: each success message as a
+    constant, its fields and no others, and the persona's types."""
+    document = await (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+
+    def resolve(schema: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in schema:
+            schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+        return schema
+
+    openapi_type = {STRING: "string", NUMBER: "number", BOOLEAN: "boolean"}
+    for endpoint in CONTRACT.endpoints:
+        operation = document["paths"][endpoint.path][endpoint.method.lower()]
+        schema = resolve(operation["responses"]["200"]["content"]["application/json"]["schema"])
+        shape = endpoint.response
+        assert set(schema["properties"]) == set(shape), endpoint.route
+        assert schema.get("additionalProperties") is False, endpoint.route
+        for key, sub in shape.items():
+            documented = resolve(schema["properties"][key])
+            if isinstance(sub, str) and sub in openapi_type:
+                assert documented["type"] == openapi_type[sub], (endpoint.route, key)
+            elif isinstance(sub, bool) or (isinstance(sub, str) and not sub.startswith("<")):
+                assert documented.get("const") == sub, (endpoint.route, key)
+    persona = resolve(schemas["Persona"])
+    assert persona["properties"]["education"]["properties"]["year"]["type"] == "string"
+    assert set(resolve(schemas["SeedError"])["properties"]) == set(CONTRACT.error)
