@@ -299,10 +299,6 @@ class ChatService:
     def mode(self) -> str:
         return "offline" if self.offline else "openai"
 
-    @property
-    def model(self) -> str | None:
-        return None if self.offline else self._settings.openai_model
-
     async def start(self) -> None:
         if self.offline:
             logger.info("chat: no OpenAI API key configured, using the offline responder")
