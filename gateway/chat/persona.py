@@ -1,7 +1,7 @@
 """The persona the avatar plays, validated, and its SQLite store.
 
-The JSON shape is the seed server's (camelCase ``webStack`` included), so its clients read and
-write it unchanged::
+The JSON shape is the seed server's (camelCase ``webStack`` included; every value a string or a
+list of strings, ``education.year`` too), so its clients read and write it unchanged::
 
     {"name", "title", "education": {"degree", "year", "institution"},
      "technical": {"languages": [], "webStack": [], "projects": []},
