@@ -130,10 +130,14 @@ class Settings:
     """Longest text the avatar is asked to speak (and longest question to the chat)."""
 
     tts_voice: str = "en-us"
-    """eSpeak NG voice of the local avatar when a session names none (``GET /v1/catalog``
-    lists them)."""
+    """eSpeak NG voice of the local avatar (and of LiveAvatar LITE with ``tts=espeak``) when a
+    session names none (``GET /v1/catalog`` lists them)."""
     tts_words_per_minute: int = 165
     """Speaking rate of the local avatar."""
+    tts: str = "espeak"
+    """Who speaks for LiveAvatar LITE (where the gateway makes the speech): ``espeak`` (eSpeak
+    NG, offline) or ``openai`` (OpenAI's speech API through ``openai_api_key`` and
+    ``openai_base_url``; ``openai_tts_model``, ``openai_tts_voice``)."""
     local_avatar: str = "ada"
     """The embedded avatar's look when a session names none (``GET /v1/catalog`` lists them)."""
 
@@ -149,11 +153,15 @@ class Settings:
     heygen_voice_id: str = ""
     """HeyGen voice of a session that names none; empty: the avatar's own."""
     liveavatar_api_key: Secret = Secret("")
-    """LiveAvatar API key; set, it makes the ``liveavatar`` upstream available (FULL mode)."""
+    """LiveAvatar API key; set, it makes the ``liveavatar`` upstream available."""
     liveavatar_base_url: str = "https://api.liveavatar.com"
     """LiveAvatar API base (the simulator: ``http://127.0.0.1:8090``)."""
     liveavatar_avatar_id: str = "default"
     """LiveAvatar avatar of a session that names none."""
+    liveavatar_mode: str = "full"
+    """``full``: LiveAvatar's own voice, language model and ears. ``lite``: the avatar only
+    lip-syncs what the gateway says: the gateway's speech (``tts``) over the session's
+    websocket, and ``talk`` answered by the gateway's chat (the persona)."""
     upstream_timeout: float = 15.0
     """Seconds for one provider REST call."""
     max_upstream_sessions: int = 3
@@ -181,6 +189,10 @@ class Settings:
     """Any OpenAI-compatible server; empty means api.openai.com."""
     openai_model: str = "gpt-4o-mini"
     """Chat model for ``talk`` and the seed API's answers."""
+    openai_tts_model: str = "gpt-4o-mini-tts"
+    """Speech model when ``tts=openai``."""
+    openai_tts_voice: str = "alloy"
+    """OpenAI voice when ``tts=openai`` and a session names none."""
     openai_timeout: float = 30.0
     """Seconds for one chat request (streamed answers: until the last token)."""
     chat_history_turns: int = 20
@@ -212,6 +224,14 @@ class Settings:
         if self.default_upstream not in ("local", "heygen", "liveavatar"):
             raise ConfigError(f"default_upstream must be local, heygen or liveavatar, "
                               f"got {self.default_upstream!r}")
+        if self.liveavatar_mode not in ("full", "lite"):
+            raise ConfigError(f"liveavatar_mode must be 'full' or 'lite', "
+                              f"got {self.liveavatar_mode!r}")
+        if self.tts not in ("espeak", "openai"):
+            raise ConfigError(f"tts must be 'espeak' or 'openai', got {self.tts!r}")
+        if self.tts == "openai" and not self.openai_api_key:
+            raise ConfigError(f"tts=openai needs an OpenAI key: set {ENV_PREFIX}OPENAI_API_KEY "
+                              f"(or OPENAI_API_KEY)")
         for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout",
                      "upstream_timeout", "idle_grace", "keep_alive_interval", "stats_interval",
                      "viewer_token_ttl", "max_token_ttl",

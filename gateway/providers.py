@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 import aiohttp
+import openai
 
 from .avatar import SpeechSynthesizer
 from .avatar.looks import LOOKS
@@ -21,7 +22,9 @@ from .upstream.base import Upstream
 from .upstream.cloud import ReconnectPolicy
 from .upstream.heygen import HeyGenClient, HeyGenUpstream
 from .upstream.liveavatar import LiveAvatarClient, LiveAvatarUpstream
+from .upstream.liveavatar_lite import LiveAvatarLiteUpstream
 from .upstream.local import LocalUpstream
+from .upstream.speech import EspeakVoice, OpenAIVoice, Voice
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ class Providers:
         self._heygen: HeyGenClient | None = None
         self._liveavatar: LiveAvatarClient | None = None
         self._synthesizers: dict[str, SpeechSynthesizer] = {}
+        self._openai: openai.AsyncOpenAI | None = None
+        """The speech API client for LiveAvatar LITE with ``tts=openai``."""
 
     @property
     def available(self) -> tuple[str, ...]:
@@ -54,8 +59,14 @@ class Providers:
         if s.liveavatar_api_key:
             self._liveavatar = LiveAvatarClient(s.liveavatar_base_url, s.liveavatar_api_key,
                                                 self._http, self._metrics, timeout=timeout)
+        if s.tts == "openai" and s.liveavatar_mode == "lite":
+            self._openai = openai.AsyncOpenAI(api_key=s.openai_api_key.reveal(),
+                                              base_url=s.openai_base_url or None,
+                                              timeout=s.openai_timeout, max_retries=1)
 
     async def close(self) -> None:
+        if self._openai is not None:
+            await self._openai.close()
         if self._http is not None:
             await self._http.close()
         await self.journal.close()
@@ -95,8 +106,22 @@ class Providers:
                                   avatar_id=avatar_id or s.heygen_avatar_id,
                                   voice_id=voice or s.heygen_voice_id or None, reconnect=policy)
         assert self._liveavatar is not None
+        if s.liveavatar_mode == "lite":
+            assert self._http is not None
+            return LiveAvatarLiteUpstream(self._liveavatar, quality, self.journal,
+                                          avatar_id=avatar_id or s.liveavatar_avatar_id,
+                                          voice=await self.voice(voice), http=self._http,
+                                          reconnect=policy)
         return LiveAvatarUpstream(self._liveavatar, quality, self.journal,
                                   avatar_id=avatar_id or s.liveavatar_avatar_id, reconnect=policy)
+
+    async def voice(self, name: str | None) -> Voice:
+        """The gateway's own voice for LiveAvatar LITE (``tts``): eSpeak NG or OpenAI's."""
+        s = self._settings
+        if self._openai is not None:
+            return OpenAIVoice(self._openai, model=s.openai_tts_model,
+                               voice=name or s.openai_tts_voice, timeout=s.openai_timeout)
+        return EspeakVoice(await self.synthesizer(name or s.tts_voice))
 
     async def reap_orphans(self) -> int:
         """Stop every session the journal says a previous run left open. Returns how many."""

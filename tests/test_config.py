@@ -133,3 +133,18 @@ def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -
     assert second["level"] == "error" and "ValueError: boom" in second["exception"]
     with pytest.raises(ConfigError, match="log_format"):
         Settings.from_env({"AVATAR_GATEWAY_LOG_FORMAT": "xml"})
+
+
+def test_liveavatar_mode_and_the_gateways_own_voice() -> None:
+    assert (Settings().liveavatar_mode, Settings().tts) == ("full", "espeak")
+    lite = Settings.from_env({"AVATAR_GATEWAY_LIVEAVATAR_MODE": "lite",
+                              "AVATAR_GATEWAY_TTS": "openai", "OPENAI_API_KEY": "sk-x",
+                              "AVATAR_GATEWAY_OPENAI_TTS_VOICE": "nova"})
+    assert (lite.liveavatar_mode, lite.tts, lite.openai_tts_voice) == ("lite", "openai", "nova")
+    with pytest.raises(ConfigError, match="liveavatar_mode must be 'full' or 'lite'"):
+        Settings(liveavatar_mode="LITE-ish")
+    with pytest.raises(ConfigError, match="tts must be 'espeak' or 'openai'"):
+        Settings(tts="festival")
+    # OpenAI's voice without a key would fail at the first word: refuse it at start instead.
+    with pytest.raises(ConfigError, match="tts=openai needs an OpenAI key"):
+        Settings(tts="openai")

@@ -35,13 +35,14 @@ def _named(*ids: str) -> list[dict[str, str]]:
 
 
 async def catalog_of(settings: Settings) -> dict[str, Any]:
+    local_voices = _named(*await _local_voices())
     local = {
         "kind": "local",
         "available": True,
         "paid": False,
         "answers_itself": False,
         "avatars": [{"id": look.id, "name": look.title} for look in LOOKS.values()],
-        "voices": _named(*await _local_voices()),
+        "voices": local_voices,
         "default_avatar": DEFAULT_LOOK,
         "default_voice": settings.tts_voice,
     }
@@ -55,15 +56,25 @@ async def catalog_of(settings: Settings) -> dict[str, Any]:
         "default_avatar": settings.heygen_avatar_id,
         "default_voice": settings.heygen_voice_id,
     }
+    lite = settings.liveavatar_mode == "lite"
+    # LITE: the gateway speaks (eSpeak NG or OpenAI's voice) and its chat answers `talk`.
+    if not lite:
+        lite_voices: list[dict[str, str]] = []
+        lite_default = ""
+    elif settings.tts == "openai":
+        lite_voices, lite_default = _named(settings.openai_tts_voice), settings.openai_tts_voice
+    else:
+        lite_voices, lite_default = local_voices, settings.tts_voice
     liveavatar = {
         "kind": "liveavatar",
         "available": bool(settings.liveavatar_api_key),
         "paid": True,
-        "answers_itself": True,
+        "mode": settings.liveavatar_mode,
+        "answers_itself": not lite,
         "avatars": _named(settings.liveavatar_avatar_id),
-        "voices": [],
+        "voices": lite_voices,
         "default_avatar": settings.liveavatar_avatar_id,
-        "default_voice": "",
+        "default_voice": lite_default,
     }
     return {
         "default_upstream": settings.default_upstream,
