@@ -46,10 +46,11 @@ _PREFLIGHT_HEADERS = {
 def _error_response(request: web.Request, status: int, code: str,
                     message: str) -> web.Response:
     """One error shape per API: the seed's ``{success, message, error}`` on its own paths, so
-    its clients work unchanged; ``{"error": {code, message}}`` everywhere else."""
+    its clients work unchanged (``error`` is the seed's "detailed error information": the
+    code, then what went wrong); ``{"error": {code, message}}`` everywhere else."""
     if request.path.startswith(_SEED_PREFIXES):
-        return web.json_response({"success": False, "message": message, "error": code},
-                                 status=status)
+        return web.json_response({"success": False, "message": message,
+                                  "error": f"{code}: {message}"}, status=status)
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 

@@ -42,8 +42,8 @@ async def seed_error(response: Any, status: int, code: str | None = None) -> str
     assert set(body) == {"success", "message", "error"}, body
     assert body["success"] is False
     assert isinstance(body["message"], str) and body["message"]
-    if code is not None:
-        assert body["error"] == code
+    # "Detailed error information": our error code, then the message.
+    assert body["error"] == f"{code or body['error'].split(':')[0]}: {body['message']}", body
     return str(body["message"])
 
 
