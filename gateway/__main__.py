@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, logs
-from .config import ConfigError, Settings, is_loopback
+from .config import ConfigError, Settings, base_url, is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                     "locally (settings from AVATAR_GATEWAY_SIM_* variables)")
     sim.add_argument("--host", help="address to bind (default 127.0.0.1)")
     sim.add_argument("--port", type=int, help="port to bind (default 8090)")
+    sim.add_argument("--tls-port", type=int,
+                     help="also serve TLS on this port (HeyGen's browser SDK needs 443)")
+    sim.add_argument("--tls-cert", help="PEM certificate for --tls-port (default: self-signed)")
+    sim.add_argument("--tls-key", help="PEM key of --tls-cert (default: in the certificate file)")
     sim.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
     reference = commands.add_parser(
@@ -50,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  if v is not None}
     if args.command == "sim":
         logs.configure(args.log_level)
+        overrides.update({k: v for k, v in (("tls_port", args.tls_port),
+                                            ("tls_cert", args.tls_cert),
+                                            ("tls_key", args.tls_key)) if v is not None})
         return _sim(overrides)
     try:
         settings = Settings.from_env(**overrides)
@@ -105,6 +115,18 @@ def _sim(overrides: dict[str, Any]) -> int:
         print(f"avatar-gateway sim: {exc}", file=sys.stderr)
         return 2
     from .sim.app import create_sim_app  # heavy imports (aiortc, livekit) after argument errors
+    from .sim.heygen_tls import server_context
+
+    tls = None
+    if settings.tls_port:
+        from urllib.parse import urlsplit
+
+        try:
+            tls = server_context(settings.tls_cert, settings.tls_key,
+                                 names=(settings.host, urlsplit(settings.public_url).hostname or ""))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            print(f"avatar-gateway sim: TLS: {exc}", file=sys.stderr)
+            return 2
 
     def shown(name: str, key: str, default: str) -> str:
         # The defaults are the simulator's own public test keys; keys a user chose stay hidden.
@@ -115,15 +137,44 @@ def _sim(overrides: dict[str, Any]) -> int:
     heygen_key = shown("heygen_api_key", settings.heygen_api_key.reveal(), DEFAULT_HEYGEN_API_KEY)
     liveavatar_key = shown("liveavatar_api_key", settings.liveavatar_api_key.reveal(),
                            DEFAULT_LIVEAVATAR_API_KEY)
+    tls_line = ""
+    if settings.tls_port:
+        host = base_url(settings.host, settings.tls_port).removeprefix("http://")
+        tls_line = (f"\n  TLS (same routes):    https://{host}   "
+                    f"({'certificate ' + settings.tls_cert if settings.tls_cert else 'self-signed'}"
+                    f"; HeyGen's web SDK needs port 443)")
     print(f"avatar-gateway sim {__version__}: HeyGen-in-a-box on {base} (Ctrl-C to stop)\n"
           f"  HeyGen API base:      {base}   x-api-key: {heygen_key}\n"
           f"  LiveAvatar API base:  {base}   X-API-KEY: {liveavatar_key}\n"
           f"  LiveKit server:       {livekit}   (the 'url' the session APIs return)\n"
-          f"  Session ledger:       {base}/sim/ledger   (faults: {base}/sim/faults)",
+          f"  Session ledger:       {base}/sim/ledger   (faults: {base}/sim/faults)"
+          f"{tls_line}",
           flush=True)
-    web.run_app(create_sim_app(settings), host=settings.host, port=settings.port,
-                print=None, access_log=None, shutdown_timeout=10.0)
+    app = create_sim_app(settings)
+    if tls is None:
+        web.run_app(app, host=settings.host, port=settings.port,
+                    print=None, access_log=None, shutdown_timeout=10.0)
+    else:
+        asyncio.run(_serve_sim(app, settings.host, settings.port, settings.tls_port, tls))
     return 0
+
+
+async def _serve_sim(app: web.Application, host: str, port: int, tls_port: int,
+                     tls: ssl.SSLContext) -> None:
+    """``web.run_app`` with a second, TLS, listener (run_app serves one SSL context for all
+    of its sockets): until SIGINT or SIGTERM, then the same graceful shutdown."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, tls_port, ssl_context=tls).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

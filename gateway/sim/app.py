@@ -117,8 +117,10 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def _session_hint(request: web.Request) -> str | None:
-    """The session a provider request is about: its body's ``session_id``, else the session
-    its Bearer session token belongs to."""
+    """The session a provider request is about: its body's ``session_id`` (its query's, for
+    HeyGen's chat socket), else the session its Bearer session token belongs to."""
+    if hint := request.query.get("session_id"):
+        return hint
     if request.can_read_body:
         try:
             body = json.loads(await request.read())

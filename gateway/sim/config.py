@@ -31,6 +31,14 @@ class SimSettings:
     header, so the LiveKit ``url`` handed out always points back at this process."""
     allow_public: bool = False
     """Permit binding a non-loopback address (the admin API has no authentication)."""
+    tls_port: int = 0
+    """Also serve everything over TLS on this port of ``host`` (0: no TLS). HeyGen's browser
+    SDK opens its chat socket at ``wss://<host>/v1/ws/streaming.chat``, always on 443."""
+    tls_cert: str = ""
+    """PEM certificate (chain) for the TLS port; empty: a self-signed one made at start for
+    ``host`` and the host of ``public_url``."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert``; empty: the key is in ``tls_cert``."""
 
     heygen_api_key: Secret = field(default_factory=lambda: Secret(DEFAULT_HEYGEN_API_KEY))
     liveavatar_api_key: Secret = field(default_factory=lambda: Secret(DEFAULT_LIVEAVATAR_API_KEY))
@@ -64,10 +72,18 @@ class SimSettings:
 
     max_body_bytes: int = 64 * 1024
     max_text_chars: int = 5000
+    chat_max_frame_bytes: int = 64 * 1024
+    """Largest message accepted on HeyGen's chat socket; a larger one closes it with 1009
+    (the SDK's frames: 1 KiB of microphone audio, or one text to speak)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1..65535, got {self.port}")
+        if not 0 <= self.tls_port < 65536 or self.tls_port == self.port:
+            raise ConfigError(f"tls_port must be 0 (no TLS) or a port other than {self.port}, "
+                              f"got {self.tls_port}")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("tls_key needs tls_cert")
         if self.concurrency_limit < 1:
             raise ConfigError("concurrency_limit must be at least 1")
         for name in ("idle_timeout_default", "idle_timeout_min", "idle_timeout_max",
@@ -78,7 +94,7 @@ class SimSettings:
         if not self.idle_timeout_min <= self.idle_timeout_default <= self.idle_timeout_max:
             raise ConfigError("idle_timeout_default must lie within "
                               "[idle_timeout_min, idle_timeout_max]")
-        for name in ("max_body_bytes", "max_text_chars"):
+        for name in ("max_body_bytes", "max_text_chars", "chat_max_frame_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not (self.heygen_api_key and self.liveavatar_api_key):

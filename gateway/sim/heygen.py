@@ -20,16 +20,25 @@ Follows ../shared/specs/heygen-api.md (§2 envelopes, §3 endpoints, §4 errors,
   ``sync`` (the documented default) answers after ``avatar_stop_talking``; ``async`` at once.
   ``task_id`` and ``duration_ms`` are the ones the avatar's events carry.
 * Activity that resets the idle timer: task, interrupt, keep_alive, start/stop_listening,
-  text sent over LiveKit, voice activity while listening.
-* Listening mode: voice activity in a client's microphone becomes data packets
-  ``{"type": "user_start"}`` / ``{"type": "user_stop"}`` from ``heygen`` (the SDK gets these
-  from its websocket as ``event_type``; in the simulator they ride LiveKit like every event).
+  text sent over LiveKit or the chat socket, voice activity.
+* The chat socket ``/v1/ws/streaming.chat`` (:mod:`gateway.sim.heygen_chat`): the SDK's
+  default ``speak()`` arrives there as a protobuf text frame and is answered like ``talk``;
+  its websocket voice chat sends the microphone there.
+* Voice chat (:mod:`gateway.sim.heygen_listen`): like the real service, the simulator hears
+  every microphone of a session, over the chat socket or published into the room, with no
+  ``start_listening`` needed (INFERRED: after ``stop_listening`` it hears nothing until
+  ``start_listening``). Each utterance gives ``user_start`` / ``user_stop`` (on the chat
+  sockets as ``event_type``; as LiveKit data ``{"type": ...}`` when no socket is open), then,
+  transcribed offline by PocketSphinx, ``user_talking_message`` and ``user_end_message``
+  (LiveKit data, ``task_id`` + ``message``), and the avatar answers the words like ``talk``.
+  The avatar does not hear while it speaks (its voice through the user's speakers).
 * Text sent by a client as a LiveKit data packet holding a JSON string (the SDK's LiveKit
   transport for ``talk``) is answered like a ``talk`` task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -40,10 +49,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..avatar.stt import RecognizerProcess
 from ..config import QUALITY_TIERS
 from ..errors import Conflict, GatewayError
 from ..upstream.base import AvatarEvent
 from .config import SimSettings
+from .heygen_chat import ChatHub
 from .room import heygen_event_json
 from .sessions import (
     AvatarGone,
@@ -60,6 +71,7 @@ from .sessions import (
 logger = logging.getLogger(__name__)
 
 PREFIX = "/v1/streaming."
+CHAT_PATH = "/v1/ws/streaming.chat"
 _TOKENS_KEPT = 4096
 _STATE_CODES = {State.NEW: 10001, State.CONNECTING: 10002, State.CONNECTED: 10003,
                 State.CLOSING: 10004, State.CLOSED: 10005}
@@ -90,6 +102,14 @@ def ok(data: Any = None) -> web.Response:
 class HeyGenSession(SimSession):
     provider = Provider.HEYGEN
 
+    def __init__(self, *, settings: SimSettings, recognizer: RecognizerProcess,
+                 **fields: Any) -> None:
+        super().__init__(**fields)
+        self._sends: set[asyncio.Task[None]] = set()
+        self.chat = ChatHub(recognizer, max_frame_bytes=settings.chat_max_frame_bytes,
+                            max_text_chars=settings.max_text_chars, send_data=self._publish,
+                            talk=self.talk, touch=self.touch, deaf=self._avatar_speaking)
+
     def wire(self, event: AvatarEvent) -> bytes | None:
         return heygen_event_json(event)
 
@@ -100,20 +120,43 @@ class HeyGenSession(SimSession):
             return
         if not isinstance(message, str) or message.startswith("push_to_talk:"):
             return
+        self.talk(message)
+
+    def talk(self, text: str) -> str | None:
+        """Answer what the user said (a ``talk`` without a task id in return); returns why
+        not, or None once the answer is queued."""
+        if self.state is not State.CONNECTED:
+            return f"session state wrong: {self.state}"
         self.touch()
-        reply = answer(message, self.knowledge_base)
+        reply = answer(text, self.knowledge_base)
 
         async def talk() -> None:
             await self.speak(reply)
 
-        self.submit(talk)
+        return None if self.submit(talk) else "too many commands are pending"
 
-    def on_voice(self, identity: str, kind: str) -> None:
-        self.touch()
-        payload = json.dumps({"type": kind}).encode()
+    def _avatar_speaking(self) -> bool:
+        avatar = self.room.avatar if self.room is not None else None
+        return avatar is not None and avatar.speaking
+
+    def _publish(self, payload: bytes) -> None:
+        # Straight into the room, not behind the session's command queue: user events must
+        # not wait for the avatar to finish synthesising an answer. Tasks run in FIFO order.
         room = self.room
-        if room is not None:
-            self.submit(lambda: room.send_data(payload))
+        if room is None or room.closed:
+            return
+        task = asyncio.get_running_loop().create_task(room.send_data(payload),
+                                                      name="sim-heygen-user-event")
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _shutdown(self) -> None:
+        # The session is ending (``stop_reason`` is set): its sockets and ears go first.
+        await self.chat.close(self.stop_reason or "stopped")
+        for task in self._sends:
+            task.cancel()
+        await asyncio.gather(*self._sends, return_exceptions=True)
+        await super()._shutdown()
 
 
 @dataclass(slots=True)
@@ -135,8 +178,12 @@ class HeyGenApi:
         self._settings = settings
         self._book = book
         self._tokens: OrderedDict[str, _SessionToken] = OrderedDict()
+        self._recognizer = RecognizerProcess()
+        """One offline recognizer (a child process) for every session's voice chat."""
 
     def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(CHAT_PATH, self.chat)
+        app.on_cleanup.append(self._close)
         app.router.add_post(PREFIX + "create_token", self.create_token)
         app.router.add_post(PREFIX + "new", self.new)
         app.router.add_post(PREFIX + "start", self.start)
@@ -147,6 +194,9 @@ class HeyGenApi:
         app.router.add_post(PREFIX + "stop_listening", self.stop_listening)
         app.router.add_post(PREFIX + "stop", self.stop)
         app.router.add_get(PREFIX + "list", self.list)
+
+    async def _close(self, app: web.Application) -> None:
+        await self._recognizer.close()
 
     def session_for_token(self, token: str) -> str | None:
         entry = self._tokens.get(token)
@@ -225,11 +275,13 @@ class HeyGenApi:
         params = self._new_params(body)
         if self._book.at_capacity(Provider.HEYGEN):
             raise HeyGenError(400, 10007, "Concurrent limit reached")
-        session = HeyGenSession(session_id=new_session_id(), **params)
+        session = HeyGenSession(settings=self._settings, recognizer=self._recognizer,
+                                session_id=new_session_id(), **params)
         if caller.token is not None:
             self._tokens[caller.token].session_id = session.id
         self._book.add(session)
         room = self._book.create_room(session)
+        room.on_microphone = session.chat.on_microphone
         livekit = self._book.livekit
         limit = session.duration_limit
         return ok({
@@ -350,6 +402,7 @@ class HeyGenApi:
         session.touch()
         assert session.room is not None  # connected sessions have a room
         session.room.listening = listening
+        session.chat.listener.set_enabled(listening)
         return ok()
 
     async def stop(self, request: web.Request) -> web.Response:
@@ -357,6 +410,31 @@ class HeyGenApi:
         self._require(session, State.NEW, State.CONNECTING, State.CONNECTED)
         await self._book.stop(session, "stopped")
         return ok()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/ws/streaming.chat?session_id=..&session_token=..``: the chat socket
+        (:mod:`gateway.sim.heygen_chat`). The SDK authenticates with the token it was built
+        with (the session's ``create_token`` token); a server may send its API key."""
+        session_id = request.query.get("session_id", "")
+        if not session_id:
+            raise HeyGenError.missing("session_id")
+        key = request.headers.get("x-api-key")
+        token = request.query.get("session_token", "")
+        if key is not None:
+            self._caller(request)  # raises unless it is the API key
+        elif not token:
+            raise HeyGenError.unauthorized("send session_token=<the session's create_token "
+                                           "token> in the query")
+        elif self.session_for_token(token) != session_id:
+            raise HeyGenError.unauthorized("invalid session token for this session")
+        session = self._book.get(session_id, Provider.HEYGEN)
+        if not isinstance(session, HeyGenSession):
+            raise HeyGenError(400, 10006, "Session not found")
+        self._require(session, State.NEW, State.CONNECTING, State.CONNECTED)
+        if session.chat.full:
+            raise HeyGenError(400, 10014, "Session full: this session has as many chat "
+                                          "sockets open as it may")
+        return await session.chat.serve(request)
 
     async def list(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
