@@ -18,7 +18,7 @@ from .tts import Utterance
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REST", "LipSync", "MouthPose", "viseme"]
+__all__ = ["REST", "LipSync", "MouthPose", "speech_level", "viseme"]
 
 _GRID_HZ = 200  # pose samples per second
 _RMS_WINDOW_S = 0.020
@@ -27,6 +27,11 @@ _SMOOTH_SIGMA_S = 0.014
 # Lips reach a shape slightly before its sound starts (most visible on m/b/p).
 ANTICIPATION_S = 0.015
 _EDGE_FADE_S = 0.030
+# Audio without a phoneme timeline (LiveAvatar LITE: a client's own TTS) opens the jaw this far
+# at full loudness; the envelope does the rest.
+_AUDIO_ONLY_OPEN = 0.8
+# Quietest speech reference accepted: below it (about -40 dBFS) noise would open the mouth wide.
+_MIN_REFERENCE = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +104,8 @@ def _gaussian_smooth(x: npt.NDArray[np.float64], sigma: float) -> npt.NDArray[np
     return np.asarray(np.convolve(padded, k, mode="valid"), dtype=np.float64)
 
 
-def _envelope(pcm: npt.NDArray[np.int16], rate: int, n: int) -> npt.NDArray[np.float64]:
-    """Loudness in 0..1 on the pose grid: windowed RMS, gated and compressed."""
+def _rms_grid(pcm: npt.NDArray[np.int16], rate: int, n: int) -> npt.NDArray[np.float64]:
+    """Windowed RMS (full scale 1.0) on the pose grid."""
     # Energy per 5 ms block, then a centred window of whole blocks: O(n) and
     # vectorised, because long utterances are hundreds of seconds of audio.
     hop = rate // _GRID_HZ
@@ -115,13 +120,36 @@ def _envelope(pcm: npt.NDArray[np.int16], rate: int, n: int) -> npt.NDArray[np.f
     idx = np.arange(n)
     lo = np.clip(idx - half, 0, blocks)
     hi = np.clip(idx + half, 0, blocks)
-    rms = np.sqrt((csum[hi] - csum[lo]) / (np.maximum(hi - lo, 1) * hop))
+    return np.asarray(np.sqrt((csum[hi] - csum[lo]) / (np.maximum(hi - lo, 1) * hop)),
+                      dtype=np.float64)
+
+
+def _reference(rms: npt.NDArray[np.float64]) -> float:
+    """Loud-speech level of a stretch of audio (0 for digital silence)."""
     peak = float(rms.max()) if rms.size else 0.0
-    if peak <= 1e-4:  # digital silence
-        return np.zeros(n)
-    # Reference = loud-speech level, so one quiet utterance still opens fully.
-    voiced = rms[rms > 0.1 * peak]
-    ref = float(np.percentile(voiced, 85))
+    if peak <= 1e-4:
+        return 0.0
+    return float(np.percentile(rms[rms > 0.1 * peak], 85))
+
+
+def speech_level(pcm: npt.NDArray[np.int16], rate: int) -> float:
+    """The loud-speech level :class:`LipSync` scales a stretch of audio by; a stream of
+    chunks passes the running maximum as ``reference`` so every chunk opens the mouth alike."""
+    n = int(np.ceil(pcm.size / rate * _GRID_HZ)) + 1 if pcm.size else 0
+    return _reference(_rms_grid(pcm, rate, n)) if n else 0.0
+
+
+def _envelope(pcm: npt.NDArray[np.int16], rate: int, n: int,
+              reference: float | None = None) -> npt.NDArray[np.float64]:
+    """Loudness in 0..1 on the pose grid: windowed RMS, gated and compressed."""
+    rms = _rms_grid(pcm, rate, n)
+    if reference is None:
+        # Reference = loud-speech level, so one quiet utterance still opens fully.
+        ref = _reference(rms)
+        if ref <= 0.0:  # digital silence
+            return np.zeros(n)
+    else:
+        ref = max(reference, _MIN_REFERENCE)
     gate = 0.04 * ref
     level = np.clip((rms - gate) / max(ref - gate, 1e-6), 0.0, 1.0)
     # sqrt: softer sounds (unstressed vowels, nasals) should still visibly move.
@@ -133,10 +161,17 @@ class LipSync:
 
     Viseme targets from the phoneme timeline, scaled by the audio envelope so
     pauses close the mouth, smoothed with a centred kernel (co-articulation
-    without lag).
+    without lag). An utterance without phonemes (audio from elsewhere) moves the jaw
+    with its envelope alone.
+
+    :param reference: loud-speech level to scale by (see :func:`speech_level`); None: this
+        utterance's own.
+    :param edge_fade: fade the first and last 30 ms to rest; off for the chunks of a stream,
+        whose neighbours continue the movement.
     """
 
-    def __init__(self, utterance: Utterance) -> None:
+    def __init__(self, utterance: Utterance, *, reference: float | None = None,
+                 edge_fade: bool = True) -> None:
         self._duration = utterance.duration
         n = int(np.ceil(self._duration * _GRID_HZ)) + 1 if self._duration > 0 else 0
         self._n = n
@@ -149,6 +184,9 @@ class LipSync:
         target_width = np.full(n, REST.width)
         voiced = np.zeros(n)
         phs = utterance.phonemes
+        if not phs:
+            target_open[:] = _AUDIO_ONLY_OPEN
+            voiced[:] = 1.0
         for i, ph in enumerate(phs):
             start = ph.start - ANTICIPATION_S
             end = (phs[i + 1].start if i + 1 < len(phs) else self._duration) - ANTICIPATION_S
@@ -170,13 +208,14 @@ class LipSync:
                 target_width[a:b] = vis[1]
                 voiced[a:b] = 1.0
         sigma = _SMOOTH_SIGMA_S * _GRID_HZ
-        env = _envelope(utterance.pcm, utterance.sample_rate, n)
+        env = _envelope(utterance.pcm, utterance.sample_rate, n, reference)
         open_ = _gaussian_smooth(target_open, sigma) * _gaussian_smooth(env, sigma * 0.5)
         # Width relaxes to neutral wherever the mouth is not speaking.
         activity = np.clip(_gaussian_smooth(voiced, sigma) * np.minimum(1.0, env * 3.0), 0, 1)
         width = REST.width + (_gaussian_smooth(target_width, sigma) - REST.width) * activity
         # Fade in/out so the first and last video frames meet REST without a jump.
-        fade = np.clip(np.minimum(times, self._duration - times) / _EDGE_FADE_S, 0.0, 1.0)
+        fade = (np.clip(np.minimum(times, self._duration - times) / _EDGE_FADE_S, 0.0, 1.0)
+                if edge_fade else np.ones(n))
         self._open = np.clip(open_ * fade, 0.0, 1.0)
         self._width = np.clip(REST.width + (width - REST.width) * fade, 0.0, 1.0)
 

@@ -88,6 +88,12 @@ class AvatarSpec:
     """Data topic of avatar events: empty for HeyGen, ``agent-response`` for LiveAvatar."""
     encode_event: Callable[[AvatarEvent], bytes | None] = heygen_event_json
     """Payload of one event; ``None`` means the event is not sent."""
+    identity: str = AVATAR_IDENTITY
+    """The avatar's participant identity: ``heygen``, or the identity in the token of a
+    LiveAvatar ``livekit_config`` (the operator's own room)."""
+    event_sender: str | None = None
+    """Who the avatar's events appear to come from: None for the avatar itself, LiveAvatar
+    FULL mode's agent participant otherwise."""
 
     def __post_init__(self) -> None:
         if self.video_codec not in ("VP8", "H264"):
@@ -120,9 +126,8 @@ class AvatarParticipant:
     fans each frame out to one :class:`FeedTrack` per subscribed client.
     """
 
-    identity: str = AVATAR_IDENTITY
-
     def __init__(self, room: Room, spec: AvatarSpec) -> None:
+        self.identity = spec.identity
         self.sid = new_sid("PA_")
         self.video_sid = new_sid("TR_")
         self.audio_sid = new_sid("TR_")
@@ -223,7 +228,8 @@ class AvatarParticipant:
                 self._queued.discard(event.task_id)
         payload = self.spec.encode_event(event)
         if payload is not None and not self._gone:
-            self._room._broadcast(payload, topic=self.spec.event_topic, sender=self.identity,
+            self._room._broadcast(payload, topic=self.spec.event_topic,
+                                  sender=self.spec.event_sender or self.identity,
                                   reliable=True, destination=None)
 
     def on_upstream_ended(self, reason: str) -> None:
@@ -242,15 +248,24 @@ class AvatarParticipant:
         self._queued.add(result.task_id)
         return result
 
-    async def speak_audio(self, pcm: bytes, sample_rate: int) -> SpeakResult:
-        """Lip-sync audio a client sent (LiveAvatar LITE): 16-bit mono PCM at ``sample_rate``."""
+    async def speak_audio(self, pcm: bytes, sample_rate: int, *, task_id: str | None = None,
+                          final: bool = True) -> SpeakResult:
+        """Lip-sync audio a client sent (LiveAvatar LITE): 16-bit mono PCM at ``sample_rate``;
+        a stream of chunks with ``task_id``/``final`` (see :meth:`LocalUpstream.speak_audio`).
+        Raises :class:`~gateway.errors.Conflict` once the avatar left or the stream ended."""
         if self._gone or self._upstream is None:
             raise Conflict("the avatar has left the room")
-        result = await self._upstream.speak_audio(pcm, sample_rate)
+        result = await self._upstream.speak_audio(pcm, sample_rate, task_id=task_id, final=final)
         if self._gone:
             raise Conflict("the avatar has left the room")
-        self._queued.add(result.task_id)
+        if task_id is None and result.task_id not in self._talking:
+            self._queued.add(result.task_id)
         return result
+
+    async def end_audio(self, task_id: str) -> None:
+        """Close an audio stream: it ends once its audio has played."""
+        if self._upstream is not None and not self._gone:
+            await self._upstream.end_audio(task_id)
 
     async def interrupt(self) -> None:
         if self._upstream is not None and not self._gone:
@@ -304,6 +319,11 @@ class Room:
     @property
     def avatar(self) -> AvatarParticipant | None:
         return self._avatar
+
+    @property
+    def agents(self) -> list[str]:
+        """Identities of the data-only agent participants."""
+        return list(self._agents)
 
     @property
     def closed(self) -> bool:
@@ -375,7 +395,8 @@ class Room:
         if kind == "user":
             user = packet.user
             destination = destination or list(user.destination_identities)
-            to_provider = AVATAR_IDENTITY in destination or not self._agents.keys().isdisjoint(destination)
+            avatar = self._avatar.identity if self._avatar is not None else AVATAR_IDENTITY
+            to_provider = avatar in destination or not self._agents.keys().isdisjoint(destination)
             if not destination or to_provider:
                 _guarded("on_data", self.on_data, connection.identity, user.topic, user.payload)
             user.participant_identity = connection.identity

@@ -101,6 +101,12 @@ class SimSession:
         self.started: float | None = None
         self.last_activity = self.created
         self.room: Room | None = None
+        self.room_name = session_id
+        """The LiveKit room the avatar joins: the session's own, named after it, unless the
+        client brought its own room (LiveAvatar ``livekit_config``)."""
+        self.own_room = True
+        """False for a client's room: the session ends by taking its avatar out, not by
+        closing a room others are in."""
         self.stop_reason: str | None = None
         self.closed = asyncio.Event()
         self.watchdog: asyncio.Task[None] | None = None
@@ -123,6 +129,10 @@ class SimSession:
 
     async def before_close(self, reason: str) -> None:
         """Last words into the room before it closes."""
+
+    async def after_close(self) -> None:
+        """The room is closed (or the avatar left a client's room); the session is ``closed``.
+        Must not raise."""
 
     # -- shared behaviour ------------------------------------------------------------------
 
@@ -260,7 +270,7 @@ class SessionBook:
 
     def create_room(self, session: SimSession) -> Room:
         if session.room is None:
-            session.room = self.livekit.create_room(session.id)
+            session.room = self.livekit.create_room(session.room_name)
             session.room.on_data = session.on_data
             session.room.on_voice = session.on_voice
         return session.room
@@ -299,14 +309,13 @@ class SessionBook:
                     async with asyncio.timeout(_CLOSE_ROOM_TIMEOUT):
                         if session.room.avatar is not None:
                             await session.before_close(reason)
-                        # Clients learn why from the LeaveRequest: shutdown vs. session ended.
-                        await self.livekit.close_room(
-                            session.id, "server_shutdown" if reason == "shutdown" else "room_deleted")
+                        await self._close_room(session, reason)
                 except TimeoutError:
                     logger.error("session %s: closing the room took over %.0f s", session.id,
                                  _CLOSE_ROOM_TIMEOUT)
         finally:
             session.state = State.CLOSED
+            await session.after_close()
             self._open.pop(session.id, None)
             self._closed[session.id] = session
             while len(self._closed) > _CLOSED_KEPT:
@@ -315,6 +324,22 @@ class SessionBook:
             billed = self.ledger.stopped(session.id, reason)
             logger.info("%s session %s closed (%s), billed %.1f s", session.provider, session.id,
                         reason, billed)
+
+    async def _close_room(self, session: SimSession, reason: str) -> None:
+        room = session.room
+        assert room is not None
+        if session.own_room or room.closed:
+            # Clients learn why from the LeaveRequest: shutdown vs. session ended.
+            await room.close("server_shutdown" if reason == "shutdown" else "room_deleted")
+            return
+        # A client's own room: the avatar (and any agent) leave, the others stay.
+        room.on_data = room.on_voice = None
+        for agent in list(room.agents):
+            room.remove_agent(agent)
+        if room.avatar is not None:
+            await room.avatar.leave()
+        if not room.clients:
+            await room.close("room_deleted")  # nobody left in it: forget it
 
     async def close_all(self, reason: str) -> None:
         sessions = list(self._open.values())

@@ -5,6 +5,12 @@ plays (``start`` in samples), so the audio clock and the video clock each look u
 being said at media time t" independently and agree exactly: lip sync is by construction,
 not by racing two tasks. Events fire from the audio clock, when the sound is actually emitted.
 
+Audio from elsewhere (:meth:`LocalUpstream.speak_audio`: LiveAvatar LITE, where the client
+brings its own TTS) is resampled to 48 kHz and lip-synced from its own envelope. It may come
+as a stream of chunks: each chunk is placed right after the previous one on the media clock,
+so a stream that keeps ahead of playback plays without a gap, and one that falls behind
+(underrun) holds silence without ending its task until :meth:`LocalUpstream.end_audio`.
+
 Listening (voice chat) is offline too: a controller's microphone is resampled to 16 kHz mono,
 cut into utterances by an energy VAD, and each utterance is transcribed by PocketSphinx in a
 child process (it holds the GIL while it decodes). See :meth:`LocalUpstream.set_listening`.
@@ -26,8 +32,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, Utterance
+from ..avatar.lipsync import speech_level
 from ..avatar.looks import DEFAULT_LOOK
 from ..avatar.stt import RecognizerError, RecognizerProcess, SpeechRecognizer
+from ..avatar.tts import Word
 from ..config import QualityTier
 from ..errors import BadRequest, Conflict, Unprocessable, UpstreamUnavailable
 from ..media.vad import UtteranceCutter, Voice
@@ -44,22 +52,47 @@ MIC_GAP = 0.25
 track) the VAD is told that much silence passed, so the utterance still ends."""
 MAX_RECOGNITIONS = 2
 """Utterances handed to the recognizer and not yet transcribed: one running, one waiting."""
+MAX_AUDIO_SECONDS = 600.0
+"""Longest audio one :meth:`LocalUpstream.speak_audio` call may bring (it is held in memory)."""
+
+
+@dataclass(slots=True)
+class _Part:
+    """A stretch of an utterance's audio: the whole of a text utterance, or one chunk of a
+    stream."""
+
+    start: int
+    """First sample, on the media clock."""
+    pcm: npt.NDArray[np.int16]
+    lipsync: LipSync
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.pcm)
 
 
 @dataclass(slots=True)
 class _Scheduled:
     task_id: str
-    utterance: Utterance
-    lipsync: LipSync
+    parts: list[_Part]
     start: int
     """First sample, on the media clock."""
     end: int
+    """Sample after the last one played (moved earlier by an interrupt)."""
+    words: tuple[Word, ...] = ()
     chunks: tuple[str, ...] = ()
     """Per word, the text to announce when it starts: input text up to the next word, so the
     chunks concatenate back to exactly what was asked (punctuation included)."""
     next_word: int = 0
     started: bool = False
     spoken: list[str] = field(default_factory=list)
+    open: bool = False
+    """A stream that may still grow: it does not end at ``end`` until it is closed."""
+    cut: bool = False
+    """Interrupted: ``end`` moved before the audio's end, which fades out."""
+    resampler: av.AudioResampler | None = None
+    reference: float = 0.0
+    """Running loud-speech level of a stream (see :func:`~gateway.avatar.lipsync.speech_level`)."""
 
 
 class LocalUpstream(Upstream):
@@ -161,14 +194,112 @@ class LocalUpstream(Upstream):
         loop = asyncio.get_running_loop()
         utterance, lipsync = await loop.run_in_executor(self._tts_pool, self._prepare, text)
         task_id = uuid.uuid4().hex
-        # Queue behind whatever is already scheduled, never in the past.
+        self._close_streams()
+        start = self._next_start()
+        end = start + len(utterance.pcm)
+        chunks = _word_chunks(text, [w.text for w in utterance.words])
+        self._schedule.append(_Scheduled(task_id, [_Part(start, utterance.pcm, lipsync)], start,
+                                         end, utterance.words, chunks))
+        return SpeakResult(task_id=task_id, duration_ms=round(utterance.duration * 1000.0, 1))
+
+    def _next_start(self) -> int:
+        """Behind whatever is already scheduled, never in the past."""
         start = self._samples_played + self._lead
         if self._schedule:
             start = max(start, self._schedule[-1].end)
-        end = start + len(utterance.pcm)
-        chunks = _word_chunks(text, [w.text for w in utterance.words])
-        self._schedule.append(_Scheduled(task_id, utterance, lipsync, start, end, chunks))
-        return SpeakResult(task_id=task_id, duration_ms=round(utterance.duration * 1000.0, 1))
+        return start
+
+    def _close_streams(self) -> None:
+        # Something else queues behind an open stream: the stream cannot grow any more
+        # without overlapping it, so it ends where its audio ends.
+        for item in self._schedule:
+            item.open = False
+
+    async def speak_audio(self, pcm: bytes, sample_rate: int, *, task_id: str | None = None,
+                          final: bool = True) -> SpeakResult:
+        """Lip-sync and play 16-bit mono PCM at ``sample_rate`` (any rate; resampled to 48 kHz).
+
+        Without ``task_id``, a new utterance (a new task) is queued; with ``final=False`` it is
+        a stream that stays open for more chunks. With the ``task_id`` of an open stream,
+        ``pcm`` is appended to it, right after its previous chunk (or, after an underrun, as
+        soon as possible). The task's events are the text utterance's: ``avatar_start_talking``
+        when its first sample plays, ``avatar_stop_talking`` after the last one of a closed
+        stream (:meth:`end_audio`, or ``final=True``); no word events (there is no text).
+
+        :raises ~gateway.errors.BadRequest: odd byte count, empty, too long, bad rate.
+        :raises ~gateway.errors.Conflict: ``task_id`` names no open stream (it ended or was
+            interrupted).
+        """
+        if not 8000 <= sample_rate <= 192_000:
+            raise BadRequest(f"sample_rate must be 8000..192000 Hz, got {sample_rate}")
+        if len(pcm) % 2:
+            raise BadRequest("16-bit PCM needs an even number of bytes")
+        if not pcm:
+            raise BadRequest("the audio is empty")
+        if len(pcm) / 2 / sample_rate > MAX_AUDIO_SECONDS:
+            raise BadRequest(f"the audio is longer than {MAX_AUDIO_SECONDS:g} s")
+        if self._stopped or self._sink is None:
+            raise Conflict("the local avatar is not running")
+        item = self._open_stream(task_id) if task_id is not None else None
+        resampler = item.resampler if item is not None else None
+        if resampler is None:
+            resampler = av.AudioResampler("s16", "mono", SAMPLE_RATE)
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.int16, copy=False)
+        loop = asyncio.get_running_loop()
+        reference = item.reference if item is not None else 0.0
+        audio, reference, lipsync = await loop.run_in_executor(
+            self._tts_pool, _prepare_audio, resampler, samples, sample_rate, reference, final,
+            item is None)
+        if task_id is not None:
+            item = self._open_stream(task_id)  # it may have been interrupted meanwhile
+        if item is None:
+            task_id = uuid.uuid4().hex
+            self._close_streams()
+            start = self._next_start()
+            item = _Scheduled(task_id, [], start, start, open=not final, resampler=resampler)
+            self._schedule.append(item)
+        start = max(item.end, self._samples_played + self._lead)
+        if len(audio):
+            item.parts.append(_Part(start, audio, lipsync))
+            item.end = start + len(audio)
+        item.reference = reference
+        if final:
+            item.open = False
+            item.resampler = None
+        assert task_id is not None
+        duration = (item.end - item.start) / SAMPLE_RATE
+        return SpeakResult(task_id=task_id, duration_ms=round(duration * 1000.0, 1))
+
+    async def end_audio(self, task_id: str) -> None:
+        """Close the stream ``task_id``: it ends after the audio it has. A no-op for a task
+        that already ended or was interrupted."""
+        item = self._stream(task_id)
+        if item is None:
+            return
+        resampler, item.resampler = item.resampler, None
+        item.open = False
+        if resampler is None:
+            return
+        # The resampler holds back a few samples (its filter delay): flush them.
+        tail = _flush(resampler)
+        if len(tail):
+            start = max(item.end, self._samples_played + self._lead)
+            lipsync = LipSync(Utterance("", tail), reference=item.reference, edge_fade=False)
+            item.parts.append(_Part(start, tail, lipsync))
+            item.end = start + len(tail)
+
+    def _open_stream(self, task_id: str) -> _Scheduled:
+        item = self._stream(task_id)
+        if item is None:
+            raise Conflict(f"task {task_id} is not an open audio stream (it ended or was "
+                           f"interrupted)")
+        return item
+
+    def _stream(self, task_id: str) -> _Scheduled | None:
+        for item in self._schedule:
+            if item.task_id == task_id and item.open:
+                return item
+        return None
 
     def _prepare(self, text: str) -> tuple[Utterance, LipSync]:
         utterance = self._synthesizer.synthesize(text)
@@ -180,7 +311,11 @@ class LocalUpstream(Upstream):
         for item in self._schedule:
             if item.started:
                 # Cut at the next frame: the audio clock fades the last 5 ms and ends the task.
-                item.end = min(item.end, now + len(_FADE))
+                if now + len(_FADE) < item.end:
+                    item.end = now + len(_FADE)
+                    item.cut = True
+                item.open = False
+                item.resampler = None
                 kept.append(item)
         self._schedule = kept
 
@@ -356,22 +491,26 @@ class LocalUpstream(Upstream):
                 item.started = True
                 self._emit(EventType.AVATAR_START_TALKING, item.task_id)
             lo, hi = max(position, item.start), min(stop, item.end)
-            if hi > lo:
-                chunk = item.utterance.pcm[lo - item.start : hi - item.start]
-                if hi == item.end and item.end < item.start + len(item.utterance.pcm):
-                    fade = _FADE[-len(chunk):] if len(chunk) < len(_FADE) else _FADE
-                    chunk = chunk.copy()
-                    chunk[-len(fade):] = (chunk[-len(fade):] * fade).astype(np.int16)
-                out[lo - position : hi - position] = chunk
+            for part in item.parts:
+                a, b = max(lo, part.start), min(hi, part.end)
+                if b > a:
+                    out[a - position : b - position] = part.pcm[a - part.start : b - part.start]
+            if item.cut and hi > lo:
+                # The 5 ms before a cut fade out (they may straddle two frames).
+                a = max(lo, item.end - len(_FADE))
+                if hi > a:
+                    fade = _FADE[a - (item.end - len(_FADE)) : hi - (item.end - len(_FADE))]
+                    out[a - position : hi - position] = (
+                        out[a - position : hi - position] * fade).astype(np.int16)
             self._emit_words(item, (hi - item.start) / SAMPLE_RATE)
-            if item.end > stop:
-                break
+            if item.end > stop or item.open:
+                break  # still playing, or a stream waiting for more audio
             self._schedule.popleft()
             self._finish(item)
         return out
 
     def _emit_words(self, item: _Scheduled, until: float) -> None:
-        words = item.utterance.words
+        words = item.words
         while item.next_word < len(words) and words[item.next_word].start <= until:
             chunk = item.chunks[item.next_word]
             item.next_word += 1
@@ -381,7 +520,8 @@ class LocalUpstream(Upstream):
     def _finish(self, item: _Scheduled) -> None:
         self._deaf_until = item.end + self._echo_tail
         duration_ms = round((item.end - item.start) * 1000 / SAMPLE_RATE, 1)
-        self._emit(EventType.AVATAR_END_MESSAGE, item.task_id, message="".join(item.spoken))
+        if item.words:  # audio from elsewhere has no text to report
+            self._emit(EventType.AVATAR_END_MESSAGE, item.task_id, message="".join(item.spoken))
         self._emit(EventType.AVATAR_STOP_TALKING, item.task_id, duration_ms=duration_ms)
 
     def _emit(self, type_: EventType, task_id: str, **data: object) -> None:
@@ -416,10 +556,37 @@ class LocalUpstream(Upstream):
         sample = int(t * SAMPLE_RATE)
         for item in self._schedule:
             if item.start <= sample < item.end:
-                return item.lipsync.pose_at((sample - item.start) / SAMPLE_RATE)
+                for part in item.parts:
+                    if part.start <= sample < part.end:
+                        return part.lipsync.pose_at((sample - part.start) / SAMPLE_RATE)
+                return REST  # a stream's underrun: silence, mouth at rest
             if item.start > sample:
                 break
         return REST
+
+
+def _prepare_audio(resampler: av.AudioResampler, samples: npt.NDArray[np.int16], rate: int,
+                   reference: float, final: bool,
+                   first: bool) -> tuple[npt.NDArray[np.int16], float, LipSync]:
+    """On the TTS thread: resample one chunk to 48 kHz and compute its lip sync."""
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate
+    pieces = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    if final:
+        pieces.append(_flush(resampler))
+    audio = (np.concatenate(pieces).astype(np.int16, copy=False) if pieces
+             else np.zeros(0, dtype=np.int16))
+    reference = max(reference, speech_level(audio, SAMPLE_RATE))
+    # A whole utterance fades in and out at its edges; a stream's chunks join seamlessly.
+    lipsync = LipSync(Utterance("", audio), reference=reference, edge_fade=first and final)
+    return audio, reference, lipsync
+
+
+def _flush(resampler: av.AudioResampler) -> npt.NDArray[np.int16]:
+    frames = resampler.resample(None)
+    if not frames:
+        return np.zeros(0, dtype=np.int16)
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16, copy=False)
 
 
 def _word_chunks(text: str, words: list[str]) -> tuple[str, ...]:

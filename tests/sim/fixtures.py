@@ -129,16 +129,25 @@ async def new_heygen_session(sim: SimClient, *, start: bool = False, **fields: A
     return data
 
 
+LIVEAVATAR_OK = 1000
+"""LiveAvatar's success code: what its web SDK accepts (``SUCCESS_CODE``), not the docs' 100."""
+SUCCESS = -1
+"""``expect`` default of :func:`liveavatar`: the action's success status (201 for start)."""
+
+
 async def liveavatar(sim: SimClient, action: str, body: Any = None, *,
                      lakey: str | None = None, bearer: str | None = None,
-                     expect: int | None = 200, timeout: float = 30.0) -> Any:
-    """``POST /v1/sessions/<action>``; asserts ``expect`` (and code 100 on 200)."""
+                     expect: int | None = SUCCESS, timeout: float = 30.0) -> Any:
+    """``POST /v1/sessions/<action>``; asserts ``expect`` (default: success, 201 for start,
+    200 otherwise) and, on success, the envelope ``{"code": 1000, "message": "success"}``."""
     status, payload = await call(sim, "POST", f"/v1/sessions/{action}", body, lakey=lakey,
                                  bearer=bearer, timeout=timeout)
+    if expect == SUCCESS:
+        expect = 201 if action == "start" else 200
     if expect is not None:
         assert status == expect, (action, status, payload)
-        if status == 200:
-            assert payload["code"] == 100, payload
+        if status in (200, 201):
+            assert payload["code"] == LIVEAVATAR_OK and payload["message"] == "success", payload
     return payload
 
 

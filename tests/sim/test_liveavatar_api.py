@@ -1,5 +1,7 @@
 """The LiveAvatar API emulation: token / start / stop / keep-alive with their auth rules and
-errors, the lifetime rules, and a FULL-mode session driven over LiveKit data by the real SDK."""
+errors (code 1000, 201, FastAPI 422s, idempotent stop, JWT session tokens), the lifetime
+rules, and a FULL-mode session (avatar + agent participant) driven over LiveKit data by the
+real SDK."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from tests.sim.fixtures import (
     HEYGEN_KEY,
     LIVEAVATAR_KEY,
     SimClient,
+    call,
     heygen,
     ledger_json,
     liveavatar,
@@ -54,6 +57,10 @@ async def test_token_takes_the_liveavatar_api_key_only(sim: SimClient) -> None:
         "code"] == 400112
     data = await liveavatar_token(sim)
     assert set(data) == {"session_id", "session_token"}
+    claims = jwt.decode(data["session_token"], options={"verify_signature": False})
+    assert claims["sub"] == claims["session_id"] == data["session_id"]
+    assert claims["start_session_data"]["mode"] == "FULL"
+    assert claims["start_session_data"]["agent_type"] == "FULL"
     [row] = (await ledger_json(sim, "?open=1&provider=liveavatar"))["sessions"]
     assert row["session_id"] == data["session_id"] and row["mode"] == "FULL"
     assert row["quality"] == "low" and row["avatar"] == "sim-avatar" and row["started_at"] is None
@@ -62,31 +69,53 @@ async def test_token_takes_the_liveavatar_api_key_only(sim: SimClient) -> None:
     assert row["stop_reason"] == "stopped" and row["billed_seconds"] == 0.0
 
 
-@pytest.mark.parametrize(("body", "needle"), [
-    ({"avatar_id": "a"}, "mode must be FULL or LITE"),
-    ({"mode": "CUSTOM", "avatar_id": "a"}, "mode must be FULL or LITE"),
-    ({"mode": "FULL"}, "avatar_id is required"),
-    ({"mode": "FULL", "avatar_id": "a", "video_settings": "hd"}, "video_settings must be an object"),
+@pytest.mark.parametrize(("body", "loc", "kind", "needle"), [
+    ({"avatar_id": "a"}, ["body", "mode"], "missing", "Field required"),
+    ({"mode": "CUSTOM", "avatar_id": "a"}, ["body", "mode"], "enum", "'FULL' or 'LITE'"),
+    ({"mode": "FULL"}, ["body", "avatar_id"], "missing", "Field required"),
+    ({"mode": "FULL", "avatar_id": "a", "video_settings": "hd"}, ["body", "video_settings"],
+     "dict_type", "valid dictionary"),
     ({"mode": "FULL", "avatar_id": "a", "video_settings": {"encoding": "AV1"}},
-     "encoding must be VP8 or H264"),
+     ["body", "video_settings", "encoding"], "enum", "'VP8' or 'H264'"),
     ({"mode": "FULL", "avatar_id": "a", "video_settings": {"quality": "ultra"}},
-     "quality must be one of very_high, high, medium, low"),
-    ({"mode": "FULL", "avatar_id": "a", "video_quality": "4k"}, "quality must be one of"),
+     ["body", "video_settings", "quality"], "enum", "'very_high', 'high', 'medium', 'low'"),
+    ({"mode": "FULL", "avatar_id": "a", "video_quality": "4k"}, ["body", "video_quality"],
+     "enum", "one of"),
     ({"mode": "LITE", "avatar_id": "a", "livekit_config": {"livekit_room": "r"}},
-     "livekit_config"),
+     ["body", "livekit_config", "livekit_url"], "missing", "Field required"),
     ({"mode": "FULL", "avatar_id": "a", "max_session_duration": 601},
-     "max_session_duration must be a number of seconds up to 600"),
-    ({"mode": "FULL", "avatar_id": "a", "avatar_persona": []}, "avatar_persona must be an object"),
+     ["body", "max_session_duration"], "value_error", "up to 600"),
+    ({"mode": "FULL", "avatar_id": "a", "avatar_persona": []}, ["body", "avatar_persona"],
+     "dict_type", "valid dictionary"),
+    ({"mode": "FULL", "avatar_id": "a", "is_sandbox": "yes"}, ["body", "is_sandbox"],
+     "bool_type", "valid boolean"),
 ])
-async def test_token_validates_its_body(sim: SimClient, body: dict[str, Any], needle: str) -> None:
+async def test_token_validates_its_body_like_fastapi(sim: SimClient, body: dict[str, Any],
+                                                     loc: list[str], kind: str,
+                                                     needle: str) -> None:
     payload = await liveavatar(sim, "token", body, lakey=LIVEAVATAR_KEY, expect=422)
-    assert payload["code"] == 4022 and payload["data"] is None and needle in payload["message"]
+    [detail] = payload["detail"]
+    assert set(payload) == {"detail"} and set(detail) == {"type", "loc", "msg", "input"}
+    assert detail["loc"] == loc and detail["type"] == kind and needle in detail["msg"], detail
     assert (await ledger_json(sim))["total"] == 0
+
+
+async def test_a_body_that_is_not_json_is_a_fastapi_422(sim: SimClient) -> None:
+    response = await sim.post("/v1/sessions/token", data=b"{nope",
+                              headers={"X-API-KEY": LIVEAVATAR_KEY})
+    assert response.status == 422
+    [detail] = (await response.json())["detail"]
+    assert detail["type"] == "json_invalid" and detail["loc"][0] == "body"
+    response = await sim.post("/v1/sessions/token", json=[1], headers={"X-API-KEY": LIVEAVATAR_KEY})
+    assert (await response.json())["detail"][0]["type"] == "model_attributes_type"
 
 
 async def test_token_accepts_video_quality_and_very_high(sim: SimClient) -> None:
     # livekit-agents sends a top-level video_quality; very_high renders like high (720p).
-    first = await liveavatar_token(sim, mode="LITE", video_settings=None, video_quality="medium")
+    first = await liveavatar_token(sim, mode="LITE", video_settings=None, video_quality="medium",
+                                   is_sandbox=False)
+    claims = jwt.decode(first["session_token"], options={"verify_signature": False})
+    assert claims["start_session_data"]["mode"] == "LITE"
     second = await liveavatar_token(sim, video_settings={"quality": "very_high",
                                                          "encoding": "H264"})
     rows = {r["session_id"]: r for r in (await ledger_json(sim))["sessions"]}
@@ -107,6 +136,11 @@ async def test_start_needs_the_session_token(sim: SimClient) -> None:
     assert "Bearer <session_token>', not an API key" in body["message"]
     assert await liveavatar(sim, "start", bearer="forged", expect=401) == \
         error(401, "Invalid or expired session token")
+    # A token is signed: the same claims signed with another key, or expired, are refused.
+    claims = jwt.decode(data["session_token"], options={"verify_signature": False})
+    forged = jwt.encode(claims, b"x" * 32, algorithm="HS256")
+    assert await liveavatar(sim, "start", bearer=forged, expect=401) == \
+        error(401, "Invalid or expired session token")
     other = await liveavatar_token(sim)
     body = await liveavatar(sim, "start", {"session_id": other["session_id"]},
                             bearer=data["session_token"], expect=403)
@@ -124,7 +158,7 @@ async def test_start_returns_the_room_and_the_lifecycle_works(sim: SimClient) ->
     started = await start(sim, token)
     assert started["session_id"] == data["session_id"]
     assert started["livekit_url"] == f"ws://127.0.0.1:{sim.port}"
-    assert started["max_session_duration"] == 300 and started["ws_url"] is None
+    assert started["max_session_duration"] == 300 and started["ws_url"] is None  # FULL
     client = jwt.decode(started["livekit_client_token"], options={"verify_signature": False})
     agent = jwt.decode(started["livekit_agent_token"], options={"verify_signature": False})
     assert client["sub"] == "client" and client["video"]["room"] == data["session_id"]
@@ -136,16 +170,18 @@ async def test_start_returns_the_room_and_the_lifecycle_works(sim: SimClient) ->
 
     await liveavatar(sim, "keep-alive", bearer=token)
     await liveavatar(sim, "keep-alive", {"session_id": data["session_id"]}, lakey=LIVEAVATAR_KEY)
-    assert await liveavatar(sim, "keep-alive", lakey=LIVEAVATAR_KEY, expect=422) == \
-        error(422, "session_id is required with an API key")
+    body = await liveavatar(sim, "keep-alive", lakey=LIVEAVATAR_KEY, expect=422)
+    assert body["detail"][0]["loc"] == ["body", "session_id"]
     assert await liveavatar(sim, "keep-alive", {"session_id": "nope"}, lakey=LIVEAVATAR_KEY,
                             expect=404) == error(404, "Session not found")
-    assert await liveavatar(sim, "stop", {"reason": 5}, bearer=token, expect=422) == \
-        error(422, "reason must be a string")
+    body = await liveavatar(sim, "stop", {"reason": 5}, bearer=token, expect=422)
+    assert body["detail"][0]["loc"] == ["body", "reason"]
 
     await liveavatar(sim, "stop", {"session_id": data["session_id"]}, lakey=LIVEAVATAR_KEY)
-    assert await liveavatar(sim, "stop", bearer=token, expect=409) == \
-        error(409, "Session already stopped")
+    # Stop is idempotent: the SDK's cleanup calls it again after the session ended.
+    assert await liveavatar(sim, "stop", bearer=token) == {"code": 1000, "data": None,
+                                                          "message": "success"}
+    await liveavatar(sim, "stop", {"session_id": data["session_id"]}, lakey=LIVEAVATAR_KEY)
     assert await liveavatar(sim, "keep-alive", bearer=token, expect=409) == \
         error(409, "Session already stopped")
     assert await liveavatar(sim, "start", bearer=token, expect=409) == \
@@ -198,17 +234,26 @@ async def test_idle_timeout_and_max_session_duration(sim: SimClient) -> None:
     rows = {r["session_id"]: r for r in (await ledger_json(sim))["sessions"]}
     assert rows[idle["session_id"]]["stop_reason"] == "idle_timeout"
     assert rows[short["session_id"]]["stop_reason"] == "duration_limit"
-    assert 0.9 < rows[short["session_id"]]["billed_seconds"] < 1.5
+    assert rows[short["session_id"]]["billed_seconds"] >= 1.0
+    # The SDK calls stop after the server ended the session: that is no error.
+    await stop(sim, idle["session_token"])
+    await stop(sim, short["session_token"])
+    rows = {r["session_id"]: r for r in (await ledger_json(sim))["sessions"]}
+    assert rows[idle["session_id"]]["stop_reason"] == "idle_timeout"
 
 
 # -- FULL mode with the real SDK -------------------------------------------------------------------
 
 
 def responses(client: SdkClient) -> list[dict[str, Any]]:
+    """Every ``agent-response`` event, each checked to come from the session's agent
+    participant ``liveavatar-agent-<session_id>`` (FULL) or the avatar (LITE)."""
     out = []
     for packet in client.data:
-        assert packet.sender == "heygen" and packet.topic == "agent-response", packet
-        out.append(json.loads(packet.payload))
+        assert packet.topic == "agent-response", packet
+        event = json.loads(packet.payload)
+        assert packet.sender in (f"liveavatar-agent-{event['session_id']}", "heygen"), packet
+        out.append(event)
     return out
 
 
@@ -226,16 +271,22 @@ async def command(client: SdkClient, event_type: str, event_id: str, **data: Any
 async def test_full_mode_commands_and_events(sim: SimClient, sdk_clients: list[SdkClient]) -> None:
     data = await liveavatar_token(sim)
     session_id = data["session_id"]
+    agent = f"liveavatar-agent-{session_id}"
     started = await start(sim, data["session_token"])
     client = SdkClient(started["livekit_url"], started["livekit_client_token"])
     sdk_clients.append(client)
     await client.connect()
     await client.wait_for(lambda: client.video.frames >= 10 and client.audio.frames >= 30)
     assert client.video.sizes == {(640, 360)}
+    # Both participants the web SDK waits for: the avatar's media and the data-only agent.
+    remote = {p.identity: p for p in client.room.remote_participants.values()}
+    assert set(remote) == {"heygen", agent}
+    assert not remote[agent].track_publications
 
     await command(client, "avatar.speak_text", "cmd-1", text="Good morning to you.")
     await client.wait_for(lambda: bool(of_type(client, "avatar.speak_ended")))
     events = responses(client)
+    assert {p.sender for p in client.data} == {agent}
     assert [e["event_type"] for e in events] == [
         "avatar.transcription", "avatar.speak_started", "avatar.speak_ended"]
     assert events[0]["text"] == "Good morning to you."
@@ -249,7 +300,7 @@ async def test_full_mode_commands_and_events(sim: SimClient, sdk_clients: list[S
                   "to be interrupted while it is still being spoken by the avatar")
     await client.wait_for(lambda: bool(of_type(client, "avatar.speak_started")))
     await command(client, "avatar.interrupt", "cmd-3")
-    await client.wait_for(lambda: bool(of_type(client, "avatar.speak_ended")), timeout=2)
+    await client.wait_for(lambda: bool(of_type(client, "avatar.speak_ended")))
     [transcription] = of_type(client, "avatar.transcription")
     assert transcription["text"].startswith("You said: Say something long enough")
     assert [e["source_event_id"] for e in responses(client)] == ["cmd-2"] * 3
@@ -260,7 +311,7 @@ async def test_full_mode_commands_and_events(sim: SimClient, sdk_clients: list[S
     await feed(source, 0.3, 0.0)
     await feed(source, 0.8, 0.3)
     await feed(source, 1.2, 0.0)
-    await client.wait_for(lambda: bool(of_type(client, "user.speak_ended")), timeout=5)
+    await client.wait_for(lambda: bool(of_type(client, "user.speak_ended")))
     assert [e["event_type"] for e in responses(client)] == ["user.speak_started",
                                                             "user.speak_ended"]
     await command(client, "avatar.stop_listening", "cmd-4")
@@ -270,21 +321,43 @@ async def test_full_mode_commands_and_events(sim: SimClient, sdk_clients: list[S
     await stop(sim, data["session_token"])
     await client.wait_for(lambda: bool(client.seen("disconnected")))
     [stopped] = of_type(client, "session.stopped")
-    assert stopped["end_reason"] == "USER_DISCONNECTED" and stopped["session_id"] == session_id
+    assert stopped["stop_reason"] == "USER_DISCONNECTED" and stopped["session_id"] == session_id
+    assert "end_reason" not in stopped
+    assert {p.sender for p in client.data} == {agent}
     [row] = (await ledger_json(sim))["sessions"]
     assert row["stop_reason"] == "stopped" and row["billed_seconds"] > 1.0
+
+
+@needs_netns
+async def test_server_side_stop_reports_its_reason_and_a_late_stop_succeeds(
+        sim: SimClient, sdk_clients: list[SdkClient]) -> None:
+    data = await liveavatar_token(sim)
+    started = await start(sim, data["session_token"])
+    client = SdkClient(started["livekit_url"], started["livekit_client_token"])
+    sdk_clients.append(client)
+    await client.connect()
+    await client.wait_for(lambda: len(client.room.remote_participants) == 2)
+    status, _ = await call(sim, "POST", f"/sim/sessions/{data['session_id']}/expire")
+    assert status == 200
+    await client.wait_for(lambda: bool(client.seen("disconnected")))
+    assert [e["stop_reason"] for e in of_type(client, "session.stopped")] == ["EXPIRED"]
+    await stop(sim, data["session_token"])  # what the SDK's cleanup does next
+    [row] = (await ledger_json(sim))["sessions"]
+    assert row["stop_reason"] == "expired"
 
 
 @needs_netns
 async def test_lite_mode_ignores_full_commands(sim: SimClient, sdk_clients: list[SdkClient]) -> None:
     data = await liveavatar_token(sim, mode="LITE")
     started = await start(sim, data["session_token"])
+    assert started["ws_url"].startswith(f"ws://127.0.0.1:{sim.port}/v1/sessions/ws?")
     client = SdkClient(started["livekit_url"], started["livekit_client_token"])
     sdk_clients.append(client)
     await client.connect()
     await command(client, "avatar.speak_text", "cmd-1", text="Hello")
     await client.wait_for(lambda: client.audio.frames >= 50)
     assert responses(client) == []
+    assert [p.identity for p in client.room.remote_participants.values()] == ["heygen"]
     await stop(sim, data["session_token"])
     await client.wait_for(lambda: bool(client.seen("disconnected")))
-    assert [e["end_reason"] for e in of_type(client, "session.stopped")] == ["USER_DISCONNECTED"]
+    assert [e["stop_reason"] for e in of_type(client, "session.stopped")] == ["USER_DISCONNECTED"]
