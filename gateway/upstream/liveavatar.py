@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -157,6 +158,10 @@ _RESPONSES: dict[str, tuple[EventType, ...]] = {
 }
 
 
+_ENDS = (EventType.AVATAR_END_MESSAGE, EventType.AVATAR_STOP_TALKING)
+_TASKS_KEPT = 256
+
+
 def _response(payload: bytes, topic: str) -> dict[str, Any] | None:
     if topic != RESPONSE_TOPIC:
         return None
@@ -217,6 +222,10 @@ class LiveAvatarUpstream(RoomUpstream):
         self._token = ""
         self._wpm = words_per_minute
         self._started: dict[str, asyncio.Future[AvatarEvent]] = {}
+        self._begun: OrderedDict[str, None] = OrderedDict()
+        """Tasks the avatar started speaking (bounded)."""
+        self._held: OrderedDict[str, list[AvatarEvent]] = OrderedDict()
+        """Words of tasks not started yet (bounded)."""
 
     async def _create_session(self) -> ProviderSession:
         # LiveAvatar names one rung more than HeyGen; our tiers map onto its lower three.
@@ -247,13 +256,29 @@ class LiveAvatarUpstream(RoomUpstream):
             # rather than rejoin a closing room.
             self._end(f"the provider stopped the session ({reason})")
             return []
-        events = decode_response(payload, topic)
-        for event in events:
-            if event.type is EventType.AVATAR_START_TALKING and event.task_id is not None:
-                waiter = self._started.get(event.task_id)
+        out: list[AvatarEvent] = []
+        for event in decode_response(payload, topic):
+            task_id = event.task_id
+            if event.type is EventType.AVATAR_START_TALKING and task_id is not None:
+                waiter = self._started.get(task_id)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event)
-        return events
+                self._begun[task_id] = None
+                while len(self._begun) > _TASKS_KEPT:
+                    self._begun.popitem(last=False)
+                out += [event, *self._held.pop(task_id, ())]
+            elif (event.type is EventType.AVATAR_TALKING_MESSAGE and task_id is not None
+                  and task_id not in self._begun):
+                # LiveAvatar sends the transcription when it takes the command, before the
+                # avatar starts: hold it, so every upstream reports start, words, end.
+                self._held.setdefault(task_id, []).append(event)
+                while len(self._held) > _TASKS_KEPT:
+                    self._held.popitem(last=False)
+            elif event.type in _ENDS and task_id is not None:
+                out += [*self._held.pop(task_id, ()), event]
+            else:
+                out.append(event)
+        return out
 
     async def _command(self, event_type: str, event_id: str | None = None, **fields: Any) -> None:
         link, session_id = self.link, self.provider_session_id

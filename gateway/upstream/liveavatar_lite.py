@@ -10,7 +10,8 @@ text frames:
   ``agent.speak_end {event_id}`` after the last chunk of an utterance, ``agent.interrupt``,
   ``session.keep_alive`` (at least every 60 s);
 * from the avatar: ``session.state_updated {state}`` (nothing may be sent before
-  ``connected``), ``agent.speak_started``, ``agent.speak_ended``, ``agent.speak_interrupted``,
+  ``connected``; ``closing``/``closed`` end the session), ``agent.speak_started``,
+  ``agent.speak_ended``, ``agent.speak_interrupted``,
   ``agent.audio_buffer_appended|committed|cleared``, ``error``.
 
 The avatar's video and the audio it plays still arrive through the room (participant
@@ -311,6 +312,10 @@ class LiveAvatarLiteUpstream(LiveAvatarUpstream):
             if current is not None and current.started.is_set():
                 current.cut = True
                 current.ended.set()
+        elif kind == "session.state_updated" and body.get("state") in ("closing", "closed"):
+            # The provider is ending the session (its limit, its idle timer, a stop from
+            # elsewhere): end now rather than rejoin when the socket closes next.
+            self._end(f"the provider closed the session (state {body['state']})")
         elif kind == "session.stopped":
             reason = body.get("stop_reason") or body.get("end_reason") or "unknown"
             self._end(f"the provider stopped the session ({str(reason)[:100]})")
