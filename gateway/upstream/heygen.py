@@ -120,8 +120,9 @@ class HeyGenClient:
         data = await self._post("new", body, safe=False)
         session_id = _field(data, "session_id")
         try:
-            limit = data.get("session_duration_limit")
-            agent = data.get("livekit_agent_token")
+            fields: dict[str, Any] = data if isinstance(data, dict) else {}
+            limit = fields.get("session_duration_limit")
+            agent = fields.get("livekit_agent_token")
             return HeyGenSession(
                 session_id=_require(session_id, "session_id", "streaming.new"),
                 url=_require(_field(data, "url"), "url", "streaming.new"),
@@ -150,7 +151,7 @@ class HeyGenClient:
                                          "task_type": str(task_type), "task_mode": str(task_mode)},
                                 safe=False)
         task_id = _require(_field(data, "task_id"), "task_id", "streaming.task")
-        duration = data.get("duration_ms")
+        duration = data.get("duration_ms")  # data is a dict: it had a task_id
         if isinstance(duration, bool) or not isinstance(duration, int | float):
             raise UpstreamError("heygen streaming.task: unusable response (no 'duration_ms')")
         return SpeakResult(task_id=task_id, duration_ms=float(duration))
