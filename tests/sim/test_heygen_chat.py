@@ -5,7 +5,6 @@ faults, and the end of the session closing its sockets."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
