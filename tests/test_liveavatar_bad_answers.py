@@ -168,3 +168,18 @@ async def test_a_heygen_session_without_room_credentials_is_stopped(
     got, message = await create(client, "heygen")
     assert got == 502 and "no 'access_token'" in message, (got, message)
     assert provider.called("/v1/streaming.stop") == [{"session_id": "hg-1"}]
+
+
+async def test_a_lite_websocket_that_refuses_is_a_503_without_its_secret(
+        aiohttp_client: AiohttpClient, provider: FakeProvider) -> None:
+    base: str = provider.base  # type: ignore[attr-defined]
+    ws_url = base.replace("http", "ws", 1) + "/v1/sessions/ws?token=ws-secret-123"
+    provider.set("/v1/sessions/token", 200, OK_TOKEN)
+    provider.set("/v1/sessions/start", 201, {**OK_START, "data": {
+        **OK_START["data"], "ws_url": ws_url}})  # type: ignore[dict-item]
+    provider.set("/v1/sessions/ws", 403, {"code": 4003, "message": "Not authenticated"})
+    client = await gateway(aiohttp_client, provider, liveavatar_mode="lite")
+    got, message = await create(client, "liveavatar")
+    assert got == 503 and "refused the connection (HTTP 403)" in message, (got, message)
+    assert "ws-secret-123" not in message
+    assert len(provider.called("/v1/sessions/stop")) == 1

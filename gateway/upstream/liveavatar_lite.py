@@ -106,9 +106,15 @@ class LiteSocket:
             await self.close()
             raise UpstreamUnavailable(f"LiveAvatar's websocket did not report 'connected' "
                                       f"within {within:g} s") from None
+        except aiohttp.WSServerHandshakeError as exc:
+            # Never the exception's text: it carries the URL, whose query authenticates us.
+            await self.close()
+            raise UpstreamUnavailable(f"LiveAvatar's websocket refused the connection "
+                                      f"(HTTP {exc.status})") from None
         except aiohttp.ClientError as exc:
             await self.close()
-            raise UpstreamUnavailable(f"cannot open LiveAvatar's websocket: {exc}") from None
+            raise UpstreamUnavailable(f"cannot open LiveAvatar's websocket "
+                                      f"({type(exc).__name__})") from None
         except BaseException:
             await asyncio.shield(self.close())
             raise
@@ -124,7 +130,7 @@ class LiteSocket:
                 if message.type is aiohttp.WSMsgType.TEXT:
                     self._dispatch(message.data)
                 elif message.type is aiohttp.WSMsgType.ERROR:
-                    reason = f"liveavatar_socket_error:{ws.exception()!r}"[:200]
+                    reason = f"liveavatar_socket_error:{type(ws.exception()).__name__}"
                     break
         finally:
             was_connected = self._connected.is_set()
