@@ -154,7 +154,9 @@ async def test_full_mode_three_viewers_see_the_lips_follow_the_voice(rig: Rig) -
     try:
         for viewer, (corr, _lag) in zip(viewers, sync, strict=True):
             check_spoken(viewer, task_id, None)
-            assert corr > 0.4, sync
+            # FULL: the avatar shapes its mouth from the text's phonemes (visemes), which
+            # follow the loudness less closely than LITE's audio-driven lips (~0.5 here).
+            assert corr > 0.3, sync
         print(f"FULL lip/audio correlation per viewer (corr, lag s): {sync}")
     finally:
         await asyncio.gather(*(v.close() for v in viewers))
@@ -238,7 +240,7 @@ async def test_lite_mode_the_gateway_speaks_and_the_lips_follow(rig: Rig) -> Non
     try:
         for viewer, (corr, _lag) in zip(viewers, sync, strict=True):
             check_spoken(viewer, task_id, TEXT)
-            assert corr > 0.4, sync
+            assert corr > 0.5, sync
         print(f"LITE (eSpeak) lip/audio correlation per viewer (corr, lag s): {sync}")
         # talk: no language model at the provider in LITE; the gateway's chat answers.
         talk = await rig.gateway.post(f"{url}/speak", json={"text": "Where did you study?",
@@ -266,6 +268,9 @@ async def test_lite_mode_the_gateway_speaks_and_the_lips_follow(rig: Rig) -> Non
         await asyncio.gather(*(v.close() for v in viewers))
     assert (await rig.gateway.delete(url)).status == 200
     assert rig.open_sessions() == 0
+    # Nothing of the session lives on: its player, socket reader and keep-alive are gone.
+    await wait_for(lambda: not [t for t in asyncio.all_tasks()
+                                if t.get_name().startswith("liveavatar-lite")], timeout=5)
 
 
 @pytest.mark.parametrize("gateway_overrides", [LITE], indirect=True)
@@ -355,7 +360,7 @@ async def test_lite_mode_with_openais_voice(rig: Rig, speech_api: tuple[FakeSpee
                                      "response_format": "pcm"}
         for viewer, (corr, _lag) in zip(viewers, sync, strict=True):
             check_spoken(viewer, task_id, TEXT)
-            assert corr > 0.4, sync
+            assert corr > 0.5, sync
         print(f"LITE (OpenAI voice) lip/audio correlation per viewer (corr, lag s): {sync}")
     finally:
         await asyncio.gather(*(v.close() for v in viewers))
