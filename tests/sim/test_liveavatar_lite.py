@@ -345,3 +345,89 @@ async def test_interrupt_cuts_the_speech(
     rows = (await ledger_json(sim))["sessions"]
     assert [r["stop_reason"] for r in rows] == ["stopped"]
     assert math.isfinite(rows[0]["billed_seconds"])
+
+
+# -- the avatar's side: LocalUpstream.speak_audio streams ----------------------------------------
+
+
+class Sink:
+    """A MediaSink that keeps the audio and the events."""
+
+    video_wanted = False
+
+    def __init__(self) -> None:
+        self.audio: list[np.ndarray] = []
+        self.events: list[tuple[str, str | None, int]] = []
+        """(event type, task id, audio frames played when it fired)"""
+
+    def on_video_frame(self, frame: av.VideoFrame) -> None:
+        pass
+
+    def on_audio_frame(self, frame: av.AudioFrame) -> None:
+        self.audio.append(frame.to_ndarray().reshape(-1).copy())
+
+    def on_event(self, event: Any) -> None:
+        self.events.append((str(event.type), event.task_id, len(self.audio)))
+
+    def on_upstream_ended(self, reason: str) -> None:
+        raise AssertionError(reason)
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _, _ in self.events]
+
+
+def sine(seconds: float) -> bytes:
+    n = np.arange(int(seconds * RATE))
+    return (0.3 * 32767 * np.sin(2 * np.pi * 220 * n / RATE)).astype("<i2").tobytes()
+
+
+async def until(condition: Any) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_streamed_chunks_play_gap_free_as_one_task() -> None:
+    from gateway.config import QUALITY_TIERS
+    from gateway.errors import BadRequest, Conflict
+    from gateway.upstream.local import LocalUpstream
+
+    upstream = LocalUpstream(QUALITY_TIERS["low"], SpeechSynthesizer("en-us"))
+    sink = Sink()
+    await upstream.start(sink)
+    try:
+        first = await upstream.speak_audio(sine(0.6), RATE, final=False)
+        for _ in range(2):
+            again = await upstream.speak_audio(sine(1.0), RATE, task_id=first.task_id, final=False)
+            assert again.task_id == first.task_id
+        # An underrun: the stream plays out what it has and waits, its task still open.
+        await until(lambda: "avatar_start_talking" in sink.kinds())
+        start_frame = sink.events[0][2]
+        await until(lambda: len(sink.audio) > start_frame + int(2.6 * 50) + 25)
+        assert "avatar_stop_talking" not in sink.kinds()
+        await upstream.speak_audio(sine(0.5), RATE, task_id=first.task_id, final=False)
+        await upstream.end_audio(first.task_id)
+        await until(lambda: "avatar_stop_talking" in sink.kinds())
+        assert sink.kinds() == ["avatar_start_talking", "avatar_stop_talking"]
+        assert {task for _, task, _ in sink.events} == {first.task_id}
+        with pytest.raises(Conflict):  # the stream is over
+            await upstream.speak_audio(sine(0.1), RATE, task_id=first.task_id)
+        with pytest.raises(BadRequest):
+            await upstream.speak_audio(b"\x00", RATE)
+
+        played = np.concatenate(sink.audio[start_frame - 1:sink.events[-1][2]])
+        loud = np.flatnonzero(np.abs(played) > 1000)
+        # The first 2.6 s (sent ahead of playback) are one gap-free run of 48 kHz audio.
+        first_run = played[loud[0]:loud[0] + int(2.6 * 48_000) - 200]
+        silent = np.abs(first_run) < 50
+        longest, run = 0, 0
+        for quiet in silent[::12]:  # 0.25 ms steps: a 220 Hz sine is never quiet that long
+            run = run + 1 if quiet else 0
+            longest = max(longest, run)
+        assert longest < 4, longest
+        # All of it played: 3.1 s of audio in 20 ms frames, give or take the edge frames.
+        blocks = played[:len(played) // 960 * 960].reshape(-1, 960).astype(np.float64)
+        sounding = int((np.sqrt((blocks ** 2).mean(axis=1)) > 1000).sum())
+        assert abs(sounding - 155) <= 3, sounding
+    finally:
+        await upstream.stop()
