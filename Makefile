@@ -35,8 +35,10 @@ $(DEBIAN_TOOLS):
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus; \
 	else echo "note: 'sudo apt-get install chromium prometheus' to run the tests that need them (skipped without)"; fi
 
-# WebRTC tests run inside a private network namespace (see tests/netns.sh).
+# WebRTC tests run inside a private network namespace (see tests/netns.sh), where no package
+# registry is reachable: the providers' own clients (npm SDKs, LiveKit's plugin) come first.
 pytest: $(STAMP) $(DEBIAN_TOOLS)
+	$(PY) -m tests.prefetch
 	tests/netns.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint pytest

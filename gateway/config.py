@@ -119,6 +119,13 @@ class Settings:
     """Sessions open at once, of any upstream; more is a 429 with Retry-After."""
     max_viewers_per_session: int = 64
     """Viewer peer connections per session; more is a 429 with Retry-After."""
+    max_pending_viewers_per_session: int = 16
+    """Viewers of a session that have offered but not connected yet (ICE/DTLS pending); they
+    hold a place among ``max_viewers_per_session`` only up to this share, so offers that never
+    connect cannot lock a session. More is a 429 with Retry-After."""
+    max_pending_viewers_per_client: int = 4
+    """Unconnected viewers one client (its address and its token together) may hold in a
+    session at once; more is a 429 with Retry-After."""
     rate_limit: float = 50.0
     """API requests per second a client address may sustain (0: no limit); more is a 429 with
     Retry-After. Probes, metrics and the pages are not limited."""
@@ -244,7 +251,8 @@ class Settings:
         for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions", "max_upstream_sessions",
                      "rate_limit_burst",
                      "reconnect_attempts",
-                     "max_viewers_per_session", "max_body_bytes", "max_text_chars"):
+                     "max_viewers_per_session", "max_pending_viewers_per_session",
+                     "max_pending_viewers_per_client", "max_body_bytes", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for address in self.ice_host_addresses:

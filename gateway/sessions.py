@@ -378,13 +378,26 @@ class Session:
     def viewers(self) -> tuple[Viewer, ...]:
         return tuple(self._viewers.values())
 
-    def _new_viewer(self) -> Viewer:
+    def _new_viewer(self, client: str) -> Viewer:
+        """A place for one more viewer. Connected viewers count toward the session's maximum;
+        unconnected ones only up to a bounded share, and a few per client, so that a client
+        posting offers it never completes cannot keep everyone else out."""
         self._require_live()
-        if len(self._viewers) >= self._settings.max_viewers_per_session:
+        settings = self._settings
+        pending = [v for v in self._viewers.values() if v.state == "connecting"]
+        if sum(v.client == client for v in pending) >= settings.max_pending_viewers_per_client:
+            raise CapacityError(
+                f"this client already has {settings.max_pending_viewers_per_client} viewers of "
+                f"session {self.id} that have not connected; finish or delete those first",
+                retry_after=5)
+        if len(pending) >= settings.max_pending_viewers_per_session:
+            raise CapacityError(f"session {self.id} has {len(pending)} viewers still connecting; "
+                                "try again in a few seconds", retry_after=5)
+        if len(self._viewers) >= settings.max_viewers_per_session:
             raise CapacityError(
                 f"session {self.id} has its maximum of "
-                f"{self._settings.max_viewers_per_session} viewers", retry_after=10)
-        viewer = Viewer(self.hub, self._rtc, self._metrics, self._viewer_closed)
+                f"{settings.max_viewers_per_session} viewers", retry_after=10)
+        viewer = Viewer(self.hub, self._rtc, self._metrics, self._viewer_closed, client=client)
         self._viewers[viewer.id] = viewer
         return viewer
 
@@ -393,11 +406,13 @@ class Session:
         # Only an upstream that listens gets a microphone.
         return self._forward_microphone if self.upstream.listens else None
 
-    async def add_viewer(self, offer_sdp: str, microphone: bool = True) -> tuple[Viewer, str]:
+    async def add_viewer(self, offer_sdp: str, microphone: bool = True,
+                         client: str = "") -> tuple[Viewer, str]:
         """WHEP: the viewer offers, the gateway answers. ``microphone``: a controller's offer
-        of two-way audio carries its microphone to the avatar; a viewer's never does."""
+        of two-way audio carries its microphone to the avatar; a viewer's never does.
+        ``client`` says who asks (address and token), for the per-client limit."""
         offer = parse_offer(offer_sdp)
-        viewer = self._new_viewer()
+        viewer = self._new_viewer(client)
         try:
             answer = await viewer.negotiate(offer, self._microphone if microphone else None)
         except BaseException:
@@ -406,10 +421,10 @@ class Session:
         viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
         return viewer, answer
 
-    async def add_offering_viewer(self) -> tuple[Viewer, str]:
+    async def add_offering_viewer(self, client: str = "") -> tuple[Viewer, str]:
         """The seed API (HeyGen v1 style): the gateway offers; the browser answers later
         through :meth:`Viewer.accept_answer`."""
-        viewer = self._new_viewer()
+        viewer = self._new_viewer(client)
         try:
             offer = await viewer.offer(self._microphone)
         except BaseException:

@@ -43,8 +43,9 @@ class WhepViewer:
 
     def __init__(self, client: TestClient[Any, Any], session_id: str, mouth_box: Box | None = None,
                  audio: bool = True, microphone: MediaStreamTrack | None = None,
-                 prefer: str | None = None) -> None:
+                 prefer: str | None = None, headers: dict[str, str] | None = None) -> None:
         self.client = client
+        self.headers = headers or {}
         self.session_id = session_id
         self.mouth_box = mouth_box
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -84,7 +85,7 @@ class WhepViewer:
         offer = await self.offer_sdp()
         response = await self.client.post(
             f"/v1/sessions/{self.session_id}/whep", data=offer,
-            headers={"Content-Type": "application/sdp"})
+            headers={"Content-Type": "application/sdp", **self.headers})
         body = await response.text()
         assert response.status == 201, body
         self.answer_sdp = body

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
 
-from ..auth import Principal, TokenAuthority
+from ..auth import Principal, TokenAuthority, bearer
 from ..chat.llm import ChatService
 from ..chat.persona import PersonaStore
 from ..config import Settings
@@ -73,6 +74,14 @@ def required_str(data: dict[str, Any], key: str) -> str:
 async def one_sentence(text: str) -> AsyncGenerator[str, None]:
     """``text`` as a stream of one sentence, for :meth:`Session.speak_sentences`."""
     yield text
+
+
+def client_key(request: web.Request) -> str:
+    """One client, for per-client limits: its address and (a digest of) its token together.
+    The token alone is shared by everyone a watch link reached; the address alone by everyone
+    behind one NAT."""
+    token = hashlib.sha256(bearer(request).encode()).hexdigest()[:16]
+    return f"{request.remote or 'unknown'}|{token}"
 
 
 def principal(request: web.Request) -> Principal:

@@ -33,6 +33,7 @@ from .common import (
     PERSONAS,
     SESSIONS,
     SETTINGS,
+    client_key,
     one_sentence,
     optional_str,
     read_json,
@@ -166,7 +167,7 @@ async def create_session(request: web.Request) -> web.Response:
     session = await request.app[SESSIONS].create(
         quality=quality, voice=voice if cloud else None, avatar_id=avatar if cloud else None)
     try:
-        viewer, offer = await session.add_offering_viewer()
+        viewer, offer = await session.add_offering_viewer(client_key(request))
     except BaseException:
         await session.close("start_failed")
         raise

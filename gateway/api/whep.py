@@ -7,7 +7,7 @@ from aiohttp import web
 from ..auth import Role
 from ..errors import BadRequest, PreconditionFailed, UnsupportedMediaType
 from ..viewers.whep import SDP_TYPE, SDPFRAG_TYPE, link_headers, parse_sdpfrag
-from .common import METRICS, SESSIONS, SETTINGS, principal
+from .common import METRICS, SESSIONS, SETTINGS, client_key, principal
 
 routes = web.RouteTableDef()
 
@@ -32,7 +32,7 @@ async def create_viewer(request: web.Request) -> web.Response:
         # Only a controller's microphone reaches the avatar; a viewer's offer is answered
         # receive-only whatever it offers.
         viewer, answer = await session.add_viewer(
-            offer, microphone=principal(request).role >= Role.CONTROLLER)
+            offer, microphone=principal(request).role >= Role.CONTROLLER, client=client_key(request))
     except BadRequest:
         metrics.viewer_sessions.labels("bad_sdp").inc()
         raise

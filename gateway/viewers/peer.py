@@ -97,8 +97,12 @@ class Viewer:
         configuration: RTCConfiguration,
         metrics: Metrics,
         on_closed: Callable[[Viewer], None],
+        *,
+        client: str = "",
     ) -> None:
         self.id = secrets.token_urlsafe(16)
+        self.client = client
+        """Who offered (see :func:`gateway.api.common.client_key`), for per-client limits."""
         self.etag = secrets.token_hex(8)
         self.created = time.monotonic()
         self._hub = hub

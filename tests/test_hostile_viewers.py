@@ -1,5 +1,6 @@
-"""Offers aiortc cannot negotiate are the client's mistake: a 400 with a message, never a 500,
-and no background task left failing ("Task exception was never retrieved")."""
+"""What a viewer-token holder can send, sent as an attacker would: offers aiortc cannot
+negotiate (a 400 with a message, never a 500, no background task left failing), candidate
+floods, UDP floods at a pending viewer's port, offers that never connect."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.api.common import SESSIONS
+from gateway.app import create_app
+
+from .conftest import ClientFactory, make_settings
 from .leaks import trimmed_rss
-from .rtc_client import minimal_offer
+from .rtc_client import WhepViewer, minimal_offer
 
 Client = TestClient[Any, Any]
 
@@ -160,3 +165,52 @@ async def test_udp_flood_to_a_pending_viewer_does_not_grow_memory(client: Client
     growth = trimmed_rss() - before
     assert growth < 50 << 20, f"RSS grew by {growth / 2**20:.0f} MiB under a UDP flood"
     assert (await client.delete(response.headers["Location"])).status == 200
+
+
+async def test_one_clients_unconnected_offers_lock_nobody_out(
+        aiohttp_client: ClientFactory) -> None:
+    gateway = await aiohttp_client(create_app(make_settings(api_token="ctl", max_viewers_per_session=8,
+                                                            max_pending_viewers_per_session=6)))
+    controller = {"Authorization": "Bearer ctl"}
+    created = await gateway.post("/v1/sessions", json={}, headers=controller)
+    assert created.status == 201, await created.text()
+    session_id = (await created.json())["id"]
+
+    async def viewer_token() -> dict[str, str]:
+        minted = await gateway.post("/v1/tokens", json={"role": "viewer", "session_id": session_id},
+                                    headers=controller)
+        return {"Authorization": f"Bearer {(await minted.json())['token']}"}
+
+    attacker = await viewer_token()
+    statuses = []
+    # 300 offers that will never connect, from one token: the first few hold a place...
+    for _ in range(300):
+        async with gateway.post(f"/v1/sessions/{session_id}/whep", data=minimal_offer(),
+                                headers={"Content-Type": "application/sdp", **attacker}) as r:
+            statuses.append(r.status)
+            if r.status == 429:
+                assert "have not connected" in await r.text()
+                assert r.headers["Retry-After"]
+    assert statuses.count(201) == 4 and statuses.count(429) == 296, statuses[:8]
+    # ...and the pending share of the session is bounded too, whoever asks.
+    second = await viewer_token()
+    for expected in (201, 201, 429):
+        async with gateway.post(f"/v1/sessions/{session_id}/whep", data=minimal_offer(),
+                                headers={"Content-Type": "application/sdp", **second}) as r:
+            assert r.status == expected, await r.text()
+            if r.status == 429:
+                assert "still connecting" in await r.text()
+    # Connected viewers are not held back by either: a real one frees no pending place.
+    assert (await gateway.get(f"/v1/sessions/{session_id}", headers=controller)).status == 200
+    session = gateway.app[SESSIONS].get(session_id)
+    pending = [v for v in session.viewers() if v.state == "connecting"]
+    assert len(pending) == 6
+    for viewer in pending[:2]:
+        await viewer.close("test")
+    honest = WhepViewer(gateway, session_id, headers=await viewer_token())
+    try:
+        await honest.connect()
+        assert session.viewer_count == 5
+    finally:
+        await honest.close()
+    await gateway.delete(f"/v1/sessions/{session_id}", headers=controller)
