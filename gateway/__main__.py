@@ -155,7 +155,11 @@ def _sim(overrides: dict[str, Any]) -> int:
         web.run_app(app, host=settings.host, port=settings.port,
                     print=None, access_log=None, shutdown_timeout=10.0)
     else:
-        asyncio.run(_serve_sim(app, settings.host, settings.port, settings.tls_port, tls))
+        try:
+            asyncio.run(_serve_sim(app, settings.host, settings.port, settings.tls_port, tls))
+        except OSError as exc:  # a port taken, or 443 without the right to bind it
+            print(f"avatar-gateway sim: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
