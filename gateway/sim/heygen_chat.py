@@ -43,6 +43,8 @@ MAX_SOCKETS = 4
 """Chat sockets one session may have open at once (an app normally has one)."""
 OUTBOX = 64
 """Events waiting to be written to one socket; more means the client stopped reading."""
+CLOSE_TIMEOUT = 2.0
+"""Seconds a closing socket waits for the client's close frame."""
 RATES = range(8_000, 48_001)
 """Sample rates accepted in ``AudioRawFrame`` (the SDK sends 16 kHz)."""
 
@@ -141,7 +143,9 @@ class ChatHub:
 
     async def serve(self, request: web.Request) -> web.WebSocketResponse:
         """Upgrade ``request`` (already authorised) and serve the socket until it closes."""
-        ws = web.WebSocketResponse(max_msg_size=self._max_frame_bytes, autoping=True,
+        # A client that never answers our close frame holds streaming.stop at most
+        # CLOSE_TIMEOUT; the heartbeat finds sockets whose client vanished.
+        ws = web.WebSocketResponse(max_msg_size=self._max_frame_bytes, timeout=CLOSE_TIMEOUT,
                                    heartbeat=30.0)
         await ws.prepare(request)
         if self._closed:

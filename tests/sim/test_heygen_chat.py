@@ -5,16 +5,22 @@ faults, and the end of the session closing its sockets."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from livekit import rtc
 
 from gateway.avatar import SpeechSynthesizer
+from gateway.sim.app import create_sim_app
 from gateway.sim.heygen_proto import (
     AudioFrame,
     ProtoError,
@@ -23,7 +29,16 @@ from gateway.sim.heygen_proto import (
     decode_frame,
     encode_frame,
 )
-from tests.sim.fixtures import HEYGEN_KEY, SimClient, admin, heygen, ledger_json, needs_netns
+from gateway.sim.ledger import Ledger
+from tests.sim.fixtures import (
+    HEYGEN_KEY,
+    SimClient,
+    admin,
+    heygen,
+    ledger_json,
+    make_sim_settings,
+    needs_netns,
+)
 from tests.sim.sdk_client import SdkClient
 
 pytestmark = pytest.mark.usefixtures("nothing_left_open")
@@ -333,3 +348,50 @@ async def test_voice_chat_into_the_room_without_start_listening(
     types = [e["type"] for e in heygen_data(client)]
     assert "user_start" in types and "user_stop" in types
     await heygen(sim, "stop", {"session_id": session_id})
+
+
+# -- nothing leaks ----------------------------------------------------------------------------
+
+
+def children() -> set[int]:
+    """Live child processes of this one (the recognizer is one while it runs)."""
+    me, out = str(os.getpid()), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[1] == me and fields[0] != "Z":
+                out.add(int(stat.parent.name))
+    return out
+
+
+async def test_shutdown_leaves_no_recognizer_task_or_socket(
+        speech: np.ndarray[Any, np.dtype[np.int16]]) -> None:
+    before = children()
+    ledger = Ledger(":memory:")
+    app = create_sim_app(make_sim_settings(), ledger=ledger)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        session_id, token, _ = await new_session(client)
+        ws = await chat(client, session_id, token)
+        pcm = at_16k(speech)
+        for start in range(0, len(pcm), 1024):
+            await ws.send_bytes(encode_frame(AudioFrame(pcm[start:start + 1024], 16000, 1)))
+        assert await next_event(ws) == {"event_type": "user_start"}
+        assert await next_event(ws) == {"event_type": "user_stop"}
+        # A second utterance, still being transcribed when the simulator shuts down.
+        for start in range(0, len(pcm), 1024):
+            await ws.send_bytes(encode_frame(AudioFrame(pcm[start:start + 1024], 16000, 1)))
+        assert await next_event(ws) == {"event_type": "user_start"}
+        async with asyncio.timeout(30):
+            while not children() - before:  # the recognizer runs
+                await asyncio.sleep(0.05)
+    finally:
+        await client.close()  # shuts the simulator down with the session and socket open
+    assert ws.closed
+    assert children() - before == set()
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("sim-")]
+    assert left == []
+    [row] = ledger.entries()
+    assert row.stop_reason == "shutdown"
+    ledger.close()
