@@ -183,6 +183,7 @@ def create_sim_app(settings: SimSettings | None = None, *,
     # closes the rooms: signals run in the order they were added.
     app.on_shutdown.append(_stop_sessions)
     livekit.add_routes(app)
+    app.router.add_get("/", _livekit_root)
     app.cleanup_ctx.append(_lifecycle(owned))
     return app
 
@@ -202,6 +203,13 @@ def _lifecycle(owns_ledger: bool) -> Callable[[web.Application], AsyncIterator[N
             app[LEDGER].close()
 
     return lifecycle
+
+
+async def _livekit_root(request: web.Request) -> web.Response:
+    """``GET|HEAD /``: a LiveKit server answers "OK" to anyone. livekit-client's
+    ``Room.prepareConnection`` (which HeyGen's SDK calls first) fetches it from the app's page
+    to warm the connection up; without an answer the console shows a CORS error."""
+    return web.Response(text="OK", headers={"Access-Control-Allow-Origin": "*"})
 
 
 # -- admin handlers ---------------------------------------------------------------------------
