@@ -149,7 +149,7 @@ def speech() -> np.ndarray[Any, np.dtype[np.int16]]:
     """PHRASE spoken by eSpeak at 48 kHz, between silences."""
     pcm = SpeechSynthesizer("en-us").synthesize(PHRASE).pcm
     silence = np.zeros(48_000, dtype=np.int16)
-    return np.concatenate([silence // 2, pcm, silence, silence // 2])
+    return np.concatenate([silence[:24_000], pcm, silence, silence[:24_000]])
 
 
 def at_16k(pcm: np.ndarray[Any, np.dtype[np.int16]]) -> bytes:
