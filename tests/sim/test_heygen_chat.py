@@ -20,7 +20,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from livekit import rtc
 
 from gateway.avatar import SpeechSynthesizer
+from gateway.avatar.stt import RecognizerProcess
 from gateway.sim.app import create_sim_app
+from gateway.sim.heygen_listen import Listener
 from gateway.sim.heygen_proto import (
     AudioFrame,
     ProtoError,
@@ -395,3 +397,37 @@ async def test_shutdown_leaves_no_recognizer_task_or_socket(
     [row] = ledger.entries()
     assert row.stop_reason == "shutdown"
     ledger.close()
+
+
+async def test_the_listener_resamples_and_is_deaf_while_the_avatar_speaks(
+        speech: np.ndarray[Any, np.dtype[np.int16]]) -> None:
+    recognizer = RecognizerProcess()
+    voice: list[str] = []
+    heard: list[str] = []
+    speaking = False
+    listener = Listener(recognizer, deaf=lambda: speaking,
+                        on_voice=lambda _, kind: voice.append(str(kind)),
+                        on_words=lambda _, text: heard.append(text))
+    try:
+        stereo = np.repeat(speech, 2).astype("<i2").tobytes()  # 48 kHz stereo: resampled
+        for start in range(0, len(stereo), 3840):
+            listener.hear_pcm("a", stereo[start:start + 3840], 48_000, 2)
+        assert voice == ["user_start", "user_stop"]
+        async with asyncio.timeout(30):
+            while not heard:
+                await asyncio.sleep(0.05)
+        assert len(words(heard[0]) & words(PHRASE)) >= 2, heard
+        # While the avatar speaks, nothing is heard; an utterance in progress ends.
+        pcm = at_16k(speech)
+        listener.hear_pcm("b", pcm[:len(pcm) // 2], 16_000, 1)
+        assert voice[-1] == "user_start"
+        speaking = True
+        listener.hear_pcm("b", pcm[len(pcm) // 2:], 16_000, 1)
+        assert voice[2:] == ["user_start", "user_stop"]
+        listener.hear_pcm("c", pcm, 16_000, 1)
+        assert len(voice) == 4
+        with pytest.raises(ValueError, match="whole"):
+            listener.hear_pcm("a", b"\0" * 3, 16_000, 1)
+    finally:
+        await listener.close()
+        await recognizer.close()
