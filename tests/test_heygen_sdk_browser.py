@@ -12,6 +12,7 @@ playing a WAV of eSpeak saying :data:`PHRASE`, heard by the simulator's offline 
 from __future__ import annotations
 
 import asyncio
+import os
 import wave
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -76,6 +77,8 @@ def sdk_bundle() -> Path:
     try:
         path = bundle("streaming-avatar")
     except ProviderJsUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            raise  # `make pytest` fetches it first (tests/prefetch.py); CI must run this test
         pytest.skip(str(exc))
     assert installed_version("@heygen/streaming-avatar") == "2.0.16"
     return path
