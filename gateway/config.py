@@ -119,11 +119,11 @@ class Settings:
     """Sessions open at once, of any upstream; more is a 429 with Retry-After."""
     max_viewers_per_session: int = 64
     """Viewer peer connections per session; more is a 429 with Retry-After."""
-    max_pending_viewers_per_session: int = 16
+    max_pending_viewers_per_session: int = 32
     """Viewers of a session that have offered but not connected yet (ICE/DTLS pending); they
     hold a place among ``max_viewers_per_session`` only up to this share, so offers that never
     connect cannot lock a session. More is a 429 with Retry-After."""
-    max_pending_viewers_per_client: int = 4
+    max_pending_viewers_per_client: int = 8
     """Unconnected viewers one client (its address and its token together) may hold in a
     session at once; more is a 429 with Retry-After."""
     rate_limit: float = 50.0

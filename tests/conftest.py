@@ -82,8 +82,11 @@ def _network_rule() -> None:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    # No rate limit unless a test is about it: the suite's own bursts are not what it guards.
+    # No rate limit and no cap on unconnected viewers unless a test is about them: the suite's
+    # own bursts (one process, one address, one token) are not what they guard against.
     base: dict[str, Any] = {"default_quality": "low", "keyframe_interval": 2.0, "rate_limit": 0.0,
+                            "max_pending_viewers_per_client": 1000,
+                            "max_pending_viewers_per_session": 1000,
                             "state_dir": tempfile.mkdtemp(prefix="avatar-gateway-test-")}
     base.update(overrides)
     return Settings.from_env({}, **base)

@@ -169,8 +169,9 @@ async def test_udp_flood_to_a_pending_viewer_does_not_grow_memory(client: Client
 
 async def test_one_clients_unconnected_offers_lock_nobody_out(
         aiohttp_client: ClientFactory) -> None:
-    gateway = await aiohttp_client(create_app(make_settings(api_token="ctl", max_viewers_per_session=8,
-                                                            max_pending_viewers_per_session=6)))
+    gateway = await aiohttp_client(create_app(make_settings(
+        api_token="ctl", max_viewers_per_session=8, max_pending_viewers_per_session=6,
+        max_pending_viewers_per_client=4)))
     controller = {"Authorization": "Bearer ctl"}
     created = await gateway.post("/v1/sessions", json={}, headers=controller)
     assert created.status == 201, await created.text()

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import av
@@ -461,3 +462,20 @@ class SpeechSynthesizer:
         if native.size and not phonemes:
             logger.warning("eSpeak NG produced audio but no phoneme events")
         return Utterance(text=text, pcm=pcm, phonemes=tuple(phonemes), words=words)
+
+
+def word_chunks(text: str, words: Sequence[str]) -> tuple[str, ...]:
+    """Split ``text`` at the words' positions: chunk i runs from word i to word i+1, the first
+    from the start and the last to the end, so the chunks rebuild ``text`` exactly."""
+    starts: list[int] = []
+    cursor = 0
+    for word in words:
+        found = text.find(word, cursor) if word else -1
+        position = found if found >= 0 else cursor
+        starts.append(position)
+        cursor = position + len(word) if found >= 0 else cursor
+    if not starts:
+        return ()
+    starts[0] = 0
+    bounds = [*starts[1:], len(text)]
+    return tuple(text[a:b] for a, b in zip(starts, bounds, strict=True))

@@ -230,40 +230,41 @@ _SAFE_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @contextlib.contextmanager
-def _provider_errors(timeout: float) -> Iterator[None]:
+def openai_errors(what: str, timeout: float) -> Iterator[None]:
+    """Map the ``openai`` package's errors onto ours, for any model behind it (``what``: "the
+    language model", "the speech model"): never the provider's text verbatim."""
     try:
         yield
     except openai.APITimeoutError:
-        raise UpstreamUnavailable(
-            f"the language model did not answer within {timeout:g} s") from None
+        raise UpstreamUnavailable(f"{what} did not answer within {timeout:g} s",
+                                  retry_after=5) from None
     except openai.APIConnectionError:
-        raise UpstreamUnavailable("the language model server cannot be reached") from None
+        raise UpstreamUnavailable(f"{what} server cannot be reached", retry_after=5) from None
     except openai.APIStatusError as exc:
-        raise _status_error(exc) from None
+        raise _status_error(what, exc) from None
     except openai.OpenAIError as exc:
         # Errors inside a stream, invalid responses: the provider's fault, never shown verbatim.
         detail = getattr(exc, "code", None)
         suffix = f" ({detail})" if isinstance(detail, str) and _SAFE_CODE.match(detail) else ""
-        raise UpstreamError(f"the language model failed{suffix}") from None
+        raise UpstreamError(f"{what} failed{suffix}") from None
 
 
-def _status_error(exc: openai.APIStatusError) -> UpstreamError:
+def _status_error(what: str, exc: openai.APIStatusError) -> UpstreamError:
     status = exc.status_code
     if status in (401, 403):
-        return UpstreamAuthError(
-            f"the language model server refused the gateway's API key (HTTP {status})")
+        return UpstreamAuthError(f"{what} server refused the gateway's API key (HTTP {status})")
     if status == 429:
         retry_after = 10.0
         header = exc.response.headers.get("retry-after")
         if header is not None:
             with contextlib.suppress(ValueError):
                 retry_after = max(1.0, min(3600.0, float(header)))
-        return UpstreamQuotaExceeded("the language model's rate limit or quota is exhausted",
+        return UpstreamQuotaExceeded(f"{what}'s rate limit or quota is exhausted",
                                      retry_after=retry_after)
     if status >= 500:
-        return UpstreamUnavailable(f"the language model server failed (HTTP {status})")
+        return UpstreamUnavailable(f"{what} server failed (HTTP {status})", retry_after=5)
     code = exc.code if isinstance(exc.code, str) and _SAFE_CODE.match(exc.code) else None
-    return UpstreamError(f"the language model server rejected the request (HTTP {status}"
+    return UpstreamError(f"{what} server rejected the request (HTTP {status}"
                          + (f", {code})" if code else ")"))
 
 
@@ -394,7 +395,7 @@ class ChatService:
             self._remember(conversation, question, answer)
             return ChatReply(answer, offline=True)
         client = self._client_or_fail()
-        with _provider_errors(self._settings.openai_timeout):
+        with openai_errors("the language model", self._settings.openai_timeout):
             response = await client.chat.completions.create(
                 model=self._settings.openai_model,
                 messages=self._messages(persona, conversation, question),
@@ -445,7 +446,7 @@ class ChatService:
         splitter = SentenceSplitter(max_chars=self._sentence_chars)
         parts: list[str] = []
         length = 0
-        with _provider_errors(self._settings.openai_timeout):
+        with openai_errors("the language model", self._settings.openai_timeout):
             stream = await client.chat.completions.create(
                 model=self._settings.openai_model,
                 messages=self._messages(persona, conversation, question),

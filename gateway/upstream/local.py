@@ -35,7 +35,7 @@ from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, 
 from ..avatar.lipsync import speech_level
 from ..avatar.looks import DEFAULT_LOOK
 from ..avatar.stt import RecognizerError, RecognizerProcess, SpeechRecognizer
-from ..avatar.tts import Word
+from ..avatar.tts import Word, word_chunks
 from ..config import QualityTier
 from ..errors import BadRequest, Conflict, Unprocessable, UpstreamUnavailable
 from ..media.vad import UtteranceCutter, Voice
@@ -197,7 +197,7 @@ class LocalUpstream(Upstream):
         self._close_streams()
         start = self._next_start()
         end = start + len(utterance.pcm)
-        chunks = _word_chunks(text, [w.text for w in utterance.words])
+        chunks = word_chunks(text, [w.text for w in utterance.words])
         self._schedule.append(_Scheduled(task_id, [_Part(start, utterance.pcm, lipsync)], start,
                                          end, utterance.words, chunks))
         return SpeakResult(task_id=task_id, duration_ms=round(utterance.duration * 1000.0, 1))
@@ -587,19 +587,3 @@ def _flush(resampler: av.AudioResampler) -> npt.NDArray[np.int16]:
     if not frames:
         return np.zeros(0, dtype=np.int16)
     return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16, copy=False)
-
-
-def _word_chunks(text: str, words: list[str]) -> tuple[str, ...]:
-    """Split ``text`` at the words' positions: chunk i runs from word i to word i+1."""
-    starts: list[int] = []
-    cursor = 0
-    for word in words:
-        found = text.find(word, cursor) if word else -1
-        position = found if found >= 0 else cursor
-        starts.append(position)
-        cursor = position + len(word) if found >= 0 else cursor
-    if not starts:
-        return ()
-    starts[0] = 0
-    bounds = [*starts[1:], len(text)]
-    return tuple(text[a:b] for a, b in zip(starts, bounds, strict=True))

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
 import numpy as np
 import openai
 
-from ..avatar.tts import SpeechSynthesizer, Utterance, Word
+from ..avatar.tts import SpeechSynthesizer, Utterance, Word, word_chunks
+from ..chat.llm import openai_errors
 from ..errors import (
     UpstreamAuthError,
     UpstreamError,
@@ -107,7 +107,7 @@ class OpenAIVoice(Voice):
         return self._voice
 
     async def synthesize(self, text: str) -> Speech:
-        with _provider_errors(self._timeout):
+        with openai_errors("the speech model", self._timeout):
             async with self._client.audio.speech.with_streaming_response.create(
                 model=self._model, voice=self._voice, input=text, response_format="pcm",
             ) as response:
@@ -125,7 +125,6 @@ class OpenAIVoice(Voice):
         return Speech(text, bytes(pcm), words, word_chunks(text, [w.text for w in words]))
 
 
-@contextlib.contextmanager
 def _provider_errors(timeout: float) -> Iterator[None]:
     try:
         yield
@@ -182,20 +181,3 @@ def spread_words(text: str, duration: float) -> tuple[Word, ...]:
         words.append(Word(lead + (duration - lead) * elapsed / total, token))
         elapsed += weight
     return tuple(words)
-
-
-def word_chunks(text: str, words: Sequence[str]) -> tuple[str, ...]:
-    """Split ``text`` at the words' positions: chunk i runs from word i to word i+1, the first
-    from the start and the last to the end, so the chunks rebuild ``text`` exactly."""
-    starts: list[int] = []
-    cursor = 0
-    for word in words:
-        found = text.find(word, cursor) if word else -1
-        position = found if found >= 0 else cursor
-        starts.append(position)
-        cursor = position + len(word) if found >= 0 else cursor
-    if not starts:
-        return ()
-    starts[0] = 0
-    bounds = [*starts[1:], len(text)]
-    return tuple(text[a:b] for a, b in zip(starts, bounds, strict=True))
