@@ -351,6 +351,9 @@ async def test_catalog_lists_what_a_session_can_be_created_with(client: Client) 
     assert "en-us" in {v["id"] for v in local["voices"]} and local["default_voice"] == "en-us"
     # No keys in this test: the cloud upstreams are listed, but not available.
     assert not upstreams["heygen"]["available"] and not upstreams["liveavatar"]["available"]
+    # Voice chat: the local avatar and HeyGen listen; LiveAvatar only in FULL mode (the default).
+    assert local["listens"] and upstreams["heygen"]["listens"]
+    assert upstreams["liveavatar"]["mode"] == "full" and upstreams["liveavatar"]["listens"]
     for avatar in local["avatars"][1:]:
         created = await client.post("/v1/sessions", json={"avatar_id": avatar["id"],
                                                           "voice": "en-gb", "quality": "low"})

@@ -231,7 +231,7 @@ async def test_full_mode_joins_as_the_client_and_takes_events_from_the_agent(rig
 async def test_lite_mode_the_gateway_speaks_and_the_lips_follow(rig: Rig) -> None:
     catalog = await (await rig.gateway.get("/v1/catalog")).json()
     entry = next(u for u in catalog["upstreams"] if u["kind"] == "liveavatar")
-    assert entry["mode"] == "lite" and entry["answers_itself"] is False
+    assert entry["mode"] == "lite" and entry["answers_itself"] is False and entry["listens"] is False
     created = await rig.create("liveavatar")
     url = f"/v1/sessions/{created['id']}"
     upstream = rig.session(created["id"]).upstream

@@ -51,7 +51,9 @@ function setPhase(phase) {
   $("setup").disabled = phase !== "idle";
   $("start").disabled = phase !== "created";
   $("close").disabled = !created;
-  for (const id of ["repeat", "talk", "interrupt", "voice-chat"]) $(id).disabled = !streaming;
+  for (const id of ["repeat", "talk", "interrupt"]) $(id).disabled = !streaming;
+  // LiveAvatar LITE only lip-syncs the gateway's voice: no microphone reaches anyone there.
+  $("voice-chat").disabled = !streaming || !upstreamInfo()?.listens;
   $("share").hidden = $("copy").hidden = !created;
   if (!streaming) setVoiceChat(false);
 }

@@ -144,10 +144,15 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "available": {"type": "boolean"}, "paid": {"type": "boolean"},
                 "answers_itself": {"type": "boolean", "description": (
                     "`talk` is answered by the provider's language model, else by the gateway's.")},
+                "listens": {"type": "boolean", "description": (
+                    "Voice chat works: a controller's microphone reaches the avatar.")},
+                "mode": _str(enum=["full", "lite"], description=(
+                    "LiveAvatar only: `full` (the provider speaks and answers) or `lite` (the "
+                    "gateway speaks; the avatar lip-syncs).")),
                 "avatars": {"type": "array", "items": _ref("Named")},
                 "voices": {"type": "array", "items": _ref("Named")},
                 "default_avatar": _str(), "default_voice": _str(),
-            }, ("kind", "available", "paid", "answers_itself", "avatars", "voices",
+            }, ("kind", "available", "paid", "answers_itself", "listens", "avatars", "voices",
                 "default_avatar", "default_voice"))},
         }, ("default_upstream", "default_quality", "qualities", "upstreams")),
         "Named": _obj({"id": _str(), "name": _str()}, ("id", "name")),
