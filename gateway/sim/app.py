@@ -109,7 +109,9 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     logger.info("fault %s (%s) hits %s", fault.id, fault.kind, endpoint)
     outcome = await faults.apply(fault)
     if outcome.status is None:
-        return await handler(request)
+        response = await handler(request)
+        await faults.hold(outcome)
+        return response
     error: SimApiError = (LiveAvatarError(outcome.status, outcome.message)
                           if endpoint.startswith("/v1/sessions/")
                           else HeyGenError(outcome.status, outcome.status, outcome.message))

@@ -12,6 +12,9 @@ request is processed (so a failed request had no effect), for every session or f
 
 * ``error``: answer ``status`` (500..599, default 503) with ``{"code", "message"}``.
 * ``delay``: hold the request ``seconds``, then process it normally.
+* ``late``: process the request at once (a ``streaming.new`` creates and bills its session),
+  then hold the answer ``seconds``: a client that gave up before it never learns the result.
+  This is the provider that answers after the client's timeout.
 * ``hang``: hold the request ``seconds`` (default: the cap), then answer 504 without
   processing it. Always capped by ``SimSettings.fault_hang_cap`` and released at shutdown,
   so a forgotten switch cannot hang a test run forever.
@@ -41,6 +44,7 @@ class FaultKind(enum.StrEnum):
     ERROR = "error"
     DELAY = "delay"
     HANG = "hang"
+    LATE = "late"
 
 
 class FaultError(ValueError):
@@ -72,6 +76,8 @@ class FaultOutcome:
     fault: EndpointFault
     status: int | None
     message: str = ""
+    late: float = 0.0
+    """Seconds to hold the answer after processing (kind ``late``): see :meth:`hold`."""
 
 
 class FaultBoard:
@@ -100,11 +106,11 @@ class FaultBoard:
             raise FaultError("status applies to kind 'error' and must be 500..599")
         if seconds is not None:
             if fault_kind is FaultKind.ERROR:
-                raise FaultError("seconds applies to kinds 'delay' and 'hang'")
+                raise FaultError("seconds applies to kinds 'delay', 'late' and 'hang'")
             if not 0 <= seconds <= self._hang_cap:
                 raise FaultError(f"seconds must be 0..{self._hang_cap} (fault_hang_cap)")
-        elif fault_kind is FaultKind.DELAY:
-            raise FaultError("a 'delay' fault needs seconds")
+        elif fault_kind in (FaultKind.DELAY, FaultKind.LATE):
+            raise FaultError(f"a {str(fault_kind)!r} fault needs seconds")
         if times is not None and times < 1:
             raise FaultError("times must be at least 1 (omit it for 'until removed')")
         fault = EndpointFault(
@@ -154,11 +160,18 @@ class FaultBoard:
             case FaultKind.DELAY:
                 await self._hold(fault.seconds)
                 return FaultOutcome(fault, None)
+            case FaultKind.LATE:
+                return FaultOutcome(fault, None, late=fault.seconds)
             case FaultKind.HANG:
                 await self._hold(min(fault.seconds, self._hang_cap))
                 return FaultOutcome(fault, fault.status,
                                     f"simulated fault {fault.id}: the request hung "
                                     f"{fault.seconds:g} s and timed out")
+
+    async def hold(self, outcome: FaultOutcome) -> None:
+        """Hold a processed request's answer for a ``late`` fault (released at shutdown)."""
+        if outcome.late > 0:
+            await self._hold(outcome.late)
 
     async def _hold(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -102,6 +102,29 @@ async def test_delay_fault(sim: SimClient) -> None:
     await stop(sim, session_id)
 
 
+async def test_late_fault_processes_the_request_and_answers_after_the_client_gave_up(
+        sim: SimClient) -> None:
+    """The provider that answers after the client's timeout: the session exists and bills,
+    the client never learned its id; ``streaming.list`` (spec §3.10) shows it."""
+    await arm(sim, endpoint="/v1/streaming.new", kind="late", seconds=5, times=1)
+    before = time.time()
+    with pytest.raises(TimeoutError):
+        await call(sim, "POST", "/v1/streaming.new", {"version": "v2", "quality": "low"},
+                   key=HEYGEN_KEY, timeout=0.5)
+    opened = (await ledger_json(sim, "?open=1"))["sessions"]
+    assert len(opened) == 1 and opened[0]["provider"] == "heygen"
+    listed = (await call(sim, "GET", "/v1/streaming.list", None, key=HEYGEN_KEY))[1]
+    sessions = listed["data"]["sessions"]
+    assert [s["session_id"] for s in sessions] == [opened[0]["session_id"]]
+    assert sessions[0]["status"] == "new"
+    assert isinstance(sessions[0]["created_at"], int)
+    assert int(before) <= sessions[0]["created_at"] <= time.time()
+    await stop(sim, opened[0]["session_id"])
+    bad = await admin(sim, "POST", "/sim/faults", {"endpoint": "/v1/streaming.new",
+                                                   "kind": "late"}, expect=400)
+    assert "'late' fault needs seconds" in bad["error"]["message"]
+
+
 @pytest.mark.parametrize("sim_settings", [{"fault_hang_cap": 0.8}], indirect=True)
 async def test_hang_fault_times_clients_out_but_is_capped(sim: SimClient) -> None:
     session_id = (await new_heygen_session(sim))["session_id"]
