@@ -78,9 +78,57 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"avatar-gateway {__version__}: open {settings.base_url}/ to watch the avatar "
           f"and make it speak (Ctrl-C to stop)", flush=True)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                print=None, access_log=None, shutdown_timeout=10.0)
+    try:
+        asyncio.run(_serve(create_app(settings), settings))
+    except OSError as exc:  # the port taken, or an address this host does not have
+        print(f"avatar-gateway: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    """``web.run_app``'s startup and graceful shutdown (SIGINT/SIGTERM: readiness 503, drain,
+    close), with the listener behind :class:`~gateway.connections.ConnectionGuard`: connection
+    caps and request deadlines apply before aiohttp reads a byte."""
+    from .api.common import METRICS
+    from .connections import (
+        AcceptErrorLog,
+        ConnectionGuard,
+        ConnectionLimits,
+        connection_cap,
+        raise_fd_limit,
+    )
+
+    log = logging.getLogger("gateway")
+    before, fd_limit = raise_fd_limit()
+    cap = connection_cap(settings.max_connections, fd_limit)
+    log.info("file descriptors: limit %d%s; at most %d HTTP connections, %d per client address",
+             fd_limit, f" (raised from {before})" if fd_limit != before else "", cap,
+             settings.max_connections_per_client)
+    if cap >= fd_limit:
+        log.warning("max_connections %d is not below the descriptor limit %d: the listener can "
+                    "run out of descriptors", cap, fd_limit)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0,
+                           keepalive_timeout=settings.keepalive_timeout)
+    server: asyncio.Server | None = None
+    try:
+        await runner.setup()  # startup hooks (orphan reaping) run before the port opens
+        assert runner.server is not None
+        guard = ConnectionGuard(runner.server, ConnectionLimits(
+            max_total=cap, max_per_client=settings.max_connections_per_client,
+            header_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
+        ), app[METRICS])
+        AcceptErrorLog(loop, metrics=app[METRICS], connections=lambda: guard.open).install(loop)
+        server = await loop.create_server(guard, settings.host, settings.port)
+        await stop.wait()
+    finally:
+        if server is not None:
+            server.close()  # no new connections while the open ones drain
+        await runner.cleanup()
 
 
 def _config_reference(update: str | None) -> int:

@@ -126,6 +126,28 @@ class Settings:
     max_pending_viewers_per_client: int = 8
     """Unconnected viewers one client (its address and its token together) may hold in a
     session at once; more is a 429 with Retry-After."""
+    max_connections: int = 0
+    """HTTP connections open at once; more are answered 503 and closed before their request
+    is read. 0: three quarters of the file-descriptor limit (the rest stays free for viewers'
+    UDP sockets, SQLite and logs), so the listener never runs out of descriptors."""
+    max_connections_per_client: int = 256
+    """HTTP connections one client address may hold open at once; more are answered 429 and
+    closed before their request is read."""
+    max_event_streams_per_session: int = 256
+    """Event streams (SSE, ``GET /v1/sessions/{id}/events``) open on one session; more is a
+    429 with Retry-After."""
+    max_event_streams_per_client: int = 32
+    """Event streams one client (its address and its token together) may hold open on one
+    session; more is a 429 with Retry-After."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's line and headers, from the connection opening
+    (first request) or from the request's first byte; slower connections are closed with a
+    408 (slowloris)."""
+    body_timeout: float = 30.0
+    """Seconds a client has to send a request body once its headers are in (bodies are at most
+    ``max_body_bytes``); slower connections are closed."""
+    keepalive_timeout: float = 30.0
+    """Seconds an idle keep-alive connection (no request in progress) stays open."""
     rate_limit: float = 50.0
     """API requests per second a client address may sustain (0: no limit); more is a 429 with
     Retry-After. Probes, metrics and the pages are not limited."""
@@ -248,6 +270,15 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if self.rate_limit < 0:
             raise ConfigError("rate_limit must be 0 (off) or positive")
+        if self.max_connections < 0:
+            raise ConfigError("max_connections must be 0 (from the descriptor limit) or positive")
+        for name in ("max_connections_per_client", "max_event_streams_per_session",
+                     "max_event_streams_per_client"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
         for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions", "max_upstream_sessions",
                      "rate_limit_burst",
                      "reconnect_attempts",

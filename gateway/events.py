@@ -2,7 +2,9 @@
 
 SSE readers reconnect with ``Last-Event-ID`` and get what they missed from the replay ring,
 so a network blip loses nothing. A reader too slow to keep up with its bounded queue is cut
-off (its stream ends) instead of growing memory; it reconnects and replays.
+off (its stream ends) instead of growing memory; it reconnects and replays. Readers that name
+a client (the SSE route) are capped per log and per client, so one client cannot hold
+thousands of streams open; the gateway's own readers (a sync speak waiting for its end) are not.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import CapacityError
 from .upstream.base import AvatarEvent
 
 
@@ -25,8 +28,9 @@ _END = None
 
 
 class Subscription:
-    def __init__(self, log: EventLog, capacity: int) -> None:
+    def __init__(self, log: EventLog, capacity: int, client: str | None = None) -> None:
         self._log = log
+        self.client = client
         self._queue: asyncio.Queue[LoggedEvent | None] = asyncio.Queue(capacity + 1)
         self._capacity = capacity
         self.overflowed = False
@@ -49,7 +53,7 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        self._log._subscriptions.discard(self)
+        self._log._forget(self)
         self._end()
 
     def __aiter__(self) -> Subscription:
@@ -76,6 +80,8 @@ class EventLog:
     ) -> None:
         self._history: collections.deque[LoggedEvent] = collections.deque(maxlen=history)
         self._subscriptions: set[Subscription] = set()
+        self._per_client: dict[str, int] = {}
+        """Open subscriptions per named client; entries go at 0, so it is bounded by them."""
         self._capacity = subscriber_capacity
         self._next_id = 1
         self._on_overflow = on_overflow
@@ -95,23 +101,51 @@ class EventLog:
         self._history.append(item)
         for sub in tuple(self._subscriptions):
             if not sub._offer(item):
-                self._subscriptions.discard(sub)
+                self._forget(sub)
                 if self._on_overflow is not None:
                     self._on_overflow()
         return item
 
-    def subscribe(self, after_id: int | None = None) -> Subscription:
-        """Live events from now on, preceded by the retained ones with ``id > after_id``."""
+    def clients(self, client: str) -> int:
+        """Open subscriptions of ``client``."""
+        return self._per_client.get(client, 0)
+
+    def subscribe(self, after_id: int | None = None, *, client: str | None = None,
+                  max_total: int | None = None, max_per_client: int | None = None,
+                  ) -> Subscription:
+        """Live events from now on, preceded by the retained ones with ``id > after_id``.
+
+        With ``client``: refused with :class:`CapacityError` when ``max_total`` subscriptions
+        are open, or ``max_per_client`` of that client's.
+        """
+        if client is not None:
+            if max_total is not None and len(self._subscriptions) >= max_total:
+                raise CapacityError(f"this session has {len(self._subscriptions)} event streams "
+                                    f"open, the most it allows", retry_after=5)
+            if max_per_client is not None and self.clients(client) >= max_per_client:
+                raise CapacityError(f"at most {max_per_client} event streams per client on a "
+                                    f"session", retry_after=5)
         replay = [item for item in self._history if after_id is not None and item.id > after_id]
         # The replay is bounded by the history size; the capacity bounds what piles up live.
-        sub = Subscription(self, self._capacity + len(replay))
+        sub = Subscription(self, self._capacity + len(replay), client)
         for item in replay:
             sub._offer(item)
         if self._closed:
             sub.close()
         elif not sub._closed:
             self._subscriptions.add(sub)
+            if client is not None:
+                self._per_client[client] = self._per_client.get(client, 0) + 1
         return sub
+
+    def _forget(self, sub: Subscription) -> None:
+        if sub not in self._subscriptions:
+            return
+        self._subscriptions.discard(sub)
+        if sub.client is not None:
+            left = self._per_client.pop(sub.client, 1) - 1
+            if left > 0:
+                self._per_client[sub.client] = left
 
     def close(self) -> None:
         """End every subscription (after what it has queued) and refuse new live ones."""

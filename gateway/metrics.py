@@ -170,3 +170,20 @@ class Metrics:
         self.http_duration = Histogram(f"{NS}_http_request_duration_seconds",
                                        "HTTP request latency.", ["route", "method"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        # connections (the listener's guard, gateway/connections.py)
+        self.connections = Gauge(f"{NS}_http_connections", "HTTP connections open.",
+                                 registry=r)
+        self.connections_refused = Counter(
+            f"{NS}_http_connections_refused_total",
+            "Connections closed unread: over max_connections (total) or "
+            "max_connections_per_client (client).", ["limit"], registry=r)
+        self.connections_timed_out = Counter(
+            f"{NS}_http_connections_timed_out_total",
+            "Connections closed for sending a request too slowly.", ["phase"], registry=r)
+        self.accept_errors = Counter(f"{NS}_http_accept_errors_total",
+                                     "accept() failures for lack of file descriptors or "
+                                     "memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).", registry=r)
+        for limit in ("total", "client"):
+            self.connections_refused.labels(limit)
+        for phase in ("header", "body"):
+            self.connections_timed_out.labels(phase)

@@ -10,7 +10,15 @@ from aiohttp import web
 
 from ..errors import BadRequest
 from ..upstream.base import TaskMode, TaskType
-from .common import CHAT, SESSIONS, optional_str, read_json, required_str
+from .common import (
+    CHAT,
+    SESSIONS,
+    SETTINGS,
+    client_key,
+    optional_str,
+    read_json,
+    required_str,
+)
 
 routes = web.RouteTableDef()
 
@@ -112,14 +120,21 @@ async def listen(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sessions/{session_id}/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events. ``Last-Event-ID`` (header or query) replays what was missed."""
+    """Server-sent events. ``Last-Event-ID`` (header or query) replays what was missed.
+
+    Streams are capped per session and per client (address and token): each holds a
+    connection and a queue for as long as the client likes, so they are refused (429) before
+    anything is sent, rather than left to exhaust the gateway's descriptors."""
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     try:
         after = int(last) if last else None
     except ValueError:
         raise BadRequest("Last-Event-ID must be an integer") from None
-    subscription = session.events.subscribe(after)
+    settings = request.app[SETTINGS]
+    subscription = session.events.subscribe(
+        after, client=client_key(request), max_total=settings.max_event_streams_per_session,
+        max_per_client=settings.max_event_streams_per_client)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
