@@ -193,6 +193,14 @@ class Settings:
     websocket, and ``talk`` answered by the gateway's chat (the persona)."""
     upstream_timeout: float = 15.0
     """Seconds for one provider REST call."""
+    upstream_reconcile_interval: float = 5.0
+    """After a billed call failed without a clear answer (a HeyGen ``streaming.new`` timed
+    out), the gateway asks the provider which sessions are open and stops the one it created;
+    it asks again this often while the answer is unclear. Also the first delay before a failed
+    stop is retried (then doubling up to ``upstream_stop_retry_max``)."""
+    upstream_stop_retry_max: float = 300.0
+    """Longest wait between two tries to stop a provider session whose stop failed. Stops are
+    retried until the provider confirms or says the session is gone."""
     max_upstream_sessions: int = 3
     """Paid sessions open at once (HeyGen trial plans allow 3); more is a 429 with Retry-After."""
     idle_grace: float = 60.0

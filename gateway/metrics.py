@@ -82,6 +82,18 @@ class Metrics:
                                                "Latency of REST calls to avatar providers.",
                                                ["provider", "endpoint"], buckets=_LATENCY_BUCKETS,
                                                registry=r)
+        # billing guard (gateway/upstream/billing.py): nothing the provider bills goes unknown
+        self.upstream_stops_pending = Gauge(
+            f"{NS}_upstream_stops_pending",
+            "Provider sessions whose stop failed and is being retried (they may still bill; "
+            "alert when it stays above 0).", ["upstream"], registry=r)
+        self.upstream_reconciled = Counter(
+            f"{NS}_upstream_reconciled_sessions_total",
+            "Provider sessions found open after a create call failed without a clear answer "
+            "(e.g. timed out), and stopped.", ["upstream"], registry=r)
+        for upstream in UPSTREAMS[1:]:
+            self.upstream_stops_pending.labels(upstream)
+            self.upstream_reconciled.labels(upstream)
         # Closed sets are exported at 0 from the start, so increase() sees a first failure.
         for upstream in UPSTREAMS:
             for result in START_RESULTS:

@@ -1,7 +1,8 @@
 """Builds upstreams from settings: the local avatar and the cloud providers whose keys are set.
 
 One aiohttp client pool serves every provider call. The journal's orphans (sessions a killed
-gateway left open) are stopped here, at start-up, before the gateway serves anyone.
+gateway left open, create calls it never heard back from) are stopped here, at start-up, before
+the gateway serves anyone; the billing guard (:mod:`.upstream.billing`) retries what fails.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from .avatar import SpeechSynthesizer
 from .avatar.looks import LOOKS
 from .config import QualityTier, Settings
 from .errors import BadRequest, UpstreamError
-from .journal import SessionJournal
+from .journal import JournalEntry, SessionJournal
 from .metrics import Metrics
 from .upstream.base import Upstream
+from .upstream.billing import BillingGuard, BillingPolicy
 from .upstream.cloud import ReconnectPolicy
 from .upstream.heygen import HeyGenClient, HeyGenUpstream
 from .upstream.liveavatar import LiveAvatarClient, LiveAvatarUpstream
@@ -34,6 +36,10 @@ class Providers:
         self._settings = settings
         self._metrics = metrics
         self.journal = journal
+        self.billing = BillingGuard(journal, metrics, BillingPolicy(
+            interval=settings.upstream_reconcile_interval,
+            max_delay=settings.upstream_stop_retry_max,
+            call_timeout=settings.upstream_timeout))
         self._http: aiohttp.ClientSession | None = None
         self._heygen: HeyGenClient | None = None
         self._liveavatar: LiveAvatarClient | None = None
@@ -54,17 +60,21 @@ class Providers:
         self._http = aiohttp.ClientSession()
         s, timeout = self._settings, self._settings.upstream_timeout
         if s.heygen_api_key:
-            self._heygen = HeyGenClient(s.heygen_base_url, s.heygen_api_key, self._http,
-                                        self._metrics, timeout=timeout)
+            heygen = self._heygen = HeyGenClient(s.heygen_base_url, s.heygen_api_key, self._http,
+                                                 self._metrics, timeout=timeout)
+            self.billing.register("heygen", self._stop_orphan, heygen.list_sessions)
         if s.liveavatar_api_key:
             self._liveavatar = LiveAvatarClient(s.liveavatar_base_url, s.liveavatar_api_key,
                                                 self._http, self._metrics, timeout=timeout)
+            self.billing.register("liveavatar", self._stop_orphan)
+        self.billing.start()
         if s.tts == "openai" and s.liveavatar_mode == "lite":
             self._openai = openai.AsyncOpenAI(api_key=s.openai_api_key.reveal(),
                                               base_url=s.openai_base_url or None,
                                               timeout=s.openai_timeout, max_retries=1)
 
     async def close(self) -> None:
+        await self.billing.close()
         if self._openai is not None:
             await self._openai.close()
         if self._http is not None:
@@ -102,17 +112,17 @@ class Providers:
                                  ready_within=s.reconnect_ready_within)
         if kind == "heygen":
             assert self._heygen is not None
-            return HeyGenUpstream(self._heygen, quality, self.journal,
+            return HeyGenUpstream(self._heygen, quality, self.billing,
                                   avatar_id=avatar_id or s.heygen_avatar_id,
                                   voice_id=voice or s.heygen_voice_id or None, reconnect=policy)
         assert self._liveavatar is not None
         if s.liveavatar_mode == "lite":
             assert self._http is not None
-            return LiveAvatarLiteUpstream(self._liveavatar, quality, self.journal,
+            return LiveAvatarLiteUpstream(self._liveavatar, quality, self.billing,
                                           avatar_id=avatar_id or s.liveavatar_avatar_id,
                                           voice=await self.voice(voice), http=self._http,
                                           reconnect=policy)
-        return LiveAvatarUpstream(self._liveavatar, quality, self.journal,
+        return LiveAvatarUpstream(self._liveavatar, quality, self.billing,
                                   avatar_id=avatar_id or s.liveavatar_avatar_id, reconnect=policy)
 
     async def voice(self, name: str | None) -> Voice:
@@ -124,25 +134,17 @@ class Providers:
         return EspeakVoice(await self.synthesizer(name or s.tts_voice))
 
     async def reap_orphans(self) -> int:
-        """Stop every session the journal says a previous run left open. Returns how many."""
-        stopped = 0
-        for entry in await self.journal.entries():
-            try:
-                if entry.provider == "heygen" and self._heygen is not None:
-                    await self._heygen.stop(entry.session_id)
-                elif entry.provider == "liveavatar" and self._liveavatar is not None:
-                    await self._liveavatar.stop(entry.session_id,
-                                                str(entry.stop_info.get("session_token", "")))
-                else:
-                    logger.error("journal: orphan %s session %s but no %s key is configured",
-                                 entry.provider, entry.session_id, entry.provider)
-                    continue
-            except UpstreamError as exc:
-                logger.error("journal: could not stop orphan %s session %s: %s",
-                             entry.provider, entry.session_id, exc.message)
-                continue
-            await self.journal.closed(entry.provider, entry.session_id)
-            logger.warning("journal: stopped orphan %s session %s left by a previous run",
-                           entry.provider, entry.session_id)
-            stopped += 1
-        return stopped
+        """Stop every session the journal says a previous run left open, and reconcile the
+        create calls it never heard back from. Returns how many sessions were stopped."""
+        return await self.billing.reap()
+
+    async def _stop_orphan(self, entry: JournalEntry) -> None:
+        """Stop a journaled session with what its row says (no upstream object needed)."""
+        if entry.provider == "heygen" and self._heygen is not None:
+            await self._heygen.stop(entry.session_id)
+        elif entry.provider == "liveavatar" and self._liveavatar is not None:
+            await self._liveavatar.stop(entry.session_id,
+                                        str(entry.stop_info.get("session_token", "")))
+        else:
+            raise UpstreamError(f"no {entry.provider} key is configured to stop session "
+                                f"{entry.session_id}")

@@ -470,7 +470,8 @@ class Session:
             try:
                 await self.upstream.stop()
             except UpstreamError as exc:
-                # The journal keeps the row; the next start stops it.
+                # Cloud upstreams hand a failed stop to the billing guard (it retries until the
+                # provider confirms; the journal keeps the row meanwhile) and do not raise.
                 logger.error("session %s: upstream stop failed: %s", self.id, exc.message)
         finally:
             self._set_state(SessionState.CLOSED)

@@ -2,7 +2,10 @@
 LiveKit room, journaled while open, rejoined with backoff when the room link drops.
 
 Subclasses say how to open, speak to and close a session at their provider; this class owns
-the order of things so that no exit path forgets the stop call that ends the billing.
+the order of things so that no exit path forgets the stop call that ends the billing: the id is
+journaled before anything else can fail (with an intent before the create call, where only its
+answer carries the id), and a stop that fails is handed to the billing guard, which retries it
+until the provider confirms (:mod:`.billing`).
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import av
 
 from ..config import QualityTier
-from ..errors import UpstreamError, UpstreamSessionGone
-from ..journal import SessionJournal
+from ..errors import Conflict, UpstreamError, UpstreamSessionGone
 from .base import AvatarEvent, EventType, MediaSink, Upstream
+from .billing import BillingGuard
 from .livekit_room import EventDecoder, RoomLink, decode_heygen_event
 
 logger = logging.getLogger(__name__)
@@ -54,11 +57,16 @@ class ReconnectPolicy:
 
 class RoomUpstream(Upstream, abc.ABC):
     avatar_identity = "heygen"
+    create_is_billed: ClassVar[bool] = False
+    """True where :meth:`_create_session` may open a billed session whose id only its answer
+    carries (HeyGen ``streaming.new``): an intent is journaled before it, and an unanswered
+    call is reconciled with the provider's list. False where the id comes first (LiveAvatar's
+    ``sessions/token``; the billed ``sessions/start`` comes after the id is journaled)."""
 
-    def __init__(self, quality: QualityTier, journal: SessionJournal,
+    def __init__(self, quality: QualityTier, billing: BillingGuard,
                  reconnect: ReconnectPolicy | None = None) -> None:
         self._quality = quality
-        self._journal = journal
+        self._billing = billing
         self._policy = reconnect or ReconnectPolicy()
         self._sink: MediaSink | None = None
         self._link: RoomLink | None = None
@@ -66,6 +74,8 @@ class RoomUpstream(Upstream, abc.ABC):
         self._credentials: RoomCredentials | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._stopping = False
+        self._released = False
+        """The provider session was stopped, or handed to the billing guard to stop."""
         self._ended = False
         self.reconnects = 0
 
@@ -120,16 +130,36 @@ class RoomUpstream(Upstream, abc.ABC):
 
     async def start(self, sink: MediaSink) -> None:
         self._sink = sink
-        session = self._session = await self._create_session()
-        # Journal before anything else can fail: from here on a crash leaves a row to reap.
-        await self._journal.opened(self.kind, session.session_id, session.stop_info)
+        billing = self._billing
+        intent = await billing.begin(self.kind) if self.create_is_billed else None
         try:
+            session = await self._create_session()
+        except BaseException as exc:
+            if intent is not None:
+                billing.failed(intent, exc)  # unclear answers are reconciled in the background
+            raise
+        self._session = session
+        try:
+            # Journal before anything else can fail: from here on a crash leaves a row to reap.
+            if intent is not None:
+                await billing.created(intent, session.session_id, session.stop_info)
+            else:
+                await billing.opened(self.kind, session.session_id, session.stop_info)
+            self._check_not_stopped()
             self._credentials = await self._start_session(session)
             await self._connect(self._credentials)
+            self._check_not_stopped()
         except BaseException:
-            with contextlib.suppress(UpstreamError):
-                await self.stop()
+            if intent is not None:
+                billing.settled(intent)
+            await self.stop()
             raise
+
+    def _check_not_stopped(self) -> None:
+        """:meth:`stop` ran while the session was starting (a DELETE, SIGTERM): the session it
+        could not stop then is stopped now, by the caller's clean-up."""
+        if self._stopping:
+            raise Conflict(f"the {self.kind} session was closed while it started")
 
     async def _join(self, credentials: RoomCredentials) -> RoomLink:
         assert self._sink is not None
@@ -196,23 +226,31 @@ class RoomUpstream(Upstream, abc.ABC):
             await self._link.push_microphone(frame)
 
     async def stop(self) -> None:
-        """Leave the room, stop the provider session, clear the journal row. Idempotent."""
-        if self._stopping:
-            return
+        """Leave the room, stop the provider session, clear the journal row. Idempotent, and
+        safe while :meth:`start` runs (the session is stopped once it has an id).
+
+        A stop the provider does not confirm is not an error for the caller: the journal row
+        stays and the billing guard retries until the provider confirms or says it is gone."""
         self._stopping = True
-        if self._reconnecting is not None:
-            self._reconnecting.cancel()
+        reconnecting, self._reconnecting = self._reconnecting, None
+        if reconnecting is not None:
+            reconnecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnecting
+                await reconnecting
         await self._disconnect()
         session = self._session
-        if session is None:
+        if session is None or self._released:
             return
+        self._released = True
         try:
             await self._close_session(session)
         except UpstreamError as exc:
-            # The row stays in the journal: the next start's reaper tries again.
-            logger.error("%s session %s could not be stopped: %s", self.kind,
-                         session.session_id, exc.message)
+            logger.warning("%s session %s: stop failed, retrying in the background: %s",
+                           self.kind, session.session_id, exc.message)
+            self._billing.stop_later(self.kind, session.session_id, session.stop_info)
+            return
+        except BaseException:
+            # Cancelled mid-call (shutdown): the row stays; retry while this process lives.
+            self._billing.stop_later(self.kind, session.session_id, session.stop_info)
             raise
-        await self._journal.closed(self.kind, session.session_id)
+        await self._billing.closed(self.kind, session.session_id)

@@ -22,9 +22,9 @@ from ..errors import (
     UpstreamQuotaExceeded,
     UpstreamSessionGone,
 )
-from ..journal import SessionJournal
 from ..metrics import Metrics
 from .base import SpeakResult, TaskMode, TaskType
+from .billing import BillingGuard
 from .cloud import ProviderSession, ReconnectPolicy, RoomCredentials, RoomUpstream
 from .rest import JsonApi, RetryPolicy
 
@@ -186,12 +186,13 @@ class HeyGenUpstream(RoomUpstream):
     kind = "heygen"
     answers_itself = True
     listens = True
+    create_is_billed = True
 
     def __init__(
         self,
         client: HeyGenClient,
         quality: QualityTier,
-        journal: SessionJournal,
+        billing: BillingGuard,
         *,
         avatar_id: str,
         voice_id: str | None = None,
@@ -199,7 +200,7 @@ class HeyGenUpstream(RoomUpstream):
         activity_idle_timeout: int | None = None,
         reconnect: ReconnectPolicy | None = None,
     ) -> None:
-        super().__init__(quality, journal, reconnect)
+        super().__init__(quality, billing, reconnect)
         self._client = client
         self._avatar_id = avatar_id
         self._voice_id = voice_id

@@ -31,9 +31,9 @@ from ..errors import (
     UpstreamQuotaExceeded,
     UpstreamSessionGone,
 )
-from ..journal import SessionJournal
 from ..metrics import Metrics
 from .base import AvatarEvent, EventType, SpeakResult, TaskType
+from .billing import BillingGuard
 from .cloud import ProviderSession, ReconnectPolicy, RoomCredentials, RoomUpstream
 from .rest import JsonApi, RetryPolicy
 
@@ -208,14 +208,14 @@ class LiveAvatarUpstream(RoomUpstream):
         self,
         client: LiveAvatarClient,
         quality: QualityTier,
-        journal: SessionJournal,
+        billing: BillingGuard,
         *,
         avatar_id: str,
         encoding: str = "VP8",
         reconnect: ReconnectPolicy | None = None,
         words_per_minute: int = 165,
     ) -> None:
-        super().__init__(quality, journal, reconnect)
+        super().__init__(quality, billing, reconnect)
         self._client = client
         self._avatar_id = avatar_id
         self._encoding = encoding

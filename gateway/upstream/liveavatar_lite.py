@@ -40,8 +40,8 @@ import aiohttp
 
 from ..config import QualityTier
 from ..errors import BadRequest, CapacityError, Unprocessable, UpstreamUnavailable
-from ..journal import SessionJournal
 from .base import AvatarEvent, EventType, SpeakResult, TaskType
+from .billing import BillingGuard
 from .cloud import ProviderSession, ReconnectPolicy, RoomCredentials
 from .liveavatar import LiveAvatarClient, LiveAvatarUpstream, stop_reason
 from .speech import BYTES_PER_SECOND, Speech, Voice
@@ -229,10 +229,10 @@ class LiveAvatarLiteUpstream(LiveAvatarUpstream):
     answers_itself = False
     listens = False
 
-    def __init__(self, client: LiveAvatarClient, quality: QualityTier, journal: SessionJournal,
+    def __init__(self, client: LiveAvatarClient, quality: QualityTier, billing: BillingGuard,
                  *, avatar_id: str, voice: Voice, http: aiohttp.ClientSession,
                  encoding: str = "VP8", reconnect: ReconnectPolicy | None = None) -> None:
-        super().__init__(client, quality, journal, avatar_id=avatar_id, encoding=encoding,
+        super().__init__(client, quality, billing, avatar_id=avatar_id, encoding=encoding,
                          reconnect=reconnect)
         self._voice = voice
         self._http = http
