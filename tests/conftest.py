@@ -3,7 +3,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,8 @@ IN_NETNS = os.environ.get("AVATAR_GATEWAY_TEST_NETNS") == "1"
 # -- secrets scan ---------------------------------------------------------------------------
 # Every key and configured token the suite hands the gateway (or the simulator). Tests may SEND
 # them; nothing the gateway EMITS may contain one: no response body or header a test client
-# read, no log record of the whole run. tests/test_zz_secrets.py checks, after everything else.
+# read, no log record of the whole run, no page it serves. pytest_sessionfinish (below) scans
+# once every test has run, whatever their order, and fails the run if it finds one.
 KNOWN_SECRETS = frozenset({
     "sim-heygen-key", "sim-liveavatar-key", "sim-secret-at-least-32-characters-long",
     "sk-test-NEVER-SHOW-THIS-0123456789abcdef",
@@ -30,6 +32,34 @@ KNOWN_SECRETS = frozenset({
 })
 EMITTED: list[str] = []
 """Everything recorded for the scan: formatted log records and response heads and bodies."""
+
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+
+
+def find_secrets(texts: Iterable[str]) -> list[tuple[str, str]]:
+    """Every (secret, first 200 characters of the text) where a known secret occurs."""
+    return sorted({(secret, text[:200]) for text in texts
+                   for secret in KNOWN_SECRETS if secret in text})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pages = [p.read_text(encoding="utf-8") for p in WEB.rglob("*") if p.is_file()]
+    leaks = find_secrets([*EMITTED, *pages])
+    if not leaks:
+        return
+    lines = [f"FAILED: {len(leaks)} key(s) or token(s) in what the gateway emitted (log records, "
+             f"responses read by tests, web/ pages); the run fails whatever the tests said:",
+             *(f"  {secret!r} in {text!r}" for secret, text in leaks)]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.section("secrets scan", sep="=", red=True, bold=True)
+        for line in lines:
+            reporter.line(line, red=True)
+    else:
+        print("\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 class _LogRecorder(logging.Handler):
