@@ -153,6 +153,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                 break
             body = json.dumps(item.event.to_dict(), separators=(",", ":"))
             await response.write(f"id: {item.id}\nevent: {item.event.type}\ndata: {body}\n\n".encode())
+    except ConnectionResetError:
+        pass  # the reader left (or its connection was cut): the stream just ends
     finally:
         subscription.close()
     return response
