@@ -82,6 +82,7 @@ class EventLog:
         self._subscriptions: set[Subscription] = set()
         self._per_client: dict[str, int] = {}
         """Open subscriptions per named client; entries go at 0, so it is bounded by them."""
+        self._client_subscriptions = 0
         self._capacity = subscriber_capacity
         self._next_id = 1
         self._on_overflow = on_overflow
@@ -115,13 +116,13 @@ class EventLog:
                   ) -> Subscription:
         """Live events from now on, preceded by the retained ones with ``id > after_id``.
 
-        With ``client``: refused with :class:`CapacityError` when ``max_total`` subscriptions
-        are open, or ``max_per_client`` of that client's.
+        With ``client``: refused with :class:`CapacityError` when ``max_total`` client
+        subscriptions are open, or ``max_per_client`` of that client's.
         """
         if client is not None:
-            if max_total is not None and len(self._subscriptions) >= max_total:
-                raise CapacityError(f"this session has {len(self._subscriptions)} event streams "
-                                    f"open, the most it allows", retry_after=5)
+            if max_total is not None and self._client_subscriptions >= max_total:
+                raise CapacityError(f"this session has {self._client_subscriptions} event "
+                                    f"streams open, the most it allows", retry_after=5)
             if max_per_client is not None and self.clients(client) >= max_per_client:
                 raise CapacityError(f"at most {max_per_client} event streams per client on a "
                                     f"session", retry_after=5)
@@ -136,6 +137,7 @@ class EventLog:
             self._subscriptions.add(sub)
             if client is not None:
                 self._per_client[client] = self._per_client.get(client, 0) + 1
+                self._client_subscriptions += 1
         return sub
 
     def _forget(self, sub: Subscription) -> None:
@@ -143,6 +145,7 @@ class EventLog:
             return
         self._subscriptions.discard(sub)
         if sub.client is not None:
+            self._client_subscriptions -= 1
             left = self._per_client.pop(sub.client, 1) - 1
             if left > 0:
                 self._per_client[sub.client] = left

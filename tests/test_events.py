@@ -73,3 +73,26 @@ async def test_subscribe_after_close_ends_immediately() -> None:
     log.publish(_event(1))
     log.close()
     assert [i.id for i in await _drain(log.subscribe(after_id=0))] == [1]
+
+
+async def test_client_streams_are_capped_per_log_and_per_client() -> None:
+    import pytest
+
+    from gateway.errors import CapacityError
+
+    log = EventLog()
+    caps = {"max_total": 3, "max_per_client": 2}
+    a1, a2 = (log.subscribe(client="a", **caps) for _ in range(2))
+    with pytest.raises(CapacityError, match="per client"):
+        log.subscribe(client="a", **caps)
+    b1 = log.subscribe(client="b", **caps)
+    with pytest.raises(CapacityError, match="most it allows"):
+        log.subscribe(client="c", **caps)
+    internal = log.subscribe()  # the gateway's own readers are not capped, nor counted
+    a1.close()
+    a1.close()  # twice: counted once
+    a3 = log.subscribe(client="a", **caps)
+    assert (log.clients("a"), log.clients("b"), log.subscribers) == (2, 1, 4)
+    for sub in (a2, a3, b1, internal):
+        sub.close()
+    assert (log.clients("a"), log.subscribers, log._per_client) == (0, 0, {})
