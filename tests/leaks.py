@@ -47,6 +47,16 @@ def media_tasks() -> list[str]:
     return sorted(names)
 
 
+def webrtc_tasks() -> list[str]:
+    """Running tasks of aiortc and aioice: they end some loop turns after a close returns."""
+    names = []
+    for task in asyncio.all_tasks():
+        code = task.get_coro().cr_code  # type: ignore[union-attr]
+        if any(f"/{lib}/" in code.co_filename for lib in ("aiortc", "aioice")):
+            names.append(code.co_qualname)
+    return sorted(names)
+
+
 def peer_connections() -> int:
     """RTCPeerConnection objects alive, found among everything the collector tracks."""
     gc.collect()

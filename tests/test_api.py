@@ -220,7 +220,7 @@ async def test_viewer_that_never_connects_is_closed(aiohttp_client: ClientFactor
     assert response.status == 201
     session = client.app[SESSIONS].get(created["id"])
     assert session.viewer_count == 1
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(20):
         while session.viewer_count:
             await asyncio.sleep(0.05)
     assert session.hub.viewer_tracks == 0

@@ -239,7 +239,7 @@ async def test_a_silent_provider_times_out_cleanly(fake_llm: tuple[FakeLLM, str]
             started = time.monotonic()
             with pytest.raises(UpstreamUnavailable, match=r"did not answer within 0\.3 s"):
                 await call
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 5.0  # no retry, no hang (slack for a busy machine)
 
 
 async def test_a_stream_that_stalls_midway_times_out(fake_llm: tuple[FakeLLM, str],
@@ -247,7 +247,8 @@ async def test_a_stream_that_stalls_midway_times_out(fake_llm: tuple[FakeLLM, st
     fake, base = fake_llm
     fake.chunks = ["First sentence is here. ", "Never sent."]
     fake.gate_at = 1
-    async with chat_service(llm_settings(base, openai_timeout=0.3), tmp_path) as chat:
+    # Long enough for the first chunk to arrive on a busy machine; the second never does.
+    async with chat_service(llm_settings(base, openai_timeout=2.0), tmp_path) as chat:
         got: list[str] = []
         with pytest.raises(UpstreamUnavailable):
             async with contextlib.aclosing(chat.sentences("Hello?", "c")) as sentences:

@@ -57,6 +57,9 @@ from .rtc_client import WhepViewer, minimal_offer
 Client = TestClient[Any, Any]
 VIEWER_SCRIPT = Path(__file__).with_name("isolation_viewer.py")
 FPS_FLOOR = 27.0
+WAIT = 60.0
+"""Deadline for anything awaited (a process to start, a viewer to connect): generous, as a
+busy machine needs; a fault shows by not happening at all."""
 
 pytestmark = pytest.mark.skipif(
     not IN_NETNS, reason="needs the test network namespace of tests/netns.sh (veth, tc, unshare)")
@@ -99,7 +102,7 @@ class RemoteViewer:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         pid = str(self.proc.pid)  # unshare execs: this is the viewer and its namespace
         ours = os.readlink("/proc/self/ns/net")
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(WAIT):
             while os.readlink(f"/proc/{pid}/ns/net") == ours:  # not unshared yet
                 await asyncio.sleep(0.01)
         await run("ip", "link", "add", self.device, "type", "veth",
@@ -134,7 +137,7 @@ class RemoteViewer:
         answer = await response.text()
         assert response.status == 201, answer
         await self._send({"answer": answer})
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(WAIT):
             assert (await self._receive())["connected"]
         return response.headers["Location"].rsplit("/", 1)[1]
 
@@ -253,12 +256,16 @@ async def start_session(client: Client) -> Session:
     return session
 
 
-async def connect_good_viewers(client: Client, session: Session, count: int) -> list[WhepViewer]:
-    viewers = [WhepViewer(client, session.id) for _ in range(count)]
-    await asyncio.gather(*(v.connect() for v in viewers))
-    async with asyncio.timeout(20):
-        await asyncio.gather(*(v.first_frame.wait() for v in viewers))
-    return viewers
+async def connect_good_viewers(client: Client, session: Session, viewers: list[WhepViewer],
+                               count: int) -> None:
+    """Add ``count`` connected, decoding viewers to ``viewers``, which the caller closes
+    whatever happens: a peer connection left open outlives the test's event loop (its decoder
+    thread then hands frames to a closed loop: "coroutine 'Queue.put' was never awaited")."""
+    added = [WhepViewer(client, session.id) for _ in range(count)]
+    viewers.extend(added)
+    await asyncio.gather(*(v.connect(timeout=WAIT) for v in added))
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*(v.first_frame.wait() for v in added))
 
 
 @dataclass(frozen=True)
@@ -325,7 +332,7 @@ async def test_a_viewer_on_a_lossy_stalling_link_or_frozen_slows_no_one(
 
     try:
         await remote.start()
-        good = await connect_good_viewers(client, session, 3)
+        await connect_good_viewers(client, session, good, 3)
         bad_side = ServerSide(session.viewer(await remote.connect(client, session.id)))
         good_sides = [server_side(session, v.location) for v in good]
         phases: list[Phase] = []
@@ -393,7 +400,7 @@ async def test_a_viewer_that_never_completes_ice_is_closed_and_holds_nothing(
     metrics = client.app[METRICS]
     good: list[WhepViewer] = []
     try:
-        good = await connect_good_viewers(client, session, 3)
+        await connect_good_viewers(client, session, good, 3)
         tracks = session.hub.viewer_tracks
         await asyncio.sleep(0.5)
         # A player that vanished after its POST: its one candidate is a black hole, so the
@@ -439,7 +446,7 @@ async def test_a_viewer_behind_a_bloated_queue_does_not_grow_the_gateways_memory
     bad_side: ServerSide | None = None
     try:
         await remote.start()
-        good = await connect_good_viewers(client, session, 3)
+        await connect_good_viewers(client, session, good, 3)
         bad_side = ServerSide(session.viewer(await remote.connect(client, session.id)))
         good_sides = [server_side(session, v.location) for v in good]
         phases: list[Phase] = []

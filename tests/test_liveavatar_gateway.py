@@ -256,8 +256,7 @@ async def test_lite_mode_the_gateway_speaks_and_the_lips_follow(rig: Rig) -> Non
         queued = await (await rig.gateway.post(f"{url}/speak", json={"text": TEXT})).json()
         await wait_for(lambda: "avatar_talking_message" in kinds(viewers[0], long["task_id"]))
         assert (await rig.gateway.post(f"{url}/interrupt")).status == 200
-        await wait_for(lambda: "avatar_stop_talking" in kinds(viewers[0], long["task_id"]),
-                       timeout=10)
+        await wait_for(lambda: "avatar_stop_talking" in kinds(viewers[0], long["task_id"]))
         stop = next(e for e in viewers[0].received.events
                     if e.get("task_id") == long["task_id"] and e["type"] == "avatar_stop_talking")
         assert stop["duration_ms"] < long["duration_ms"]
@@ -270,7 +269,7 @@ async def test_lite_mode_the_gateway_speaks_and_the_lips_follow(rig: Rig) -> Non
     assert rig.open_sessions() == 0
     # Nothing of the session lives on: its player, socket reader and keep-alive are gone.
     await wait_for(lambda: not [t for t in asyncio.all_tasks()
-                                if t.get_name().startswith("liveavatar-lite")], timeout=5)
+                                if t.get_name().startswith("liveavatar-lite")])
 
 
 @pytest.mark.parametrize("gateway_overrides", [LITE], indirect=True)

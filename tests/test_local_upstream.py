@@ -52,7 +52,7 @@ async def speak_and_capture(text: str) -> tuple[LocalUpstream, CaptureSink, str]
     try:
         await asyncio.sleep(0.3)
         result = await upstream.speak(text, TaskType.REPEAT)
-        async with asyncio.timeout(result.duration_ms / 1000 + 5):
+        async with asyncio.timeout(result.duration_ms / 1000 + 20):
             while not any(e.type is EventType.AVATAR_STOP_TALKING for e in sink.events):
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
@@ -114,7 +114,7 @@ async def test_utterances_queue_back_to_back_and_audio_is_continuous() -> None:
     try:
         first = await upstream.speak("One two three.")
         second = await upstream.speak("Four five six.")
-        async with asyncio.timeout((first.duration_ms + second.duration_ms) / 1000 + 5):
+        async with asyncio.timeout((first.duration_ms + second.duration_ms) / 1000 + 20):
             while sum(e.type is EventType.AVATAR_STOP_TALKING for e in sink.events) < 2:
                 await asyncio.sleep(0.05)
     finally:
@@ -132,9 +132,13 @@ async def test_utterances_queue_back_to_back_and_audio_is_continuous() -> None:
 async def test_no_rendering_while_nobody_watches() -> None:
     upstream, sink = make_upstream(), CaptureSink(video_wanted=False)
     await upstream.start(sink)
-    await asyncio.sleep(0.3)
-    await upstream.stop()
-    assert sink.video == [] and len(sink.audio) >= 10
+    try:
+        async with asyncio.timeout(20):  # the clocks run: 10 audio frames are 0.2 s
+            while len(sink.audio) < 10:
+                await asyncio.sleep(0.02)
+    finally:
+        await upstream.stop()
+    assert sink.video == []
 
 
 async def test_stop_is_idempotent_and_ends_the_clocks() -> None:

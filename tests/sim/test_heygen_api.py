@@ -244,7 +244,7 @@ async def test_tasks_sync_async_interrupt_keep_alive_and_listening(sim: SimClien
     assert queued["task_id"] != sync["task_id"]
     assert (await session_info(sim, session_id))["room"]["speaking"] is True
     await heygen(sim, "interrupt", {"session_id": session_id})
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(20):
         while (await session_info(sim, session_id))["room"]["speaking"]:
             await asyncio.sleep(0.05)
     await heygen(sim, "interrupt", {"session_id": session_id})  # not speaking: a no-op
@@ -278,41 +278,45 @@ def test_the_sim_llm_answers_from_the_knowledge_base() -> None:
 
 @pytest.mark.parametrize("sim_settings", [{"idle_timeout_min": 0.1}], indirect=True)
 async def test_idle_timeout_closes_the_session_unless_kept_alive(sim: SimClient) -> None:
-    session_id = (await new_heygen_session(sim, start=True, activity_idle_timeout=0.6))["session_id"]
-    for _ in range(3):  # activity every 0.3 s keeps it open past 0.6 s
+    # Bounds from clocks, not guesses: a busy machine only makes sleeps longer.
+    began = time.monotonic()
+    session_id = (await new_heygen_session(sim, start=True, activity_idle_timeout=1.5))["session_id"]
+    for _ in range(7):  # activity every 0.3 s keeps it open past 1.5 s
         await asyncio.sleep(0.3)
         await heygen(sim, "keep_alive", {"session_id": session_id})
     info = await session_info(sim, session_id)
     assert info["state"] == "connected" and info["ends_by"] == "idle_timeout"
-    async with asyncio.timeout(3):
+    async with asyncio.timeout(30):
         while (await ledger_json(sim))["open"]:
             await asyncio.sleep(0.05)
     [row] = (await ledger_json(sim))["sessions"]
     assert row["stop_reason"] == "idle_timeout"
-    assert 1.4 < row["billed_seconds"] < 2.5
+    assert 7 * 0.3 + 1.5 - 0.1 < row["billed_seconds"] < time.monotonic() - began
     body = await heygen(sim, "task", {"session_id": session_id, "text": "hi"}, expect=400)
     assert body["message"] == "session state wrong: closed"
 
 
 @pytest.mark.parametrize("sim_settings", [{"idle_timeout_min": 0.1,
-                                           "session_duration_limit": 1.0}], indirect=True)
+                                           "session_duration_limit": 2.0}], indirect=True)
 async def test_duration_limit_ends_even_a_session_without_idle_timeout(sim: SimClient) -> None:
+    began = time.monotonic()
     data = await new_heygen_session(sim, start=True, disable_idle_timeout=True,
                                     activity_idle_timeout=0.2)
-    assert data["session_duration_limit"] == 1
+    assert data["session_duration_limit"] == 2
     await asyncio.sleep(0.5)  # past the idle timeout: disabled
     assert (await session_info(sim, data["session_id"]))["state"] == "connected"
-    async with asyncio.timeout(3):
+    async with asyncio.timeout(30):
         while (await ledger_json(sim))["open"]:
             await asyncio.sleep(0.05)
     [row] = (await ledger_json(sim))["sessions"]
-    assert row["stop_reason"] == "duration_limit" and 0.9 < row["billed_seconds"] < 1.5
+    assert row["stop_reason"] == "duration_limit"
+    assert 1.9 < row["billed_seconds"] < time.monotonic() - began
 
 
 @pytest.mark.parametrize("sim_settings", [{"start_timeout": 0.3}], indirect=True)
 async def test_a_session_never_started_expires(sim: SimClient) -> None:
     await new_heygen_session(sim)
-    async with asyncio.timeout(3):
+    async with asyncio.timeout(30):
         while (await ledger_json(sim))["open"]:
             await asyncio.sleep(0.05)
     [row] = (await ledger_json(sim))["sessions"]
@@ -374,7 +378,7 @@ async def test_v2_flow_with_the_livekit_sdk(sim: SimClient, sdk_clients: list[Sd
                                       for e in heygen_events(client)))
     await heygen(sim, "interrupt", {"session_id": session_id}, bearer=token)
     await client.wait_for(lambda: any(e["type"] == "avatar_stop_talking"
-                                      for e in heygen_events(client)), timeout=2)
+                                      for e in heygen_events(client)))
     stopped = heygen_events(client)[-1]
     assert stopped["task_id"] == task["task_id"]
     assert stopped["duration_ms"] < task["duration_ms"] / 2
@@ -403,7 +407,7 @@ async def test_talk_over_rest_and_over_livekit_data(sim: SimClient,
     await client.wait_for(lambda: len(said()) == 1)
     assert said() == ["Our shop opens at nine."]
     # The SDK's LiveKit transport for talk: the text as a JSON string in a data packet.
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(20):
         await client.room.local_participant.publish_data(json.dumps("What colour is the sky?"))
     await client.wait_for(lambda: len(said()) == 2)
     assert said()[1] == "The sky is blue."
@@ -423,7 +427,7 @@ async def test_microphone_in_listening_mode_reports_user_start_and_stop(
     await feed(source, 0.3, 0.0)
     await feed(source, 0.8, 0.3)
     await feed(source, 1.2, 0.0)
-    await client.wait_for(lambda: len(heygen_events(client)) >= 2, timeout=5)
+    await client.wait_for(lambda: len(heygen_events(client)) >= 2)
     assert heygen_events(client)[:2] == [{"type": "user_start"}, {"type": "user_stop"}]
     room = (await session_info(sim, session_id))["room"]
     assert room["clients"] == ["client"] and room["mic_frames"] > 50 and room["mic_peak"] > 5000
