@@ -270,7 +270,7 @@ async def test_at_the_descriptor_limit_the_log_stays_small(tmp_path: Path) -> No
         # asyncio reports once per pending connection per retry; the gateway once per 10 s,
         # with the count of the others.
         assert "out of system resource" not in text
-        assert 1 <= reported <= 3 and errors > reported, (reported, errors)
+        assert 1 <= reported <= 3 and errors >= reported, (reported, errors)
         assert len(text) < 20_000
 
 
