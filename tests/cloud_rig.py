@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -33,7 +38,7 @@ class Rig:
     async def admin(self, method: str, path: str, body: Any = None) -> Any:
         async with self.gateway.session.request(method, self.sim.make_url(path), json=body) as r:
             assert r.status < 400, await r.text()
-            return await r.json()
+            return None if r.status == 204 else await r.json()
 
     def open_sessions(self) -> int:
         return sum(1 for e in self.ledger.entries() if e.open)
@@ -89,3 +94,56 @@ async def rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_
     await gateway.close()
     assert rig.open_sessions() == 0, "the gateway left a paid session open"
     ledger.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProcess:
+    """``python -m gateway serve`` against the simulator, as an operator would run it."""
+
+    def __init__(self, sim: TestServer, state_dir: Path, **settings: str) -> None:
+        """``settings``: more ``AVATAR_GATEWAY_<NAME>`` variables, by lower-case name."""
+        self.port = free_port()
+        base = str(sim.make_url("")).rstrip("/")
+        self.env = {**os.environ, "AVATAR_GATEWAY_HEYGEN_API_KEY": "sim-heygen-key",
+                    "AVATAR_GATEWAY_HEYGEN_BASE_URL": base,
+                    "AVATAR_GATEWAY_STATE_DIR": str(state_dir),
+                    "AVATAR_GATEWAY_DEFAULT_QUALITY": "low",
+                    **{f"AVATAR_GATEWAY_{k.upper()}": v for k, v in settings.items()}}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--port", str(self.port), env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(60), aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.get(self.url + "/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+
+    async def create_session(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http, http.post(
+                self.url + "/v1/sessions", json={"upstream": "heygen"}) as response:
+            body: dict[str, Any] = await response.json()
+            assert response.status == 201, body
+            return body
+
+    async def stop(self, sig: int) -> tuple[int, str]:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        _, stderr = await asyncio.wait_for(self.proc.communicate(), 60)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, stderr.decode()

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.sim.app import create_sim_app
 from gateway.sim.config import SimSettings
 from gateway.sim.ledger import Ledger
 
-from .cloud_rig import Rig
+from .cloud_rig import GatewayProcess, Rig
 from .conftest import IN_NETNS
 
 pytestmark = pytest.mark.skipif(
@@ -44,57 +40,6 @@ async def test_idle_grace_stops_the_paid_session(rig: Rig) -> None:
     async with asyncio.timeout(10):
         while (await rig.gateway.get(f"/v1/sessions/{created['id']}")).status != 404:
             await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class GatewayProcess:
-    """``python -m gateway serve`` against the simulator, as an operator would run it."""
-
-    def __init__(self, sim: TestServer, state_dir: Path) -> None:
-        self.port = free_port()
-        base = str(sim.make_url("")).rstrip("/")
-        self.env = {**os.environ, "AVATAR_GATEWAY_HEYGEN_API_KEY": "sim-heygen-key",
-                    "AVATAR_GATEWAY_HEYGEN_BASE_URL": base,
-                    "AVATAR_GATEWAY_STATE_DIR": str(state_dir),
-                    "AVATAR_GATEWAY_DEFAULT_QUALITY": "low"}
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--port", str(self.port), env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        async with asyncio.timeout(30), aiohttp.ClientSession() as http:
-            while True:
-                try:
-                    async with http.get(self.url + "/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-
-    async def create_session(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http, http.post(
-                self.url + "/v1/sessions", json={"upstream": "heygen"}) as response:
-            body: dict[str, Any] = await response.json()
-            assert response.status == 201, body
-            return body
-
-    async def stop(self, sig: int) -> tuple[int, str]:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        _, stderr = await asyncio.wait_for(self.proc.communicate(), 30)
-        assert self.proc.returncode is not None
-        return self.proc.returncode, stderr.decode()
 
 
 @pytest.fixture

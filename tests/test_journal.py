@@ -6,7 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from gateway.journal import SessionJournal
+from gateway.journal import Intent, SessionJournal
 
 
 async def test_open_close_and_list(tmp_path: Path) -> None:
@@ -38,4 +38,22 @@ async def test_rows_survive_a_killed_process(tmp_path: Path) -> None:
     entries = await journal.entries()
     assert [(e.session_id, e.stop_info) for e in entries] == [("orphan", {"why": "killed"})]
     assert entries[0].opened_at > 0
+    await journal.close()
+
+
+async def test_an_intent_is_swapped_for_its_session_in_one_step(tmp_path: Path) -> None:
+    journal = SessionJournal(tmp_path / "journal.sqlite3")
+    answered, unanswered = Intent("n1", "heygen", 10.0, 30.0), Intent("n2", "heygen", 11.0, 31.0)
+    await journal.intended(answered)
+    await journal.intended(unanswered)
+    await journal.opened_for("n1", "heygen", "s1", {"session_id": "s1"})
+    assert [(e.session_id, e.stop_info) for e in await journal.entries()] == [
+        ("s1", {"session_id": "s1"})]
+    assert await journal.intents() == [unanswered]
+    await journal.settled("n2")
+    assert await journal.intents() == []
+    await journal.kept("heygen", "s1", {"other": True})  # an existing row is kept as it is
+    await journal.kept("heygen", "s2", {"session_id": "s2"})
+    assert [(e.session_id, e.stop_info) for e in await journal.entries()] == [
+        ("s1", {"session_id": "s1"}), ("s2", {"session_id": "s2"})]
     await journal.close()

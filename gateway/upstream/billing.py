@@ -294,9 +294,13 @@ class BillingGuard:
         return True
 
     async def _reconcile_due(self, now: float, *, everything: bool) -> int:
+        due = {p.intent.provider for p in self._state.intents.values()
+               if everything or p.due <= now}
+        # All of a provider's unanswered calls at once: sessions are matched against the
+        # calls together (two calls that failed together opened two sessions).
         by_provider: dict[str, list[_PendingIntent]] = {}
         for pending in self._state.intents.values():
-            if everything or pending.due <= now:
+            if pending.intent.provider in due:
                 by_provider.setdefault(pending.intent.provider, []).append(pending)
         stopped = 0
         for provider, pendings in by_provider.items():

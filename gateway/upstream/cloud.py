@@ -73,6 +73,9 @@ class RoomUpstream(Upstream, abc.ABC):
         self._session: ProviderSession | None = None
         self._credentials: RoomCredentials | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._creating: asyncio.Future[ProviderSession] | None = None
+        """The create call under way: :meth:`stop` cancels it (a DELETE or SIGTERM need not
+        wait for the provider's answer; an unanswered billed create is reconciled)."""
         self._stopping = False
         self._released = False
         """The provider session was stopped, or handed to the billing guard to stop."""
@@ -132,12 +135,21 @@ class RoomUpstream(Upstream, abc.ABC):
         self._sink = sink
         billing = self._billing
         intent = await billing.begin(self.kind) if self.create_is_billed else None
+        creating = self._creating = asyncio.ensure_future(self._create_session())
         try:
-            session = await self._create_session()
+            session = await creating
         except BaseException as exc:
             if intent is not None:
                 billing.failed(intent, exc)  # unclear answers are reconciled in the background
+            task = asyncio.current_task()
+            if creating.cancelled() and self._stopping and task is not None \
+                    and not task.cancelling():
+                raise Conflict(f"the {self.kind} session was closed while it started") from None
             raise
+        finally:
+            self._creating = None
+            if not creating.done():
+                creating.cancel()  # this task was cancelled: the call goes with it
         self._session = session
         try:
             # Journal before anything else can fail: from here on a crash leaves a row to reap.
@@ -232,6 +244,8 @@ class RoomUpstream(Upstream, abc.ABC):
         A stop the provider does not confirm is not an error for the caller: the journal row
         stays and the billing guard retries until the provider confirms or says it is gone."""
         self._stopping = True
+        if self._creating is not None:
+            self._creating.cancel()
         reconnecting, self._reconnecting = self._reconnecting, None
         if reconnecting is not None:
             reconnecting.cancel()
