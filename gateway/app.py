@@ -127,6 +127,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except ConnectionResetError:
+        # The client hung up (or the connection guard cut a slow body) while its request was
+        # read: nobody is left to answer, and nothing went wrong on our side.
+        logger.debug("client left during %s %s", request.method, request.path)
+        return _error_response(request, 400, "client_gone", "the connection was lost while "
+                                                             "the request was read")
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return _error_response(request, 500, "internal_error", "internal server error")

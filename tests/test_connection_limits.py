@@ -94,13 +94,9 @@ def gateway(tmp_path: Path, fd_limit: tuple[int, int] | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    # A request cut mid-body fails its handler's body read with ConnectionResetError, which
-    # app.py's error middleware logs as an unhandled error (as for any client that hangs up
-    # mid-upload); every other traceback is a failure.
-    records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", gw.log_text())
-    unexpected = [r for r in records
-                  if "Traceback" in r and "ConnectionResetError: Connection lost" not in r]
-    assert not unexpected, gw.log_text()
+    # A request cut mid-body fails its handler's body read with ConnectionResetError: a client
+    # gone, not an error of ours. No traceback at all.
+    assert "Traceback" not in gw.log_text(), gw.log_text()
 
 
 def _live(gw: Gateway) -> bool:
