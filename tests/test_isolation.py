@@ -23,8 +23,11 @@ test).
 
 The floor for the good viewers is 27 fps decoded over each test's whole misbehaving span
 (5 to 12 s): the local avatar renders 30 fps, and the margin absorbs the window's edges and a
-short CPU stall of a shared machine (0.6 s seen while another suite ran), while a viewer held
-up by another loses seconds or half its frames. The rates per phase are printed.
+short CPU stall, while a viewer held up by another loses seconds or half its frames. A
+machine too busy for the avatar to render its 30 fps (it skips frames after a stall of more
+than 0.5 s; 0.6 s was seen while other suites ran) slows the source and every viewer alike:
+then the floor is 90 % of what the source rendered, as long as it rendered at least
+SOURCE_FLOOR (the gateway's loop was not held for seconds). The rates per phase are printed.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .rtc_client import WhepViewer, minimal_offer
 Client = TestClient[Any, Any]
 VIEWER_SCRIPT = Path(__file__).with_name("isolation_viewer.py")
 FPS_FLOOR = 27.0
+SOURCE_FLOOR = 20.0
 WAIT = 60.0
 """Deadline for anything awaited (a process to start, a viewer to connect): generous, as a
 busy machine needs; a fault shows by not happening at all."""
@@ -235,6 +239,14 @@ def fps(arrivals: Sequence[float], start: float, end: float) -> float:
     return sum(start <= t < end for t in arrivals) / (end - start)
 
 
+def floor(source_frames: float, start: float, end: float) -> float:
+    """What a good viewer must decode per second over [start, end], given the frames the
+    avatar handed to the hub meanwhile (see the module's docstring)."""
+    source = source_frames / (end - start)
+    assert source >= SOURCE_FLOOR, f"the avatar rendered {source:.1f} fps"
+    return min(FPS_FLOOR, 0.9 * source)
+
+
 def video_arrivals(viewer: WhepViewer) -> list[float]:
     return [sample.arrival for sample in viewer.received.video]
 
@@ -355,7 +367,7 @@ async def test_a_viewer_on_a_lossy_stalling_link_or_frozen_slows_no_one(
             # Back on a clean link the bad viewer decodes again: the gateway kept serving it.
             # (aiortc's jitter buffer waits for a lost packet until 128 newer ones arrived.)
             thawed = phases[-1].start
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(WAIT):
                 while sum(t > thawed for t in await remote.arrivals()) < 30:
                     await asyncio.sleep(0.25)
             recovered_after = time.monotonic() - thawed
@@ -366,12 +378,15 @@ async def test_a_viewer_on_a_lossy_stalling_link_or_frozen_slows_no_one(
 
         # The others keep 30 fps while the bad viewer misbehaves.
         start, end = phases[1].start, phases[-1].end
+        least = floor(sum(p.source_fps * (p.end - p.start) for p in phases[1:]), start, end)
         for viewer in good:
-            assert fps(video_arrivals(viewer), start, end) >= FPS_FLOOR, summary
+            assert fps(video_arrivals(viewer), start, end) >= least, summary
         # The impairment was real: the kernel dropped the bad viewer's packets, the viewer
         # told the gateway (NACKs, losses in its receiver reports), and it decoded far less.
         rate = {p.name: fps(bad, p.start, p.end) for p in phases}
-        assert rate["clean"] >= FPS_FLOOR, summary
+        clean = phases[0]
+        assert rate["clean"] >= floor(clean.source_fps * (clean.end - clean.start),
+                                      clean.start, clean.end), summary
         assert lossy_drops > 0 and all(told_lossy), (lossy_drops, told_lossy)
         assert rate["lossy"] < FPS_FLOOR / 2 and rate["stalled"] < 5, summary
         assert rate["frozen"] == 0, summary
@@ -407,7 +422,7 @@ async def test_a_viewer_that_never_completes_ice_is_closed_and_holds_nothing(
         # gateway's connectivity checks go unanswered.
         offer = minimal_offer().replace(
             "a=mid:0\r\n", "a=mid:0\r\na=candidate:1 1 udp 2130706431 10.203.0.77 9 typ host\r\n")
-        start = time.monotonic()
+        start, source_before = time.monotonic(), session.hub.stats.video_frames_in
         response = await client.post(f"/v1/sessions/{session.id}/whep", data=offer,
                                      headers={"Content-Type": "application/sdp"})
         assert response.status == 201, await response.text()
@@ -415,16 +430,18 @@ async def test_a_viewer_that_never_completes_ice_is_closed_and_holds_nothing(
         assert session.viewer_count == 4
         async with sampling([ghost]):
             while ghost.viewer.close_reason is None:
-                assert time.monotonic() - start < timeout + 5, "the gateway kept the viewer"
+                assert time.monotonic() - start < timeout + WAIT, "the gateway kept the viewer"
                 # Its tracks never join the fan-out: nothing is encoded or queued for it.
                 assert session.hub.viewer_tracks == tracks
                 await asyncio.sleep(0.05)
         await asyncio.sleep(max(1.0, start + 5.0 - time.monotonic()))
-        end = time.monotonic()
+        end, source = time.monotonic(), session.hub.stats.video_frames_in - source_before
 
         rates = [fps(video_arrivals(v), start, end) for v in good]
-        print(f"never-ICE: good {', '.join(f'{r:.1f}' for r in rates)} fps over {end - start:.1f}s")
-        assert all(r >= FPS_FLOOR for r in rates), rates
+        print(f"never-ICE: good {', '.join(f'{r:.1f}' for r in rates)} fps over {end - start:.1f}s, "
+              f"source {source / (end - start):.1f} fps")
+        least = floor(source, start, end)
+        assert all(r >= least for r in rates), rates
         assert ghost.viewer.close_reason == "connect_timeout"
         assert ghost.max_queued == {"video": 0, "audio": 0} and ghost.dropped() == 0
         assert ghost.viewer._pc.connectionState == "closed"
@@ -459,9 +476,11 @@ async def test_a_viewer_behind_a_bloated_queue_does_not_grow_the_gateways_memory
                           for t, size in bad_side.write_buffer[::20])
         print(f"{summary}\nasyncio write buffer of the bad viewer: {growth}")
 
-        start, end = phases[0].start, phases[0].end
+        bloated = phases[0]
+        start, end = bloated.start, bloated.end
+        least = floor(bloated.source_fps * (end - start), start, end)
         for viewer in good:
-            assert fps(video_arrivals(viewer), start, end) >= FPS_FLOOR, summary
+            assert fps(video_arrivals(viewer), start, end) >= least, summary
         assert bad_side.max_queued["video"] <= bad_side.capacity("video")
         assert all(side.max_write_buffer == 0 and side.dropped() == 0 for side in good_sides)
         # aioice's datagram protocol ignores asyncio's pause_writing() and UDP never pushes
