@@ -99,21 +99,25 @@ async def speak_to_three_viewers(rig: Rig, created: dict[str, Any], text: str
     """Three viewers watch; ``text`` is repeated; returns them once all saw it end, the task
     id and each viewer's lip-sync (correlation, lag)."""
     viewers = [WhepViewer(rig.gateway, created["id"], mouth_box=MOUTH_BOX) for _ in range(3)]
-    await asyncio.gather(*(v.connect() for v in viewers))
-    async with asyncio.timeout(30):
-        await asyncio.gather(*(v.first_frame.wait() for v in viewers))
-    await asyncio.sleep(1.0)  # some silence first: a closed mouth with no sound
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    response = await rig.gateway.post(f"/v1/sessions/{created['id']}/speak",
-                                      json={"text": text, "task_type": "repeat"})
-    task = await response.json()
-    assert response.status == 200, task
-    task_id: str = task["task_id"]
-    await wait_for(lambda: all("avatar_stop_talking" in kinds(v, task_id) for v in viewers),
-                   timeout=task["duration_ms"] / 1000 + 30)
-    await asyncio.sleep(1.0)  # the last syllables' media is still on its way
-    ended = loop.time()
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+        await asyncio.sleep(1.0)  # some silence first: a closed mouth with no sound
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        response = await rig.gateway.post(f"/v1/sessions/{created['id']}/speak",
+                                          json={"text": text, "task_type": "repeat"})
+        task = await response.json()
+        assert response.status == 200, task
+        task_id: str = task["task_id"]
+        await wait_for(lambda: all("avatar_stop_talking" in kinds(v, task_id) for v in viewers),
+                       timeout=task["duration_ms"] / 1000 + 30)
+        await asyncio.sleep(1.0)  # the last syllables' media is still on its way
+        ended = loop.time()
+    except BaseException:  # the caller closes them only if they are returned
+        await asyncio.gather(*(v.close() for v in viewers))
+        raise
     return viewers, task_id, [lip_sync(v, began, ended) for v in viewers]
 
 

@@ -186,17 +186,21 @@ async def test_vp8_and_h264_viewers_share_one_encoder_per_codec(client: Client,
 
 async def join_and_leave(client: Client, session: Session, count: int, vanish: bool) -> None:
     viewers = [WhepViewer(client, session.id) for _ in range(count)]
-    await asyncio.gather(*(v.connect() for v in viewers))
-    assert session.viewer_count == count
-    await asyncio.gather(*(v.first_frame.wait() for v in viewers))
-    # Half leave politely (WHEP DELETE); the rest vanish and the server closes them.
-    half = count // 2
-    assert await asyncio.gather(*(v.delete() for v in viewers[:half])) == [200] * half
-    for viewer in viewers[half:]:
-        assert viewer.location is not None
-        server_side = session.viewer(viewer.location.rsplit("/", 1)[1])
-        await server_side.close("test_vanished" if vanish else "delete")
-    await asyncio.gather(*(v.close() for v in viewers))
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        assert session.viewer_count == count
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+        # Half leave politely (WHEP DELETE); the rest vanish and the server closes them.
+        half = count // 2
+        assert await asyncio.gather(*(v.delete() for v in viewers[:half])) == [200] * half
+        for viewer in viewers[half:]:
+            assert viewer.location is not None
+            server_side = session.viewer(viewer.location.rsplit("/", 1)[1])
+            await server_side.close("test_vanished" if vanish else "delete")
+    finally:
+        # Whatever failed: an open peer connection would outlive the test's loop.
+        await asyncio.gather(*(v.close() for v in viewers))
 
 
 async def test_hundred_viewers_join_and_leave_without_leaks(client: Client, session_id: str) -> None:
