@@ -64,13 +64,21 @@ def kinds(viewer: WhepViewer, task_id: str) -> list[str]:
     return [e["type"] for e in viewer.received.events if e.get("task_id") == task_id]
 
 
+MAX_LAG = 1.5
+
+
 def lip_sync(viewer: WhepViewer, start: float, end: float) -> tuple[float, float]:
     """How well the mouth follows the sound a viewer received in [start, end] (its arrival
     clock): the correlation of the mouth's openness (dark pixels in the mouth box) with the
-    audio's loudness around each video frame, at the best lag within ±0.5 s. Returns
-    (correlation, lag in seconds; positive: the mouth moves after the sound)."""
+    audio's loudness around each video frame, at the best lag within ±MAX_LAG. Returns
+    (correlation, lag in seconds; positive: the mouth moves after the sound).
+
+    The sound arrives ~0.2 s after the mouth on an idle machine (FULL and LITE alike); in a
+    full run on a busy machine it came 0.5 s late or more (outside a ±0.5 s search, the
+    correlation fell to 0.28). Hence the wide search; the lag is printed, not asserted."""
     video = [s for s in viewer.received.video if start <= s.arrival <= end and s.mouth is not None]
-    audio = [(t, rms) for t, rms in viewer.received.audio_rms if start - 1 <= t <= end + 1]
+    audio = [(t, rms) for t, rms in viewer.received.audio_rms
+             if start - MAX_LAG - 0.1 <= t <= end + MAX_LAG + 0.1]
     assert len(video) > 60 and audio, (len(video), len(audio))
     times = np.array([s.arrival for s in video])
     openness = np.array([float((s.mouth < DARK).mean()) for s in video if s.mouth is not None])
@@ -86,7 +94,7 @@ def lip_sync(viewer: WhepViewer, start: float, end: float) -> tuple[float, float
         return np.array(out)
 
     by_lag = {}
-    for k in range(-int(0.5 / step), int(0.5 / step) + 1):
+    for k in range(-int(MAX_LAG / step), int(MAX_LAG / step) + 1):
         loud = loudness(-k * step)
         if loud.std() > 0 and openness.std() > 0:
             by_lag[k * step] = float(np.corrcoef(openness, loud)[0, 1])
