@@ -24,7 +24,7 @@ from .metrics import Metrics
 from .providers import Providers
 from .ratelimit import RateLimiter, retry_after
 from .sessions import SessionRegistry
-from .viewers.peer import configure_ice_host_addresses
+from .viewers.aiortc_hooks import configure_ice_host_addresses
 
 logger = logging.getLogger(__name__)
 

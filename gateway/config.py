@@ -105,10 +105,6 @@ class Settings:
     """Forced keyframes (joins, PLI/FIR) are coalesced to at most one per this many seconds."""
     viewer_connect_timeout: float = 30.0
     """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
-    viewer_video_queue: int = 30
-    """Encoded video frames a viewer may fall behind before it skips to the next keyframe."""
-    viewer_audio_queue: int = 50
-    """Encoded audio packets (20 ms each) a viewer may fall behind before the oldest go."""
     stats_interval: float = 5.0
     """Seconds between samples of every viewer's RTP counters (packets sent, lost, RTT)."""
 
@@ -287,7 +283,7 @@ class Settings:
         for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("viewer_video_queue", "viewer_audio_queue", "max_sessions", "max_upstream_sessions",
+        for name in ("max_sessions", "max_upstream_sessions",
                      "rate_limit_burst",
                      "reconnect_attempts",
                      "max_viewers_per_session", "max_pending_viewers_per_session",

@@ -34,7 +34,8 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .events import EventLog, Subscription
-from .media.hub import Hub, HubConfig
+from .media.hub import HubConfig
+from .media.naive import make_hub
 from .metrics import Metrics
 from .providers import Providers
 from .upstream.base import (
@@ -95,17 +96,15 @@ class Session:
         self._replies: set[asyncio.Task[None]] = set()
         self._state = SessionState.NEW
         metrics.sessions.labels(upstream.kind, self._state).inc()
-        self.hub = Hub(
+        self.hub = make_hub(
             HubConfig(
                 bitrate=quality.bitrate,
                 fps=settings.video_fps,
                 keyframe_interval=settings.keyframe_interval,
                 keyframe_min_gap=settings.keyframe_min_gap,
-                video_queue=settings.viewer_video_queue,
-                audio_queue=settings.viewer_audio_queue,
-                naive=settings.media_design == "naive",
             ),
             metrics,
+            naive=settings.media_design == "naive",
         )
         self.events = EventLog(on_overflow=metrics.events_dropped.labels("sse").inc)
         self._viewers: dict[str, Viewer] = {}

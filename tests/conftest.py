@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.viewers.peer import configure_ice_host_addresses
+from gateway.viewers.aiortc_hooks import configure_ice_host_addresses
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 

@@ -146,7 +146,7 @@ async def test_bad_offers_get_clear_400s(client: Client, session_id: str, offer:
     assert needle in await error_of(response, status)
     assert (await client.get("/livez")).status == 200
     assert client.app[SESSIONS].get(session_id).viewer_count == 0
-    assert client.app[SESSIONS].get(session_id).hub.viewer_tracks == 0
+    assert client.app[SESSIONS].get(session_id).hub.subscribers == 0
 
 
 @pytest.mark.parametrize(
@@ -210,7 +210,7 @@ async def test_whep_lifecycle_without_media(client: Client, session_id: str) -> 
     assert (await client.delete(location)).status == 200
     await error_of(await client.delete(location), 404)
     session = client.app[SESSIONS].get(session_id)
-    assert session.viewer_count == 0 and session.hub.viewer_tracks == 0
+    assert session.viewer_count == 0 and session.hub.subscribers == 0
 
 
 async def test_viewer_that_never_connects_is_closed(aiohttp_client: ClientFactory) -> None:
@@ -223,7 +223,7 @@ async def test_viewer_that_never_connects_is_closed(aiohttp_client: ClientFactor
     async with asyncio.timeout(20):
         while session.viewer_count:
             await asyncio.sleep(0.05)
-    assert session.hub.viewer_tracks == 0
+    assert session.hub.subscribers == 0
     metrics = client.app[METRICS]
     assert metrics.viewer_disconnects.labels("connect_timeout")._value.get() == 1
     assert metrics.viewers.labels("connecting")._value.get() == 0

@@ -141,7 +141,7 @@ class Holdings:
         or, given ``like``, until the process holds just that again.
         """
         async with asyncio.timeout(SETTLE):
-            while session.viewer_count or session.hub.viewer_tracks:
+            while session.viewer_count or session.hub.subscribers:
                 await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTLE

@@ -14,12 +14,11 @@ then drops) is what models the bad link. A bottleneck with a short queue gives r
 and queueing delay, a near-zero rate a stall, and a long queue bufferbloat.
 
 UDP never pushes back on a sender (a datagram the link cannot carry is dropped in the
-network, or by the qdisc), so aiortc's senders pull from the hub at full rate whatever the
-viewer's link: its per-viewer queue stays near empty and nothing is dropped there. Memory a
-bad link could grow is elsewhere: asyncio buffers a datagram the kernel refuses, which a
-bloated egress queue provokes; the gateway's tracks then wait while that backlog is over
-MAX_SEND_BACKLOG, so the viewer's own queue overflows to the next keyframe instead (the last
-test).
+network, or by the qdisc), so the gateway sends every viewer each frame at once whatever
+its link, and nothing is dropped in the gateway. Memory a bad link could grow is elsewhere:
+asyncio buffers a datagram the kernel refuses, which a bloated egress queue provokes; the
+viewer's streams then skip frames while that backlog is over MAX_SEND_BACKLOG, and resume at
+the next keyframe (the last test).
 
 The floor for the good viewers is 27 fps decoded over each test's whole misbehaving span
 (5 to 12 s): the local avatar renders 30 fps, and the margin absorbs the window's edges and a
@@ -50,7 +49,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
-from gateway.media.tracks import MAX_SEND_BACKLOG, PacketTrack
+from gateway.media.rtp import MAX_SEND_BACKLOG, RtpStream
 from gateway.sessions import Session
 from gateway.viewers.peer import Viewer
 
@@ -184,22 +183,18 @@ class RemoteViewer:
 @dataclass
 class ServerSide:
     """What the gateway holds for one viewer, sampled every 50 ms while a test runs: the
-    queue of each of its hub tracks, and the write buffer of each of its UDP sockets (asyncio
-    buffers a datagram the kernel refuses, without limit)."""
+    write buffer of its UDP sockets (asyncio buffers a datagram the kernel refuses, without
+    limit), and its streams' drops."""
 
     viewer: Viewer
-    max_queued: dict[str, int] = field(default_factory=dict)
     max_write_buffer: int = 0
     write_buffer: list[tuple[float, int]] = field(default_factory=list)
 
     @property
-    def tracks(self) -> list[PacketTrack]:
-        return [t for t in self.viewer._tracks if isinstance(t, PacketTrack)]
+    def streams(self) -> list[RtpStream]:
+        return self.viewer._streams
 
     def sample(self) -> None:
-        for track in self.tracks:
-            queued = len(track._queue)
-            self.max_queued[track.kind] = max(self.max_queued.get(track.kind, 0), queued)
         buffered = self.write_buffer_size()
         self.write_buffer.append((time.monotonic(), buffered))
         self.max_write_buffer = max(self.max_write_buffer, buffered)
@@ -210,11 +205,8 @@ class ServerSide:
         return sum(cast(asyncio.WriteTransport, p.transport).get_write_buffer_size()
                    for p in ice.iceGatherer._connection._protocols if p.transport is not None)
 
-    def capacity(self, kind: str) -> int:
-        return next(t._capacity for t in self.tracks if t.kind == kind)
-
     def dropped(self) -> int:
-        return sum(t.dropped for t in self.tracks)
+        return sum(t.dropped for t in self.streams)
 
 
 @contextlib.asynccontextmanager
@@ -390,11 +382,10 @@ async def test_a_viewer_on_a_lossy_stalling_link_or_frozen_slows_no_one(
         assert lossy_drops > 0 and all(told_lossy), (lossy_drops, told_lossy)
         assert rate["lossy"] < FPS_FLOOR / 2 and rate["stalled"] < 5, summary
         assert rate["frozen"] == 0, summary
-        # UDP never pushes back, so the gateway sent on at full rate into the bad link: its
-        # queues stayed near empty, nothing piled up in asyncio, and no hub drops anywhere.
+        # UDP never pushes back, so the gateway sent on at full rate into the bad link:
+        # nothing piled up in asyncio, and no drops anywhere.
         for side in (bad_side, *good_sides):
-            for kind in ("video", "audio"):
-                assert side.max_queued[kind] <= side.capacity(kind)
+            assert {s.kind for s in side.streams} == {"video", "audio"}
             assert side.max_write_buffer == 0
             assert side.dropped() == 0
         assert session.hub.stats.packets_dropped == 0
@@ -416,7 +407,7 @@ async def test_a_viewer_that_never_completes_ice_is_closed_and_holds_nothing(
     good: list[WhepViewer] = []
     try:
         await connect_good_viewers(client, session, good, 3)
-        tracks = session.hub.viewer_tracks
+        tracks = session.hub.subscribers
         await asyncio.sleep(0.5)
         # A player that vanished after its POST: its one candidate is a black hole, so the
         # gateway's connectivity checks go unanswered.
@@ -431,8 +422,8 @@ async def test_a_viewer_that_never_completes_ice_is_closed_and_holds_nothing(
         async with sampling([ghost]):
             while ghost.viewer.close_reason is None:
                 assert time.monotonic() - start < timeout + WAIT, "the gateway kept the viewer"
-                # Its tracks never join the fan-out: nothing is encoded or queued for it.
-                assert session.hub.viewer_tracks == tracks
+                # Its streams never join the fan-out: nothing is encoded or sent for it.
+                assert session.hub.subscribers == tracks
                 await asyncio.sleep(0.05)
         await asyncio.sleep(max(1.0, start + 5.0 - time.monotonic()))
         end, source = time.monotonic(), session.hub.stats.video_frames_in - source_before
@@ -443,9 +434,9 @@ async def test_a_viewer_that_never_completes_ice_is_closed_and_holds_nothing(
         least = floor(source, start, end)
         assert all(r >= least for r in rates), rates
         assert ghost.viewer.close_reason == "connect_timeout"
-        assert ghost.max_queued == {"video": 0, "audio": 0} and ghost.dropped() == 0
+        assert ghost.streams == [] and ghost.max_write_buffer == 0
         assert ghost.viewer._pc.connectionState == "closed"
-        assert session.viewer_count == 3 and session.hub.viewer_tracks == tracks
+        assert session.viewer_count == 3 and session.hub.subscribers == tracks
         assert metrics.viewer_disconnects.labels("connect_timeout")._value.get() == 1
         assert (await client.delete(response.headers["Location"])).status == 404
     finally:
@@ -481,13 +472,11 @@ async def test_a_viewer_behind_a_bloated_queue_does_not_grow_the_gateways_memory
         least = floor(bloated.source_fps * (end - start), start, end)
         for viewer in good:
             assert fps(video_arrivals(viewer), start, end) >= least, summary
-        assert bad_side.max_queued["video"] <= bad_side.capacity("video")
         assert all(side.max_write_buffer == 0 and side.dropped() == 0 for side in good_sides)
         # aioice's datagram protocol ignores asyncio's pause_writing() and UDP never pushes
-        # back, so the gateway's tracks wait while a viewer's socket backlog is over
-        # MAX_SEND_BACKLOG: the backlog stays bounded (plus the packets already in flight, at
-        # most a keyframe's worth), and the viewer's own queue overflows instead, to the next
-        # keyframe, with the drops counted for it alone.
+        # back, so a viewer's streams skip frames while its socket backlog is over
+        # MAX_SEND_BACKLOG: the backlog stays bounded (plus one frame in flight, at most a
+        # keyframe), the viewer resumes at the next keyframe, and the drops are its alone.
         assert bad_side.max_write_buffer <= MAX_SEND_BACKLOG + 64 * 1024, (
             f"{bad_side.max_write_buffer // 1024} KiB buffered in asyncio for one viewer")
         assert bad_side.dropped() > 0

@@ -1,18 +1,41 @@
-"""The encode-once hub and its aiortc hooks, without a network."""
+"""The encode-once hub and the per-viewer RTP streams it feeds, without a network.
+
+The streams write into a recording output; the headers they write are parsed back with
+aiortc's own RTP/RTCP parsers (what a receiver would make of them)."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection
-from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import (
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    HeaderExtensionsMap,
+    RtcpPacket,
+    RtcpPsfbPacket,
+    RtcpReceiverInfo,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+)
 
-from gateway.media.codecs import Packet
 from gateway.media.hub import Hub, HubConfig
-from gateway.media.tracks import PacketTrack, attach_sender
+from gateway.media.rtp import (
+    ABS_SEND_TIME_URI,
+    MAX_SEND_BACKLOG,
+    MID_URI,
+    RETRANSMIT_BUDGET,
+    RtpFrame,
+    RtpStream,
+    StreamParameters,
+)
 from gateway.metrics import Metrics
 
 TB = fractions.Fraction(1, 90_000)
@@ -52,78 +75,132 @@ async def encode(hub: Hub, first: int, count: int, codecs: int = 1) -> None:
                 await asyncio.sleep(0.002)
 
 
-def subscribe(hub: Hub, kind: str = "video", codec: str | None = None) -> PacketTrack:
-    """A track whose (imaginary) sender has started reading."""
-    track = hub.subscribe(kind, codec=codec)
-    track.activate()
-    return track
+@dataclass(eq=False)  # hashable by identity, like a stream
+class Recorder:
+    """A subscriber that keeps the frames the hub hands it."""
+
+    kind: str = "video"
+    codec: str = "vp8"
+    frames: list[RtpFrame] = field(default_factory=list)
+
+    def deliver(self, frame: RtpFrame) -> None:
+        self.frames.append(frame)
 
 
-def drain(track: PacketTrack) -> list[Packet]:
-    out = []
-    while len(track._queue):
-        out.append(track._queue.popleft())
+def attach(hub: Hub, kind: str = "video", codec: str = "vp8") -> Recorder:
+    recorder = Recorder(kind, codec if kind == "video" else "opus")
+    assert hub.attach(recorder)
+    return recorder
+
+
+class Wire:
+    """An :class:`~gateway.media.rtp.Output` that records datagrams (no SRTP: identity)."""
+
+    def __init__(self) -> None:
+        self.datagrams: list[bytes] = []
+        self.queued = 0
+        self.connected = True
+
+    def writer(self) -> tuple[object, object, tuple[str, int]] | None:
+        if not self.connected:
+            return None
+        return (lambda data: data), (lambda data, _addr: self.datagrams.append(data)), ("x", 1)
+
+    def protect_rtcp(self, data: bytes) -> bytes:
+        return data
+
+    def backlog(self) -> int:
+        return self.queued
+
+    def packets(self) -> list[RtpPacket]:
+        extensions = HeaderExtensionsMap()
+        extensions.configure(RTCRtpParameters(headerExtensions=[
+            RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri) for ext_id, uri in EXTENSIONS]))
+        return [RtpPacket.parse(d, extensions) for d in self.datagrams]
+
+
+EXTENSIONS = ((4, MID_URI), (2, ABS_SEND_TIME_URI))
+SSRCS = itertools.count(1000)
+
+
+def stream(hub: Hub, wire: Wire, kind: str = "video", rtx: bool = True) -> RtpStream:
+    params = StreamParameters(
+        kind=kind, codec="vp8" if kind == "video" else "opus",
+        payload_type=96 if kind == "video" else 111, ssrc=next(SSRCS),
+        cname="gw", mid="0" if kind == "video" else "1", extensions=EXTENSIONS,
+        rtx_payload_type=97 if rtx and kind == "video" else None, rtx_ssrc=5000)
+    out = RtpStream(params, wire, hub)  # type: ignore[arg-type]
+    assert hub.attach(out)
     return out
+
+
+def waiting(out: RtpStream) -> bool:
+    """Whether the stream waits for a keyframe (read through a call: it changes under us)."""
+    return out.awaiting_keyframe
+
+
+# -- the hub ------------------------------------------------------------------------------------
 
 
 async def test_one_encode_serves_every_viewer() -> None:
     hub = make_hub()
-    tracks = [subscribe(hub) for _ in range(3)]
+    recorders = [attach(hub) for _ in range(3)]
     await encode(hub, 0, 10)
-    received = [drain(t) for t in tracks]
     assert hub.stats.video_frames_encoded == 10
-    assert [len(r) for r in received] == [10, 10, 10]
-    # The very same packet objects: encoded once, fanned out three times.
-    for a, b, c in zip(*received, strict=True):
+    assert [len(r.frames) for r in recorders] == [10, 10, 10]
+    # The very same packetized frames: encoded and packetized once, handed out three times.
+    for a, b, c in zip(*(r.frames for r in recorders), strict=True):
         assert a is b is c
-    assert received[0][0].is_keyframe
+    assert recorders[0].frames[0].keyframe
     await hub.close()
 
 
-def nal_types(packet: Packet) -> list[int]:
-    """NAL unit types in an Annex B H.264 packet (7 SPS, 8 PPS, 5 IDR slice, 1 other slice)."""
-    data = bytes(packet)
-    return [data[i + 3] & 0x1F for i in range(len(data) - 3) if data[i:i + 3] == b"\x00\x00\x01"]
+def nal_types(frame: RtpFrame) -> list[int]:
+    """NAL unit types in an H.264 RTP frame (single NAL, STAP-A or FU-A payloads)."""
+    types = []
+    for payload in frame.payloads:
+        kind = payload[0] & 0x1F
+        if kind == 24:  # STAP-A: 2-byte sizes, NAL units
+            pos = 1
+            while pos + 2 < len(payload):
+                size = int.from_bytes(payload[pos:pos + 2], "big")
+                types.append(payload[pos + 2] & 0x1F)
+                pos += 2 + size
+        elif kind == 28:  # FU-A: the start fragment names the type
+            if payload[1] & 0x80:
+                types.append(payload[1] & 0x1F)
+        else:
+            types.append(kind)
+    return types
 
 
 async def test_each_codec_is_encoded_once_with_its_own_keyframes() -> None:
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
-    vp8 = [subscribe(hub, codec="vp8") for _ in range(2)]
-    h264 = [subscribe(hub, codec="h264") for _ in range(2)]
+    vp8 = [attach(hub, codec="vp8") for _ in range(2)]
+    h264 = [attach(hub, codec="h264") for _ in range(2)]
     assert hub.video_codecs == ["vp8", "h264"]
     await encode(hub, 0, 6, codecs=2)
     assert hub.stats.video_frames_encoded == 12  # 6 frames x 2 codecs, whatever the viewer count
-    got_vp8, got_h264 = [drain(t) for t in vp8], [drain(t) for t in h264]
-    assert got_vp8[0] and all(a is b for a, b in zip(*got_vp8, strict=True))
-    assert got_h264[0] and all(a is b for a, b in zip(*got_h264, strict=True))
+    assert vp8[0].frames and all(a is b for a, b in zip(vp8[0].frames, vp8[1].frames, strict=True))
+    assert h264[0].frames and all(a is b for a, b in zip(h264[0].frames, h264[1].frames,
+                                                         strict=True))
     # H.264 starts on an IDR that carries its parameter sets, so a viewer can join there.
-    assert got_h264[0][0].is_keyframe and {7, 8, 5} <= set(nal_types(got_h264[0][0]))
-    assert not any(p.is_keyframe for p in got_h264[0][1:])
+    first = h264[0].frames[0]
+    assert first.keyframe and {7, 8, 5} <= set(nal_types(first))
+    assert not any(f.keyframe for f in h264[0].frames[1:])
     # A keyframe request (PLI) on one codec costs only that codec a keyframe.
     hub.request_keyframe("pli", "h264")
+    seen = len(vp8[0].frames), len(h264[0].frames)
     await encode(hub, 6, 2, codecs=2)
-    assert drain(h264[0])[0].is_keyframe
-    assert not any(p.is_keyframe for p in drain(vp8[0]))
+    assert h264[0].frames[seen[1]].keyframe
+    assert not any(f.keyframe for f in vp8[0].frames[seen[0]:])
     await hub.close()
-    assert all(t.readyState == "ended" for t in vp8 + h264)
-
-
-async def test_late_viewer_starts_on_a_keyframe_it_asked_for() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
-    early = subscribe(hub)
-    await encode(hub, 0, 5)
-    assert sum(p.is_keyframe for p in drain(early)) == 1
-    late = subscribe(hub)
-    await encode(hub, 5, 5)
-    packets = drain(late)
-    assert packets and packets[0].is_keyframe  # nothing before its keyframe
-    assert hub.stats.keyframes == 2  # the start, and the one the join requested
-    await hub.close()
+    assert hub.subscribers == 0 and not hub.attach(Recorder())
 
 
 async def test_keyframe_requests_are_coalesced() -> None:
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=30.0)
-    subscribe(hub)
+    attach(hub)
     for index in range(20):
         hub.request_keyframe("pli")
         await encode(hub, index, 1)
@@ -134,27 +211,11 @@ async def test_keyframe_requests_are_coalesced() -> None:
 
 async def test_periodic_keyframe_bounds_recovery() -> None:
     hub = make_hub(keyframe_interval=0.05, keyframe_min_gap=0.01)
-    subscribe(hub)
+    attach(hub)
     for index in range(4):
         await encode(hub, index, 1)
         await asyncio.sleep(0.06)
     assert hub.stats.keyframes == 4
-    await hub.close()
-
-
-async def test_slow_viewer_skips_to_next_keyframe_without_disturbing_others() -> None:
-    hub = make_hub(video_queue=4, keyframe_interval=60.0, keyframe_min_gap=0.0)
-    slow = subscribe(hub)
-    fast = subscribe(hub)
-    got_fast: list[Packet] = []
-    for index in range(12):
-        await encode(hub, index, 1)
-        got_fast += drain(fast)
-    assert len(got_fast) == 12
-    assert slow.dropped >= 4 and hub.stats.packets_dropped == slow.dropped
-    assert len(slow._queue) <= 4
-    # It asked for a keyframe and resumes on one.
-    assert slow.awaiting_keyframe or next(iter(slow._queue)).is_keyframe
     await hub.close()
 
 
@@ -172,59 +233,150 @@ async def test_nobody_watching_costs_no_encode() -> None:
 
 async def test_audio_is_encoded_once_to_opus() -> None:
     hub = make_hub()
-    tracks = [subscribe(hub, "audio") for _ in range(2)]
+    a, b = attach(hub, "audio"), attach(hub, "audio")
     for index in range(10):
         hub.push_audio(audio_frame(index))
-    a, b = (drain(t) for t in tracks)
-    assert len(a) >= 9 and [p is q for p, q in zip(a, b, strict=True)] == [True] * len(a)
-    assert all(p.time_base == fractions.Fraction(1, 48_000) for p in a)
+    assert len(a.frames) >= 9 and all(p is q for p, q in zip(a.frames, b.frames, strict=True))
+    # 48 kHz RTP clock, 20 ms apart.
+    steps = {q.timestamp - p.timestamp for p, q in itertools.pairwise(a.frames)}
+    assert steps == {960}
+    hub.detach(a)
+    hub.push_audio(audio_frame(10))
+    assert len(b.frames) == len(a.frames) + 1
     await hub.close()
 
 
-async def test_nothing_queues_before_the_sender_reads() -> None:
-    """A viewer still in its ICE/DTLS handshake must not collect a backlog to burst later."""
+# -- one viewer's stream ------------------------------------------------------------------------
+
+
+async def test_a_stream_writes_only_its_own_headers() -> None:
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
-    watching = subscribe(hub)
-    connecting = hub.subscribe("video")
-    assert hub.viewer_tracks == 1  # the one still connecting costs nothing yet
+    wires = [Wire(), Wire()]
+    streams = [stream(hub, w) for w in wires]
+    shared = attach(hub)
+    await encode(hub, 0, 6)
+    frames = shared.frames
+    for wire, out in zip(wires, streams, strict=True):
+        packets = wire.packets()
+        assert [p.payload for p in packets] == [x for f in frames for x in f.payloads]
+        assert all(p.ssrc == out.params.ssrc and p.payload_type == 96 for p in packets)
+        seqs = [p.sequence_number for p in packets]
+        assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+        # One marker per frame, on its last packet; one timestamp per frame, from its own origin.
+        assert sum(p.marker for p in packets) == len(frames) and packets[-1].marker
+        stamps = sorted({p.timestamp for p in packets})
+        assert len(stamps) == len(frames)
+        assert {(p.timestamp - f.timestamp) & 0xFFFFFFFF for p, f in zip(
+            [q for q in packets if q.marker], frames, strict=True)} == {out._origin}
+        assert {p.extensions.mid for p in packets} == {"0"}
+        assert all(p.extensions.abs_send_time is not None for p in packets)
+        assert out.frames == len(frames) and out.packets == len(packets)
+    assert wires[0].packets()[0].ssrc != wires[1].packets()[0].ssrc
+    await hub.close()
+
+
+async def test_a_late_stream_starts_on_the_keyframe_its_join_asked_for() -> None:
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    early = attach(hub)
     await encode(hub, 0, 5)
-    assert len(drain(watching)) == 5 and len(connecting._queue) == 0
+    wire = Wire()
+    stream(hub, wire)
+    await encode(hub, 5, 5)
+    assert len(early.frames) == 10 and sum(f.keyframe for f in early.frames) == 2
+    first_of_late = early.frames[5]
+    assert first_of_late.keyframe  # the join's keyframe, and the late viewer's first packets
+    assert wire.packets()[0].payload == first_of_late.payloads[0]
+    await hub.close()
+
+
+async def test_a_backed_up_viewer_skips_to_a_keyframe_and_disturbs_no_one() -> None:
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    slow_wire, fast_wire = Wire(), Wire()
+    slow, fast = stream(hub, slow_wire), stream(hub, fast_wire)
+    await encode(hub, 0, 3)
+    slow_wire.queued = MAX_SEND_BACKLOG + 1  # the kernel refused its datagrams
     requests = hub.stats.keyframe_requests
-    first = asyncio.ensure_future(connecting.recv())  # the sender starts: DTLS is up
-    await asyncio.sleep(0)
-    assert hub.stats.keyframe_requests == requests + 1
-    await encode(hub, 5, 1)
-    packet = await asyncio.wait_for(first, 5)
-    assert packet.is_keyframe and packet.pts == 5 * 3000  # fresh, not the backlog
+    await encode(hub, 3, 3)
+    assert slow.dropped > 0 and hub.stats.packets_dropped == slow.dropped
+    assert waiting(slow) and hub.stats.keyframe_requests > requests
+    sent = len(slow_wire.datagrams)
+    slow_wire.queued = 0
+    await encode(hub, 6, 3)
+    resumed = slow_wire.packets()[sent]
+    # It resumed on a keyframe (VP8: payload descriptor, then P bit 0 in the frame header).
+    assert resumed.payload[4] & 0x01 == 0 and not waiting(slow)
+    assert fast.frames == 9 and fast.dropped == 0
     await hub.close()
 
 
-async def test_closing_the_hub_ends_viewer_tracks() -> None:
+async def test_a_nack_is_answered_with_rtx_within_a_budget() -> None:
     hub = make_hub()
-    track = hub.subscribe("video")
-    waiter = asyncio.ensure_future(track.recv())
-    await asyncio.sleep(0)
+    wire = Wire()
+    out = stream(hub, wire)
+    await encode(hub, 0, 4)
+    original = wire.packets()[1]
+    sent = len(wire.datagrams)
+    out.handle_rtcp(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=out.params.ssrc,
+                                    lost=[original.sequence_number, 65000]))
+    assert len(wire.datagrams) == sent + 1  # 65000 was never sent: nothing to answer
+    rtx = wire.packets()[-1]
+    assert rtx.payload_type == 97 and rtx.ssrc == 5000 and rtx.timestamp == original.timestamp
+    assert rtx.payload == original.sequence_number.to_bytes(2, "big") + original.payload
+    # A flood of NACKs costs at most the budget per second, not a send per request.
+    for _ in range(RETRANSMIT_BUDGET):
+        out.handle_rtcp(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=out.params.ssrc,
+                                        lost=[original.sequence_number] * 10))
+    assert out.retransmitted == RETRANSMIT_BUDGET
     await hub.close()
-    try:
-        await waiter
-    except Exception as exc:
-        assert type(exc).__name__ == "MediaStreamError"
-    else:
-        raise AssertionError("recv() should fail once the hub is closed")
-    assert track.readyState == "ended" and hub.viewer_tracks == 0
 
 
-async def test_pli_and_fir_reach_the_shared_encoder() -> None:
-    """Guards the private aiortc hook the hub relies on (pinned aiortc version)."""
+async def test_without_rtx_a_nack_resends_the_packet_itself() -> None:
     hub = make_hub()
-    track = hub.subscribe("video")
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    sender = pc.addTransceiver(track, direction="sendonly").sender
-    attach_sender(sender, hub, "vp8")
-    before = hub.stats.keyframe_requests
-    for fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
-        await sender._handle_rtcp_packet(
-            RtcpPsfbPacket(fmt=fmt, ssrc=1234, media_ssrc=sender._ssrc))
-    assert hub.stats.keyframe_requests == before + 2
-    await pc.close()
+    wire = Wire()
+    out = stream(hub, wire, rtx=False)
+    await encode(hub, 0, 2)
+    original = wire.packets()[0]
+    out.retransmit(original.sequence_number)
+    again = wire.packets()[-1]
+    assert (again.sequence_number, again.ssrc, again.payload, again.marker) == (
+        original.sequence_number, original.ssrc, original.payload, original.marker)
+    await hub.close()
+
+
+async def test_pli_asks_the_shared_encoder_and_reports_give_rtt_and_loss() -> None:
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    wire = Wire()
+    out = stream(hub, wire)
+    await encode(hub, 0, 3)
+    keyframes = hub.stats.keyframes
+    out.handle_rtcp(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=out.params.ssrc))
+    await encode(hub, 3, 1)
+    assert hub.stats.keyframes == keyframes + 1
+    # A sender report, then the viewer's receiver report that echoes it.
+    report, _sdes = RtcpPacket.parse(out.sender_report())
+    assert isinstance(report, RtcpSrPacket) and report.ssrc == out.params.ssrc
+    assert report.sender_info.packet_count == out.packets
+    assert report.sender_info.octet_count == out.octets
+    lsr = (report.sender_info.ntp_timestamp >> 16) & 0xFFFFFFFF
+    await asyncio.sleep(0.05)
+    out.handle_rtcp(RtcpRrPacket(ssrc=1, reports=[RtcpReceiverInfo(
+        ssrc=out.params.ssrc, fraction_lost=0, packets_lost=3, highest_sequence=0, jitter=0,
+        lsr=lsr, dlsr=int(0.02 * 65536))]))
+    assert out.remote_lost == 3
+    assert out.rtt is not None and 0.0 <= out.rtt < 5.0
+    await hub.close()
+
+
+async def test_a_stream_sends_nothing_when_not_connected_or_closed() -> None:
+    hub = make_hub()
+    wire = Wire()
+    out = stream(hub, wire)
+    wire.connected = False
+    await encode(hub, 0, 2)
+    assert wire.datagrams == [] and out.awaiting_keyframe  # still waiting for its keyframe
+    wire.connected = True
+    out.closed = True
+    hub.request_keyframe("test")
+    await encode(hub, 2, 2)
+    assert wire.datagrams == []
     await hub.close()

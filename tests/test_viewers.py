@@ -214,7 +214,7 @@ async def test_hundred_viewers_join_and_leave_without_leaks(client: Client, sess
     for batch in range(10):
         await join_and_leave(client, session, 10, vanish=batch % 2 == 1)
 
-    await wait_for(lambda: session.viewer_count == 0 and session.hub.viewer_tracks == 0)
+    await wait_for(lambda: session.viewer_count == 0 and session.hub.subscribers == 0)
     # What leaks stays for good: a generous deadline costs nothing when nothing does.
     with contextlib.suppress(TimeoutError):
         await wait_for(lambda: peer_connections() == 0 and open_sockets("udp") == udp
@@ -245,7 +245,7 @@ async def test_deleting_a_session_ends_viewers_upstream_and_events(client: Clien
         assert (await client.delete(f"/v1/sessions/{session_id}")).status == 200
         await asyncio.wait_for(sse_task, 10)  # the SSE stream ends by itself
         assert all(t.done() for t in clock_tasks)
-        assert session.viewer_count == 0 and session.hub.viewer_tracks == 0
+        assert session.viewer_count == 0 and session.hub.subscribers == 0
         await wait_for(lambda: viewer.pc.connectionState in ("closed", "failed")
                        or len(viewer.received.video) > 0)
         assert [e["state"] for e in sse if e["type"] == "session_state"][-2:] == ["closing", "closed"]

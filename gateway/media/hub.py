@@ -7,7 +7,9 @@ both kinds of viewer encodes twice, never N times. Each lane encodes in its own 
 (libvpx and libx264 release the GIL) from a one-slot mailbox: when the encoder is busy the
 newest frame replaces the waiting one, so a slow encoder costs frame rate, never latency or
 memory. Audio is cheap (~0.1 ms per 20 ms frame) and is encoded inline to keep its cadence
-exact. Every packet is handed to every subscribed :class:`PacketTrack`; aiortc only packetizes.
+exact. Each encoded packet is packetized once (:class:`~.rtp.Packetizer`) and the resulting
+:class:`~.rtp.RtpFrame` handed to every subscribed :class:`Subscriber` (a viewer's
+:class:`~.rtp.RtpStream`), which writes only its own headers and sends at once.
 
 Keyframe policy, per lane: a join, PLI/FIR or a viewer's overflow asks for a keyframe;
 requests are coalesced to one per ``keyframe_min_gap`` seconds, and a periodic keyframe every
@@ -20,14 +22,15 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import av
+from prometheus_client import Counter
 
 from ..metrics import Metrics
 from .codecs import VIDEO_ENCODERS, AudioEncoder, Packet, VideoEncoder
-from .tracks import FrameTrack, PacketTrack
+from .rtp import Packetizer, RtpFrame
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +41,6 @@ class HubConfig:
     fps: int = 30
     keyframe_interval: float = 4.0
     keyframe_min_gap: float = 0.5
-    video_queue: int = 30
-    audio_queue: int = 50
-    naive: bool = False
-    """Benchmark baseline only: hand raw frames to every viewer (one encoder per viewer)."""
 
 
 @dataclass(slots=True)
@@ -55,6 +54,18 @@ class HubStats:
     packets_dropped: int = 0
 
 
+class Subscriber(Protocol):
+    """A viewer's sender of one kind, as the hub sees it (an :class:`~.rtp.RtpStream`)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def codec(self) -> str: ...
+
+    def deliver(self, frame: RtpFrame) -> None: ...
+
+
 class VideoLane:
     """One video codec's encoder, its viewers and its keyframe policy.
 
@@ -66,7 +77,8 @@ class VideoLane:
     def __init__(self, hub: Hub, encoder: VideoEncoder, owns_frames: bool) -> None:
         self.codec = encoder.codec
         self._owns_frames = owns_frames
-        self.tracks: set[PacketTrack] = set()
+        self.subscribers: set[Subscriber] = set()
+        self._packetizer = Packetizer(encoder.codec)
         self._hub = hub
         self._config = hub.config
         self._stats = hub.stats
@@ -90,7 +102,7 @@ class VideoLane:
             self._keyframe_reason = reason
 
     def push(self, frame: av.VideoFrame) -> None:
-        if not self.tracks:
+        if not self.subscribers:
             return
         if self._pending_frame is not None:
             self._hub.skip("video", "encoder_busy")
@@ -140,15 +152,13 @@ class VideoLane:
                     self._keyframe_reason = None
                     self._stats.keyframes += 1
                     self._metrics.keyframes.labels(reason or "encoder").inc()
-                self._sent_bytes.inc(packet.size * len(self.tracks))
-                for track in tuple(self.tracks):
-                    track.push(packet, keyframe)
+                self._hub.fan_out(self._packetizer.frame(packet), self.subscribers,
+                                  self._sent_bytes, packet.size)
 
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.wait([self._task])
-        for track in tuple(self.tracks):
-            track.stop()
+        self.subscribers.clear()
         self._pending_frame = None
         # The worker may still be inside the encoder for this one frame; don't block the loop.
         self._executor.shutdown(wait=False)
@@ -161,14 +171,17 @@ def _private_copy(frame: av.VideoFrame) -> av.VideoFrame:
 
 
 class Hub:
+    """One session's encoders and the viewers' streams they feed. Implements the stream's
+    :class:`~.rtp.Feedback` (keyframe requests, drop and RTCP counts)."""
+
     def __init__(self, config: HubConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
         self.stats = HubStats()
         self._lanes: dict[str, VideoLane] = {}
         self._audio_encoder = AudioEncoder()
-        self._audio_tracks: set[PacketTrack] = set()
-        self._naive_tracks: set[FrameTrack] = set()
+        self._audio_packetizer = Packetizer(AudioEncoder.codec)
+        self._audio: set[Subscriber] = set()
         self._closed = False
         self._audio_encoded = metrics.frames_encoded.labels("audio", AudioEncoder.codec)
         self._audio_bytes = metrics.sent_bytes.labels("audio")
@@ -176,64 +189,48 @@ class Hub:
     # -- viewer side -------------------------------------------------------------------------
 
     @property
-    def viewer_tracks(self) -> int:
-        video = sum(len(lane.tracks) for lane in self._lanes.values())
-        return video + len(self._audio_tracks) + len(self._naive_tracks)
+    def closed(self) -> bool:
+        return self._closed
 
     @property
-    def naive(self) -> bool:
-        return self.config.naive
+    def subscribers(self) -> int:
+        return sum(len(lane.subscribers) for lane in self._lanes.values()) + len(self._audio)
 
     @property
     def video_codecs(self) -> list[str]:
         """Codecs with a running encoder (a lane), in the order they were first needed."""
         return list(self._lanes)
 
-    def subscribe_frames(self, kind: str) -> FrameTrack:
-        """Benchmark baseline: raw frames, for a sender that encodes them itself."""
-        if self._closed:
-            raise RuntimeError("hub is closed")
-        track = FrameTrack(self, kind, 2 if kind == "video" else 10)
-        self._naive_tracks.add(track)
-        return track
+    @staticmethod
+    def check_codec(codec: str) -> None:
+        if codec not in VIDEO_ENCODERS:
+            raise ValueError(f"unknown video codec {codec!r}")
 
-    def subscribe(self, kind: str, on_first_packet: Callable[[], None] | None = None,
-                  codec: str | None = None) -> PacketTrack:
-        """A track for one viewer's sender. It joins the fan-out when the sender first reads
-        (see :meth:`attach`), so nothing is encoded or queued for a handshake in progress."""
+    def attach(self, subscriber: Subscriber) -> bool:
+        """Join the fan-out: called once the viewer's DTLS is up, so nothing is encoded or sent
+        for a handshake in progress. Video starts at a keyframe requested here. False once
+        the hub is closed."""
         if self._closed:
-            raise RuntimeError("hub is closed")
-        if kind not in ("video", "audio"):
-            raise ValueError(f"unknown kind {kind!r}")
-        if kind == "video":
-            codec = codec or "vp8"
-            if codec not in VIDEO_ENCODERS:
-                raise ValueError(f"unknown video codec {codec!r}")
-            return PacketTrack(self, kind, self.config.video_queue, on_first_packet, codec)
-        return PacketTrack(self, kind, self.config.audio_queue, on_first_packet, AudioEncoder.codec)
-
-    def attach(self, track: PacketTrack) -> None:
-        if self._closed:
-            track.stop()
-        elif track.kind == "video":
-            lane = self._lanes.get(track.codec)
+            return False
+        if subscriber.kind == "video":
+            codec = subscriber.codec
+            lane = self._lanes.get(codec)
             if lane is None:
-                encoder = VIDEO_ENCODERS[track.codec](self.config.bitrate, self.config.fps)
-                lane = self._lanes[track.codec] = VideoLane(self, encoder, not self._lanes)
-            lane.tracks.add(track)
-            self.request_keyframe("join", track.codec)
+                encoder = VIDEO_ENCODERS[codec](self.config.bitrate, self.config.fps)
+                lane = self._lanes[codec] = VideoLane(self, encoder, not self._lanes)
+            lane.subscribers.add(subscriber)
+            self.request_keyframe("join", codec)
         else:
-            self._audio_tracks.add(track)
+            self._audio.add(subscriber)
+        return True
 
-    def unsubscribe(self, track: PacketTrack | FrameTrack) -> None:
-        if isinstance(track, FrameTrack):
-            self._naive_tracks.discard(track)
-        elif track.kind == "video":
-            lane = self._lanes.get(track.codec)
+    def detach(self, subscriber: Subscriber) -> None:
+        if subscriber.kind == "video":
+            lane = self._lanes.get(subscriber.codec)
             if lane is not None:
-                lane.tracks.discard(track)
+                lane.subscribers.discard(subscriber)
         else:
-            self._audio_tracks.discard(track)
+            self._audio.discard(subscriber)
 
     def request_keyframe(self, reason: str, codec: str = "vp8") -> None:
         self.stats.keyframe_requests += 1
@@ -249,19 +246,27 @@ class Hub:
     def count_feedback(self, kind: str) -> None:
         self.metrics.rtcp_feedback.labels(kind).inc()
 
+    def fan_out(self, frame: RtpFrame, subscribers: set[Subscriber], sent_bytes: Counter,
+                size: int) -> None:
+        """Every subscriber sends ``frame`` now; one that fails is detached, not fatal."""
+        sent_bytes.inc(size * len(subscribers))
+        for subscriber in tuple(subscribers):
+            try:
+                subscriber.deliver(frame)
+            except (OSError, ValueError) as exc:  # a socket gone under us, an SRTP error
+                logger.debug("%s subscriber failed, detached: %s", subscriber.kind, exc)
+                subscribers.discard(subscriber)
+
     # -- upstream side -----------------------------------------------------------------------
 
     @property
     def video_wanted(self) -> bool:
-        return bool(self._naive_tracks) or any(lane.tracks for lane in self._lanes.values())
+        return any(lane.subscribers for lane in self._lanes.values())
 
     def push_video(self, frame: av.VideoFrame) -> None:
         if self._closed:
             return
         self.stats.video_frames_in += 1
-        if self.config.naive:
-            self._push_naive("video", frame)
-            return
         if not self.video_wanted:
             self.skip("video", "no_viewers")
             return
@@ -271,24 +276,15 @@ class Hub:
     def push_audio(self, frame: av.AudioFrame) -> None:
         if self._closed:
             return
-        if self.config.naive:
-            self._push_naive("audio", frame)
-            return
-        if not self._audio_tracks:
+        if not self._audio:
             self.skip("audio", "no_viewers")
             return
         packets = self._audio_encoder.encode(frame)
         self.stats.audio_frames_encoded += 1
         self._audio_encoded.inc()
         for packet in packets:
-            self._audio_bytes.inc(packet.size * len(self._audio_tracks))
-            for track in tuple(self._audio_tracks):
-                track.push(packet, True)
-
-    def _push_naive(self, kind: str, frame: av.VideoFrame | av.AudioFrame) -> None:
-        for track in tuple(self._naive_tracks):
-            if track.kind == kind:
-                track.push(frame)
+            self.fan_out(self._audio_packetizer.frame(packet), self._audio, self._audio_bytes,
+                         packet.size)
 
     def skip(self, kind: str, reason: str) -> None:
         if kind == "video":
@@ -296,11 +292,10 @@ class Hub:
         self.metrics.frames_skipped.labels(kind, reason).inc()
 
     async def close(self) -> None:
-        """End every viewer track and stop the encoders. Idempotent."""
+        """Stop the encoders and forget every subscriber (their viewers close them). Idempotent."""
         if self._closed:
             return
         self._closed = True
         for lane in self._lanes.values():
             await lane.close()
-        for track in (*self._audio_tracks, *self._naive_tracks):
-            track.stop()
+        self._audio.clear()

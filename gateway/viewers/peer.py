@@ -9,9 +9,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
-import aioice.ice
 import av
 from aiortc import (
     MediaStreamTrack,
@@ -28,57 +26,16 @@ from aiortc.mediastreams import MediaStreamError
 
 from ..errors import BadSDP, GatewayError, Unprocessable, UnsupportedCodec
 from ..media.hub import Hub
-from ..media.tracks import FrameTrack, PacketTrack, attach_sender
+from ..media.naive import FrameTrack, NaiveHub
+from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
+from .aiortc_hooks import DtlsOutput, send_backlog, take_over_sender
 from .whep import MAX_REMOTE_CANDIDATES, Offer, SdpFragment, count_candidates, parse_answer
 
 logger = logging.getLogger(__name__)
-# aioice logs every connectivity check at INFO: a viewer with many candidates (or a hostile
-# PATCH) would turn the log into a flood. Its checks stay available at DEBUG.
-if logging.getLogger("aioice.ice").level == logging.NOTSET:
-    logging.getLogger("aioice.ice").setLevel(logging.WARNING)
 
 # A viewer that cannot drain its data channel loses events rather than the gateway's memory.
 MAX_CHANNEL_BUFFER = 1 << 20
-
-_default_host_addresses = aioice.ice.get_host_addresses
-
-MAX_QUEUED_DATAGRAMS = 256
-MAX_DATAGRAM = 4096
-"""Non-STUN datagrams an ICE connection holds for DTLS/SRTP before they are read, and the
-largest it takes. aioice queues every one, from any source, of any size, without bound, and
-nothing reads them until DTLS starts: a pending viewer's port (it is in the WHEP answer)
-could be flooded into gigabytes of RSS. Peers send datagrams under the path MTU, and a
-reading consumer keeps the queue near empty, so the bounds (1 MiB per viewer) only ever drop
-floods."""
-
-
-def _bounded_data_received(self: aioice.ice.Connection, data: bytes, component: int) -> None:
-    if len(data) <= MAX_DATAGRAM and self._queue.qsize() < MAX_QUEUED_DATAGRAMS:
-        self._queue.put_nowait((data, component))
-
-
-# Process-wide, like the host-address hook above: aioice (0.13) has no per-connection
-# queue setting. A test floods a pending viewer's port and measures RSS (tests/test_sdp_fuzz.py).
-aioice.ice.Connection.data_received = _bounded_data_received  # type: ignore[method-assign]
-
-
-def configure_ice_host_addresses(addresses: Sequence[str]) -> None:
-    """Pin the host addresses aiortc gathers ICE candidates on, process-wide.
-
-    aioice has no per-connection setting for this, only a module function; pinning is what
-    containers, 1:1 NAT hosts and loopback-only rigs need. Empty restores aioice's default
-    (every interface except loopback).
-    """
-    if addresses:
-        pinned = list(addresses)
-
-        def pinned_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-            return [a for a in pinned if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
-
-        aioice.ice.get_host_addresses = pinned_addresses
-    else:
-        aioice.ice.get_host_addresses = _default_host_addresses
 
 
 def rtc_configuration(urls: Sequence[str], username: str = "", credential: str = "") -> RTCConfiguration:
@@ -93,7 +50,7 @@ class Viewer:
 
     def __init__(
         self,
-        hub: Hub,
+        hub: Hub | NaiveHub,
         configuration: RTCConfiguration,
         metrics: Metrics,
         on_closed: Callable[[Viewer], None],
@@ -109,7 +66,8 @@ class Viewer:
         self._metrics = metrics
         self._on_closed = on_closed
         self._pc = RTCPeerConnection(configuration)
-        self._tracks: list[PacketTrack | FrameTrack] = []
+        self._streams: list[RtpStream] = []
+        self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
         self._channel: RTCDataChannel | None = None
         self._remote_ufrag = ""
         self._remote_candidates = 0
@@ -120,7 +78,6 @@ class Viewer:
         self.close_reason: str | None = None
         self.video_codec = ""
         """The codec this viewer's video is encoded with (``vp8`` or ``h264``), once negotiated."""
-        self._ice_protocols: list[Any] = []
         self._rtp_counts: dict[str, tuple[int, int]] = {}
         """Per kind: (packets sent, packets the viewer reported lost) at the last sample."""
         metrics.viewers.labels("connecting").inc()
@@ -206,21 +163,8 @@ class Viewer:
         self._remote_ufrag = match.group(1) if match else ""
 
     def send_backlog(self) -> int:
-        """Bytes asyncio holds for this viewer's ICE sockets (datagrams the kernel refused).
-
-        Called per packet, so the protocols are looked up once. Private aiortc/aioice state
-        (pinned versions; ``tests/test_isolation.py`` reads the same numbers): one BUNDLE
-        transport, its aioice connection's datagram protocols.
-        """
-        protocols = self._ice_protocols
-        if not protocols:
-            try:
-                ice = self._pc.getTransceivers()[0].sender.transport.transport
-                protocols = self._ice_protocols = list(ice.iceGatherer._connection._protocols)
-            except (AttributeError, IndexError):
-                return 0
-        return sum(p.transport.get_write_buffer_size() for p in protocols
-                   if p.transport is not None)
+        """Bytes asyncio holds for this viewer's ICE sockets (datagrams the kernel refused)."""
+        return send_backlog(self._pc)
 
     def expire_unless_connected(self, timeout: float) -> None:
         """Close the viewer if ICE/DTLS has not connected within ``timeout`` seconds.
@@ -237,20 +181,35 @@ class Viewer:
         self._watchdog = asyncio.get_running_loop().create_task(expire(), name="viewer-watchdog")
 
     def _add_sender(self, kind: str, codec: str | None = None) -> RTCRtpTransceiver:
-        track: PacketTrack | FrameTrack
-        if self._hub.naive:
+        if isinstance(self._hub, NaiveHub):
             track = self._hub.subscribe_frames(kind)
-        else:
-            on_first = self._first_video_packet if kind == "video" else None
-            track = self._hub.subscribe(kind, on_first, codec)
-        self._tracks.append(track)
-        if isinstance(track, PacketTrack):
-            track.send_backlog = self.send_backlog
-        transceiver = self._pc.addTransceiver(track, direction="sendonly")
-        if isinstance(track, PacketTrack) and kind == "video":
-            self.video_codec = track.codec
-            attach_sender(transceiver.sender, self._hub, track.codec)
+            self._frame_tracks.append(track)
+            return self._pc.addTransceiver(track, direction="sendonly")
+        if kind == "video":
+            codec = codec or "vp8"
+            self._hub.check_codec(codec)
+            self.video_codec = codec
+        transceiver = self._pc.addTransceiver(kind, direction="sendonly")
+        take_over_sender(transceiver.sender, codec or "opus", self._start_stream,
+                         self._stop_stream)
         return transceiver
+
+    def _start_stream(self, params: StreamParameters, output: DtlsOutput) -> RtpStream | None:
+        """DTLS is up: join the hub's fan-out (video at a keyframe it asks for)."""
+        hub = self._hub
+        if self.close_reason is not None or isinstance(hub, NaiveHub):
+            return None
+        on_first = self._first_video_packet if params.kind == "video" else None
+        stream = RtpStream(params, output, hub, on_first)
+        if not hub.attach(stream):
+            return None
+        self._streams.append(stream)
+        return stream
+
+    def _stop_stream(self, stream: RtpStream) -> None:
+        stream.closed = True
+        if isinstance(self._hub, Hub):
+            self._hub.detach(stream)
 
     def _receive_microphone(self, track: MediaStreamTrack,
                             forward: Callable[[av.AudioFrame], Awaitable[None]]) -> None:
@@ -291,30 +250,17 @@ class Viewer:
             await self._pc.addIceCandidate(None)
 
     async def sample_stats(self) -> None:
-        """Add this viewer's RTP counts since the last sample to the metrics, and its RTT.
-
-        aiortc's public ``getStats`` of each sender: ``outbound-rtp`` (packets sent) and, once
-        the viewer sent a receiver report, ``remote-inbound-rtp`` (cumulative loss, RTT).
-        """
-        if self.close_reason is not None and self._pc.connectionState == "closed":
-            return
-        for transceiver in self._pc.getTransceivers():
-            sender = transceiver.sender
-            kind = transceiver.kind
-            sent = lost = 0
-            rtt: float | None = None
-            for stats in (await sender.getStats()).values():
-                if stats.type == "outbound-rtp":
-                    sent = stats.packetsSent
-                elif stats.type == "remote-inbound-rtp":
-                    lost, rtt = stats.packetsLost, stats.roundTripTime
+        """Add this viewer's RTP counts since the last sample to the metrics, and its RTT
+        (from its receiver reports; cumulative loss is signed and duplicates can lower it).
+        The naive baseline's aiortc senders are not sampled."""
+        for stream in self._streams:
+            kind = stream.kind
             last_sent, last_lost = self._rtp_counts.get(kind, (0, 0))
-            self._rtp_counts[kind] = (sent, lost)
-            # Receiver reports carry a cumulative, signed count that duplicates can lower.
-            self._metrics.sent_packets.labels(kind).inc(max(0, sent - last_sent))
-            self._metrics.packets_lost.labels(kind).inc(max(0, lost - last_lost))
-            if rtt is not None and kind == "video":
-                self._metrics.viewer_rtt.observe(rtt)
+            self._rtp_counts[kind] = (stream.packets, stream.remote_lost)
+            self._metrics.sent_packets.labels(kind).inc(max(0, stream.packets - last_sent))
+            self._metrics.packets_lost.labels(kind).inc(max(0, stream.remote_lost - last_lost))
+            if stream.rtt is not None and kind == "video":
+                self._metrics.viewer_rtt.observe(stream.rtt)
 
     def send_event(self, payload: str) -> bool:
         """Queue one JSON event on the viewer's data channel, if it opened one."""
@@ -364,10 +310,10 @@ class Viewer:
         self._set_state("closed")
         self._metrics.viewer_disconnects.labels(reason).inc()
         self._metrics.viewer_duration.observe(time.monotonic() - self.created)
-        for track in self._tracks:
+        for stream in self._streams:  # no more frames, even before aiortc's close is done
+            self._stop_stream(stream)
+        for track in self._frame_tracks:
             track.stop()
-            if isinstance(track, PacketTrack):
-                track.send_backlog = None  # the track may outlive us in aiortc's sender
         try:
             # Shielded: a cancelled waiter would cancel aiortc's own close future (InvalidStateError).
             await asyncio.shield(self._pc.close())

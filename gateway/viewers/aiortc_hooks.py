@@ -1,0 +1,214 @@
+"""Every place the gateway reaches into aiortc's or aioice's private state, in one module.
+
+aiortc and aioice are pinned exactly (pyproject) and checked here at import: a different
+version fails loudly at start-up instead of silently ignoring a hook. Each hook has a
+wire-level test that would notice aiortc no longer calling it (``tests/test_aiortc_hooks.py``:
+real peers, real packets).
+
+1. :func:`take_over_sender` — a viewer's ``RTCRtpSender`` keeps doing negotiation (SSRCs,
+   payload types, ``mid``, extension ids) and RTCP routing, but its per-packet machinery is
+   replaced by a :class:`~gateway.media.rtp.RtpStream` fed by the hub. aiortc calls
+   ``sender.send(parameters)`` once DTLS is up, ``sender._handle_rtcp_packet(packet)`` for
+   every RTCP packet routed to the sender's SSRC, and ``sender.stop()`` on close: those three
+   are replaced on the instance. The stream writes through :class:`DtlsOutput`: the DTLS
+   transport's SRTP session and the nominated ICE pair's datagram transport.
+2. :func:`send_backlog` — bytes asyncio holds for a viewer's ICE sockets (what the kernel
+   refused); aioice ignores ``pause_writing``, so this is the only sign of a full uplink.
+3. :func:`configure_ice_host_addresses` — aioice gathers on a module function, not a setting.
+4. The non-STUN datagram queue of ``aioice.ice.Connection`` is bounded (a flood of a pending
+   viewer's port would otherwise grow without limit).
+5. aioice's per-check INFO logging is lowered to WARNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any
+
+import aioice.ice
+from aiortc import RTCDtlsTransport, RTCPeerConnection, RTCRtpSender
+from aiortc.codecs import is_rtx
+from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtp import AnyRtcpPacket
+
+from ..media.rtp import RtpStream, StreamParameters
+
+PINNED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
+for _package, _version in PINNED.items():
+    if metadata.version(_package) != _version:
+        raise RuntimeError(f"gateway.viewers.aiortc_hooks is written against {_package} "
+                           f"{_version}, found {metadata.version(_package)}: re-check every "
+                           f"hook in this module and its tests before changing the pin")
+
+logger = logging.getLogger(__name__)
+
+# aioice logs every connectivity check at INFO: a viewer with many candidates (or a hostile
+# PATCH) would turn the log into a flood. Its checks stay available at DEBUG.
+if logging.getLogger("aioice.ice").level == logging.NOTSET:
+    logging.getLogger("aioice.ice").setLevel(logging.WARNING)
+
+
+# -- 1. the sender takeover -----------------------------------------------------------------
+
+
+class DtlsOutput:
+    """A stream's way out: SRTP with the DTLS transport's keys, then the nominated pair's
+    socket, synchronously (aiortc awaits three coroutines per datagram for the same)."""
+
+    def __init__(self, dtls: RTCDtlsTransport) -> None:
+        self._dtls = dtls
+        self._connection: aioice.ice.Connection = dtls.transport._connection
+
+    def writer(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes, tuple[str, int]], None],
+                              tuple[str, int]] | None:
+        if self._dtls.state != "connected":
+            return None
+        pair = self._connection._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return None
+        return self._dtls._tx_srtp.protect, pair.protocol.transport.sendto, pair.remote_addr
+
+    def protect_rtcp(self, data: bytes) -> bytes:
+        protected: bytes = self._dtls._tx_srtp.protect_rtcp(data)
+        return protected
+
+    def send(self, data: bytes) -> None:
+        """One already-protected datagram (RTCP), if still connected."""
+        writer = self.writer()
+        if writer is not None:
+            writer[1](data, writer[2])
+
+    def backlog(self) -> int:
+        return _protocols_backlog(self._connection)
+
+
+def take_over_sender(sender: RTCRtpSender, codec: str,
+                     start: Callable[[StreamParameters, DtlsOutput], RtpStream | None],
+                     stop: Callable[[RtpStream], None]) -> None:
+    """Let ``start`` build the sender's :class:`RtpStream` once DTLS is up; ``stop`` ends it.
+
+    ``start`` returns None when the stream is not wanted any more (the viewer closed).
+    """
+    state: dict[str, Any] = {}
+
+    async def send(parameters: RTCRtpSendParameters) -> None:
+        if "started" in state:
+            return
+        state["started"] = True
+        dtls = sender.transport
+        dtls._register_rtp_sender(sender, parameters)
+        primary = parameters.codecs[0]
+        assert primary.payloadType is not None  # aiortc numbers every negotiated codec
+        rtx = next((c.payloadType for c in parameters.codecs
+                    if is_rtx(c) and c.parameters.get("apt") == primary.payloadType), None)
+        params = StreamParameters(
+            kind=sender.kind, codec=codec, payload_type=primary.payloadType, ssrc=sender._ssrc,
+            cname=parameters.rtcp.cname or "", mid=parameters.muxId,
+            extensions=tuple((e.id, e.uri) for e in parameters.headerExtensions),
+            rtx_payload_type=rtx, rtx_ssrc=sender._rtx_ssrc)
+        output = DtlsOutput(dtls)
+        stream = start(params, output)
+        if stream is None:
+            return
+        state["stream"] = stream
+        state["rtcp"] = asyncio.get_running_loop().create_task(
+            _report(stream, output), name=f"rtcp-{sender.kind}")
+
+    async def handle_rtcp(packet: AnyRtcpPacket) -> None:
+        stream: RtpStream | None = state.get("stream")
+        if stream is not None:
+            stream.handle_rtcp(packet)
+
+    async def end() -> None:
+        if state.get("stopped"):
+            return
+        state["stopped"] = True
+        if "started" in state:
+            sender.transport._unregister_rtp_sender(sender)
+        stream: RtpStream | None = state.pop("stream", None)
+        task: asyncio.Task[None] | None = state.pop("rtcp", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if stream is not None:
+            stop(stream)
+
+    sender.send = send  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    sender.stop = end  # type: ignore[method-assign]
+
+
+async def _report(stream: RtpStream, output: DtlsOutput) -> None:
+    """Sender reports every ~1 s, and a BYE at the end (while the transport is still up)."""
+    try:
+        while True:
+            await asyncio.sleep(stream.report_interval())
+            output.send(stream.sender_report())
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # the transport may be closing already
+            output.send(stream.goodbye())
+        raise
+
+
+# -- 2. send backlog ------------------------------------------------------------------------
+
+
+def _protocols_backlog(connection: aioice.ice.Connection) -> int:
+    # A UDP transport from a selector loop; asyncio's DatagramTransport type omits the method.
+    transports: list[Any] = [p.transport for p in connection._protocols]
+    return sum(t.get_write_buffer_size() for t in transports if t is not None)
+
+
+def send_backlog(pc: RTCPeerConnection) -> int:
+    """Bytes asyncio holds for the peer connection's ICE sockets (one BUNDLE transport)."""
+    try:
+        connection = pc.getTransceivers()[0].sender.transport.transport._connection
+    except (AttributeError, IndexError):
+        return 0
+    return _protocols_backlog(connection)
+
+
+# -- 3. host addresses ----------------------------------------------------------------------
+
+_default_host_addresses = aioice.ice.get_host_addresses
+
+
+def configure_ice_host_addresses(addresses: Sequence[str]) -> None:
+    """Pin the host addresses aiortc gathers ICE candidates on, process-wide.
+
+    Pinning is what containers, 1:1 NAT hosts and loopback-only rigs need. Empty restores
+    aioice's default (every interface except loopback).
+    """
+    if addresses:
+        pinned = list(addresses)
+
+        def pinned_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+            return [a for a in pinned if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+        aioice.ice.get_host_addresses = pinned_addresses
+    else:
+        aioice.ice.get_host_addresses = _default_host_addresses
+
+
+# -- 4. bounded datagram queue --------------------------------------------------------------
+
+MAX_QUEUED_DATAGRAMS = 256
+MAX_DATAGRAM = 4096
+"""Non-STUN datagrams an ICE connection holds for DTLS/SRTP before they are read, and the
+largest it takes. aioice queues every one, from any source, of any size, without bound, and
+nothing reads them until DTLS starts: a pending viewer's port (it is in the WHEP answer)
+could be flooded into gigabytes of RSS. Peers send datagrams under the path MTU, and a
+reading consumer keeps the queue near empty, so the bounds (1 MiB per viewer) only ever drop
+floods."""
+
+
+def _bounded_data_received(self: aioice.ice.Connection, data: bytes, component: int) -> None:
+    if len(data) <= MAX_DATAGRAM and self._queue.qsize() < MAX_QUEUED_DATAGRAMS:
+        self._queue.put_nowait((data, component))
+
+
+aioice.ice.Connection.data_received = _bounded_data_received  # type: ignore[method-assign]

@@ -1,0 +1,108 @@
+"""The private aiortc/aioice hooks (gateway/viewers/aiortc_hooks.py), proven on the wire.
+
+Real aiortc viewers send real RTCP (PLI, NACK, receiver reports) through SRTP and the ICE
+pair; the gateway must react as a sender should. If aiortc stopped calling a hook (a renamed
+method, a new code path), the reaction would be missing here, not just a counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from aiortc import RTCRtpReceiver
+
+from gateway.api.common import METRICS, SESSIONS
+from gateway.app import create_app
+from gateway.media.rtp import RtpStream
+from gateway.sessions import Session
+
+from .conftest import ClientFactory, make_settings
+from .rtc_client import WhepViewer
+
+Client = TestClient[Any, Any]
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def watching(client: Client) -> tuple[Session, WhepViewer, RtpStream, RTCRtpReceiver]:
+    """A session, one viewer decoding it, the gateway's video stream for that viewer, and
+    the viewer's video receiver (which sends the RTCP)."""
+    created = await (await client.post("/v1/sessions")).json()
+    session = client.app[SESSIONS].get(created["id"])
+    viewer = WhepViewer(client, created["id"])
+    await viewer.connect()
+    async with asyncio.timeout(20):
+        await viewer.first_frame.wait()
+    assert viewer.location is not None
+    server = session.viewer(viewer.location.rsplit("/", 1)[-1])
+    (video,) = [s for s in server._streams if s.kind == "video"]
+    (receiver,) = [t.receiver for t in viewer.pc.getTransceivers() if t.kind == "video"]
+    return session, viewer, video, receiver
+
+
+async def test_a_pli_on_the_wire_makes_the_shared_encoder_send_a_keyframe(
+        aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(make_settings(keyframe_min_gap=0.01)))
+    metrics = client.app[METRICS]
+    _session, viewer, video, receiver = await watching(client)
+    try:
+        keyframes = metrics.keyframes.labels("pli")._value.get()
+        await receiver._send_rtcp_pli(video.params.ssrc)
+        await wait_for(lambda: metrics.keyframes.labels("pli")._value.get() > keyframes)
+        assert metrics.rtcp_feedback.labels("pli")._value.get() >= 1
+    finally:
+        await viewer.close()
+
+
+async def test_a_nack_on_the_wire_is_answered_and_reports_give_an_rtt(
+        aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(make_settings()))
+    metrics = client.app[METRICS]
+    _session, viewer, video, receiver = await watching(client)
+    try:
+        assert video.params.rtx_payload_type is not None  # aiortc offers RTX, so it is used
+        recent = (video._seq - 2) & 0xFFFF
+        await receiver._send_rtcp_nack(video.params.ssrc, [recent])
+        await wait_for(lambda: video.retransmitted == 1)
+        assert metrics.rtcp_feedback.labels("nack")._value.get() >= 1
+        # Our sender reports come back in the viewer's receiver reports (every ~1 s).
+        await wait_for(lambda: video.rtt is not None)
+        assert video.rtt is not None and 0.0 <= video.rtt < 1.0
+        frames = len(viewer.received.video)
+        await wait_for(lambda: len(viewer.received.video) > frames + 10)  # still playing
+    finally:
+        await viewer.close()
+
+
+async def test_closing_a_viewer_stops_its_streams_through_aiortcs_own_close(
+        aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(make_settings()))
+    session, viewer, video, _receiver = await watching(client)
+    try:
+        assert session.hub.subscribers == 2 and not video.closed
+        await viewer.close()  # the viewer hangs up: ICE/DTLS end, aiortc stops the senders
+        await wait_for(lambda: session.viewer_count == 0)
+        assert session.hub.subscribers == 0
+        assert video.closed
+    finally:
+        await viewer.close()
+
+
+def test_another_aiortc_version_is_refused_at_import() -> None:
+    script = (
+        "import importlib.metadata as m\n"
+        "real = m.version\n"
+        "m.version = lambda name: '1.99.0' if name == 'aiortc' else real(name)\n"
+        "import gateway.viewers.aiortc_hooks\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "written against aiortc 1.16.0, found 1.99.0" in result.stderr
