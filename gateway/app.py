@@ -236,7 +236,7 @@ async def _viewer_stats_sampler(app: web.Application) -> AsyncIterator[None]:
     async def sample_all() -> None:
         # A function of its own: its locals (the last viewer) are gone while the loop sleeps.
         for session in registry.list():
-            for viewer in session.viewers():
+            for viewer in session.audience.viewers():
                 try:
                     await viewer.sample_stats()
                 except Exception:  # a viewer closing under us; the next sample is fine

@@ -108,6 +108,11 @@ class Settings:
     stats_interval: float = 5.0
     """Seconds between samples of every viewer's RTP counters (packets sent, lost, RTT)."""
 
+    workers: int = -1
+    """Fan-out worker processes that hold the viewers' peer connections (the session's owner
+    encodes once and hands each worker every packet once): -1 is one per CPU core, 0 keeps
+    viewers in the main process."""
+
     media_design: str = "encode-once"
     """``naive`` gives every viewer its own encoder (aiortc's default); only for benchmarks."""
 
@@ -246,6 +251,9 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        if self.workers < -1:
+            raise ConfigError(f"workers must be -1 (one per core), 0 (none) or more, "
+                              f"got {self.workers}")
         if self.media_design not in ("encode-once", "naive"):
             raise ConfigError(f"media_design must be 'encode-once' or 'naive', "
                               f"got {self.media_design!r}")

@@ -16,6 +16,7 @@
     ├── Unprocessable                 422  understood but not supported (ICE restart)
     ├── CapacityError                 429  session / viewer limit reached (Retry-After)
     │   └── RateLimited               429  too many requests from one client (Retry-After)
+    ├── ServiceUnavailable            503  a fan-out worker is restarting (Retry-After)
     └── UpstreamError                 502  the avatar upstream failed
         ├── UpstreamAuthError         502  the provider refused the gateway's API key
         ├── UpstreamSessionGone       502  the provider no longer knows the session
@@ -98,6 +99,11 @@ class CapacityError(GatewayError):
 
 class RateLimited(CapacityError):
     code = "rate_limited"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    code = "service_unavailable"
 
 
 class UpstreamError(GatewayError):

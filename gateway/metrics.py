@@ -154,6 +154,11 @@ class Metrics:
                                               registry=r)
         self.rtcp_feedback = Counter(f"{NS}_rtcp_feedback_received_total",
                                      "RTCP feedback from viewers.", ["type"], registry=r)
+        self.workers = Gauge(f"{NS}_fanout_workers", "Fan-out worker processes running.",
+                             registry=r)
+        self.worker_restarts = Counter(f"{NS}_fanout_worker_restarts_total",
+                                       "Fan-out workers started again after they died.",
+                                       registry=r)
 
         self.loop_lag = Histogram(f"{NS}_event_loop_lag_seconds",
                                   "How late the event loop runs a timer (starved loops fail "

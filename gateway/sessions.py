@@ -1,31 +1,33 @@
-"""Sessions: one upstream avatar, one hub, any number of viewers, one event log.
+"""Sessions: one upstream avatar, one hub, an audience of viewers, one event log.
 
 Lifecycle: ``new → starting → live → closing → closed``. Every exit path goes through
 :meth:`Session.close`, which closes the viewers, the hub and the upstream, in that order, so
 no peer connection, task or upstream session outlives its session.
+
+A session is the wiring between its parts: the upstream pushes media and events into it (it is
+the upstream's :class:`~gateway.upstream.base.MediaSink`), the hub encodes the media for the
+:class:`~gateway.audience.Audience`, and the :class:`~gateway.conversation.Conversation` says
+what the avatar speaks. The session itself keeps the state, the limits and the teardown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import enum
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import av
 
+from .audience import Audience
 from .config import QUALITY_TIERS, QualityTier, Settings
+from .conversation import Answerer, Conversation
 from .errors import (
     BadRequest,
     CapacityError,
     Conflict,
-    GatewayError,
     NotFound,
     UpstreamAuthError,
     UpstreamError,
@@ -33,37 +35,15 @@ from .errors import (
     UpstreamSessionGone,
     UpstreamUnavailable,
 )
-from .events import EventLog, Subscription
+from .events import EventLog
 from .media.hub import HubConfig
 from .media.naive import make_hub
 from .metrics import Metrics
 from .providers import Providers
-from .upstream.base import (
-    AvatarEvent,
-    EventType,
-    SpeakResult,
-    TaskMode,
-    TaskType,
-    Upstream,
-)
-from .viewers.peer import Viewer, rtc_configuration
-from .viewers.whep import browser_ice_servers, parse_offer
+from .upstream.base import AvatarEvent, EventType, Upstream
+from .viewers.peer import Viewer
 
 logger = logging.getLogger(__name__)
-
-MAX_PENDING_TASKS = 256
-"""Speak tasks remembered until their avatar_start_talking (for the latency histogram)."""
-
-Answerer = Callable[[str, str], AsyncGenerator[str, None]]
-"""``(question, conversation id) → the answer's sentences``: the gateway's chat service."""
-
-@dataclass(frozen=True, slots=True)
-class SpokenAnswer:
-    """What :meth:`Session.speak_sentences` queued: the text, one task per sentence."""
-
-    text: str
-    task_ids: tuple[str, ...]
-    duration_ms: float
 
 
 class SessionState(enum.StrEnum):
@@ -92,8 +72,6 @@ class Session:
         self._settings = settings
         self._metrics = metrics
         self._on_closed = on_closed
-        self._answerer = answerer
-        self._replies: set[asyncio.Task[None]] = set()
         self._state = SessionState.NEW
         metrics.sessions.labels(upstream.kind, self._state).inc()
         self.hub = make_hub(
@@ -107,10 +85,13 @@ class Session:
             naive=settings.media_design == "naive",
         )
         self.events = EventLog(on_overflow=metrics.events_dropped.labels("sse").inc)
-        self._viewers: dict[str, Viewer] = {}
-        self._rtc = rtc_configuration(
-            settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
-        )
+        self.audience = Audience(
+            self.id, self.hub, settings, metrics, require_live=self._require_live,
+            # Only an upstream that listens gets a microphone.
+            microphone=self._forward_microphone if upstream.listens else None)
+        self.conversation = Conversation(
+            self.id, upstream, self.events, settings, metrics, answerer=answerer,
+            require_live=self._require_live, touch=self.touch)
         self._closing: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.close_reason: str | None = None
@@ -120,9 +101,6 @@ class Session:
         self._video_clock = metrics.upstream_last_frame.labels(upstream.kind, "video")
         self._audio_clock = metrics.upstream_last_frame.labels(upstream.kind, "audio")
         self._reconnecting = False
-        self._answering = asyncio.Lock()
-        self._speak_submitted: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._speak_latency = metrics.speak_latency.labels(upstream.kind)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -138,24 +116,9 @@ class Session:
             self._metrics.sessions.labels(kind, state).inc()
         self.events.publish(AvatarEvent(EventType.SESSION_STATE, data={"state": str(state)}))
 
-    def to_dict(self) -> dict[str, Any]:
-        width, height = self.upstream.video_size
-        return {
-            "id": self.id,
-            "upstream": self.upstream.kind,
-            "state": str(self._state),
-            "quality": self.quality.name,
-            "width": width,
-            "height": height,
-            "viewers": len(self._viewers),
-            "created_at": self.created_at,
-            "whep_url": f"/v1/sessions/{self.id}/whep",
-            "events_url": f"/v1/sessions/{self.id}/events",
-            # What a player's peer connection needs before it offers (TURN behind NAT).
-            "ice_servers": browser_ice_servers(self._settings.ice_servers,
-                                               self._settings.ice_username,
-                                               self._settings.ice_credential.reveal()),
-        }
+    def _require_live(self) -> None:
+        if self._state is not SessionState.LIVE:
+            raise Conflict(f"session {self.id} is {self._state}, not live")
 
     # -- MediaSink (called by the upstream) --------------------------------------------------
 
@@ -181,16 +144,9 @@ class Session:
             elif state == "live" and self._reconnecting:
                 self._reconnecting = False
                 self._metrics.upstream_reconnects.labels(self.upstream.kind, "ok").inc()
-        elif event.type is EventType.USER_END_MESSAGE:
-            self._reply_to(str(event.data.get("message") or ""))
-        elif event.type is EventType.AVATAR_START_TALKING and event.task_id is not None:
-            submitted = self._speak_submitted.pop(event.task_id, None)
-            if submitted is not None:
-                self._speak_latency.observe(time.monotonic() - submitted)
+        self.conversation.on_event(event)
         self.events.publish(event)
-        payload = event.to_json()
-        for viewer in tuple(self._viewers.values()):
-            viewer.send_event(payload)
+        self.audience.broadcast(event.to_json())
 
     def on_upstream_ended(self, reason: str) -> None:
         if self._reconnecting:
@@ -198,7 +154,26 @@ class Session:
         self.on_event(AvatarEvent(EventType.STREAM_DISCONNECTED, data={"reason": reason}))
         self.close_soon("upstream_ended")
 
-    # -- control -----------------------------------------------------------------------------
+    async def _forward_microphone(self, frame: av.AudioFrame) -> None:
+        self._last_activity = time.monotonic()
+        await self.upstream.push_microphone(frame)
+
+    # -- the audience, where the tests look (to go once they read ``session.audience``) -------
+
+    @property
+    def viewer_count(self) -> int:
+        return len(self.audience)
+
+    def viewers(self) -> tuple[Viewer, ...]:
+        return self.audience.viewers()
+
+    def viewer(self, viewer_id: str) -> Viewer:
+        return self.audience.viewer(viewer_id)
+
+    async def add_offering_viewer(self, client: str = "") -> tuple[Viewer, str]:
+        return await self.audience.add_offering_viewer(client)
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._set_state(SessionState.STARTING)
@@ -219,8 +194,6 @@ class Session:
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"session-{self.id[:8]}-supervisor")
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
     def touch(self) -> None:
         """A controller did something: the session is in use."""
         self._last_activity = time.monotonic()
@@ -228,7 +201,7 @@ class Session:
     @property
     def in_use(self) -> bool:
         """Someone watches (a viewer, an event stream) or controlled it within the idle grace."""
-        if self._viewers or self.events.subscribers:
+        if len(self.audience) or self.events.subscribers:
             self._last_activity = time.monotonic()
             return True
         return time.monotonic() - self._last_activity < self._settings.idle_grace
@@ -269,182 +242,6 @@ class Session:
                 except UpstreamError as exc:
                     logger.warning("session %s: keep-alive failed: %s", self.id, exc.message)
 
-    def _require_live(self) -> None:
-        if self._state is not SessionState.LIVE:
-            raise Conflict(f"session {self.id} is {self._state}, not live")
-
-    async def speak(
-        self, text: str, task_type: TaskType = TaskType.REPEAT, task_mode: TaskMode = TaskMode.ASYNC
-    ) -> SpeakResult:
-        self._require_live()
-        self.touch()
-        if len(text) > self._settings.max_text_chars:
-            raise BadRequest(f"text is longer than {self._settings.max_text_chars} characters")
-        self._metrics.speak_requests.labels(self.upstream.kind, task_type).inc()
-        if task_mode is TaskMode.ASYNC:
-            return self._submitted(await self.upstream.speak(text, task_type))
-        # Subscribe first: a short utterance could end before a later subscription started.
-        subscription = self.events.subscribe()
-        try:
-            result = self._submitted(await self.upstream.speak(text, task_type))
-            await self._spoken(subscription, result.task_id, result.duration_ms)
-            return result
-        finally:
-            subscription.close()
-
-    def _submitted(self, result: SpeakResult) -> SpeakResult:
-        """Remember when a task was accepted, for the speak-latency histogram (bounded)."""
-        self._speak_submitted[result.task_id] = time.monotonic()
-        while len(self._speak_submitted) > MAX_PENDING_TASKS:
-            self._speak_submitted.popitem(last=False)
-        return result
-
-    async def speak_sentences(self, sentences: AsyncIterator[str],
-                              task_mode: TaskMode = TaskMode.ASYNC) -> SpokenAnswer:
-        """Speak each sentence as it arrives (an answer streamed by the language model, so speech
-        starts after its first sentence). One answer at a time: two never interleave."""
-        spoken: list[str] = []
-        task_ids: list[str] = []
-        duration_ms = 0.0
-        subscription = self.events.subscribe() if task_mode is TaskMode.SYNC else None
-        try:
-            async with self._answering:
-                async for sentence in sentences:
-                    result = await self.speak(sentence)
-                    spoken.append(sentence)
-                    task_ids.append(result.task_id)
-                    duration_ms += result.duration_ms
-            if subscription is not None and task_ids:
-                await self._spoken(subscription, task_ids[-1], duration_ms)
-        finally:
-            if subscription is not None:
-                subscription.close()
-        return SpokenAnswer(" ".join(spoken), tuple(task_ids), round(duration_ms, 1))
-
-    def _reply_to(self, question: str) -> None:
-        """Voice chat with an upstream that has ears but no language model (the local avatar):
-        what the user said is answered by the gateway's chat and spoken. One reply speaks while
-        at most one more waits; anything beyond is dropped (a user does not queue questions)."""
-        if (not question.strip() or self._answerer is None or self.upstream.answers_itself
-                or self._state is not SessionState.LIVE):
-            return
-        if len(self._replies) >= 2:
-            logger.warning("session %s: a voice-chat question dropped, two replies pending", self.id)
-            return
-        answerer = self._answerer
-
-        async def reply() -> None:
-            try:
-                async with contextlib.aclosing(answerer(question, self.id)) as sentences:
-                    await self.speak_sentences(sentences)
-            except GatewayError as exc:
-                logger.warning("session %s: voice-chat reply failed: %s", self.id, exc.message)
-
-        task = asyncio.get_running_loop().create_task(reply(), name="voice-chat-reply")
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
-
-    @staticmethod
-    async def _spoken(subscription: Subscription, task_id: str, duration_ms: float) -> None:
-        """Wait for the avatar to finish ``task_id`` (its ``avatar_stop_talking``)."""
-        async with asyncio.timeout(duration_ms / 1000.0 + 10.0):
-            async for item in subscription:
-                event = item.event
-                if event.type is EventType.AVATAR_STOP_TALKING and event.task_id == task_id:
-                    return
-
-    async def interrupt(self) -> None:
-        self._require_live()
-        self.touch()
-        await self.upstream.interrupt()
-
-    async def set_listening(self, listening: bool) -> None:
-        self._require_live()
-        self.touch()
-        await self.upstream.set_listening(listening)
-
-    async def keep_alive(self) -> None:
-        self._require_live()
-        self.touch()
-        await self.upstream.keep_alive()
-
-    # -- viewers -----------------------------------------------------------------------------
-
-    @property
-    def viewer_count(self) -> int:
-        return len(self._viewers)
-
-    def viewers(self) -> tuple[Viewer, ...]:
-        return tuple(self._viewers.values())
-
-    def _new_viewer(self, client: str) -> Viewer:
-        """A place for one more viewer. Connected viewers count toward the session's maximum;
-        unconnected ones only up to a bounded share, and a few per client, so that a client
-        posting offers it never completes cannot keep everyone else out."""
-        self._require_live()
-        settings = self._settings
-        pending = [v for v in self._viewers.values() if v.state == "connecting"]
-        if sum(v.client == client for v in pending) >= settings.max_pending_viewers_per_client:
-            raise CapacityError(
-                f"this client already has {settings.max_pending_viewers_per_client} viewers of "
-                f"session {self.id} that have not connected; finish or delete those first",
-                retry_after=5)
-        if len(pending) >= settings.max_pending_viewers_per_session:
-            raise CapacityError(f"session {self.id} has {len(pending)} viewers still connecting; "
-                                "try again in a few seconds", retry_after=5)
-        if len(self._viewers) >= settings.max_viewers_per_session:
-            raise CapacityError(
-                f"session {self.id} has its maximum of "
-                f"{settings.max_viewers_per_session} viewers", retry_after=10)
-        viewer = Viewer(self.hub, self._rtc, self._metrics, self._viewer_closed, client=client)
-        self._viewers[viewer.id] = viewer
-        return viewer
-
-    @property
-    def _microphone(self) -> Callable[[av.AudioFrame], Awaitable[None]] | None:
-        # Only an upstream that listens gets a microphone.
-        return self._forward_microphone if self.upstream.listens else None
-
-    async def add_viewer(self, offer_sdp: str, microphone: bool = True,
-                         client: str = "") -> tuple[Viewer, str]:
-        """WHEP: the viewer offers, the gateway answers. ``microphone``: a controller's offer
-        of two-way audio carries its microphone to the avatar; a viewer's never does.
-        ``client`` says who asks (address and token), for the per-client limit."""
-        offer = parse_offer(offer_sdp)
-        viewer = self._new_viewer(client)
-        try:
-            answer = await viewer.negotiate(offer, self._microphone if microphone else None)
-        except BaseException:
-            await viewer.close("negotiation_failed")
-            raise
-        viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
-        return viewer, answer
-
-    async def add_offering_viewer(self, client: str = "") -> tuple[Viewer, str]:
-        """The seed API (HeyGen v1 style): the gateway offers; the browser answers later
-        through :meth:`Viewer.accept_answer`."""
-        viewer = self._new_viewer(client)
-        try:
-            offer = await viewer.offer(self._microphone)
-        except BaseException:
-            await viewer.close("negotiation_failed")
-            raise
-        viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
-        return viewer, offer
-
-    async def _forward_microphone(self, frame: av.AudioFrame) -> None:
-        self._last_activity = time.monotonic()
-        await self.upstream.push_microphone(frame)
-
-    def viewer(self, viewer_id: str) -> Viewer:
-        try:
-            return self._viewers[viewer_id]
-        except KeyError:
-            raise NotFound(f"no viewer {viewer_id!r} in session {self.id}") from None
-
-    def _viewer_closed(self, viewer: Viewer) -> None:
-        self._viewers.pop(viewer.id, None)
-
     # -- teardown ----------------------------------------------------------------------------
 
     def close_soon(self, reason: str) -> None:
@@ -459,12 +256,9 @@ class Session:
         self._set_state(SessionState.CLOSING)
         if self._supervisor is not None and self._supervisor is not asyncio.current_task():
             self._supervisor.cancel()
-        for task in tuple(self._replies):
-            if task is not asyncio.current_task():
-                task.cancel()
+        self.conversation.close()
         try:
-            await asyncio.gather(*(v.close("session_closed") for v in tuple(self._viewers.values())),
-                                 return_exceptions=True)
+            await self.audience.close("session_closed")
             await self.hub.close()
             try:
                 await self.upstream.stop()
@@ -492,7 +286,7 @@ class SessionRegistry:
         self.on_closed: list[Callable[[str], None]] = []
         """Told the id of every session that ends (e.g. the chat forgets its conversation)."""
         self.answerer: Answerer | None = None
-        """Answers voice-chat questions for upstreams without a language model of their own."""
+        """Answers what users say to upstreams without a language model of their own."""
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,3 +171,30 @@ def minimal_offer(video: bool = True, audio: bool = True, video_codecs: tuple[st
         lines += ["m=audio 9 UDP/TLS/RTP/SAVPF 111", *common, "a=mid:1",
                   "a=rtpmap:111 opus/48000/2"]
     return "\r\n".join(lines) + "\r\n"
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone that says "aaa" loudly: 48 kHz, 20 ms frames, paced in real time."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._index = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        delay = self._start + self._index * 0.02 - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = (np.arange(960) + self._index * 960) / 48_000
+        pcm = (np.sin(2 * np.pi * 220 * t) * 12_000).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts = self._index * 960
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self._index += 1
+        return frame

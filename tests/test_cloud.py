@@ -4,21 +4,17 @@ encode-once hub → aiortc viewers. Everything inside the test run's network nam
 from __future__ import annotations
 
 import asyncio
-import fractions
 from typing import Any
 
-import av
-import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc import MediaStreamTrack
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.upstream.cloud import RoomUpstream
 
 from .cloud_rig import Rig
 from .conftest import IN_NETNS
-from .rtc_client import WhepViewer
+from .rtc_client import ToneTrack, WhepViewer
 
 pytestmark = pytest.mark.skipif(
     not IN_NETNS, reason="the livekit SDK needs the private network namespace (tests/netns.sh)")
@@ -118,33 +114,6 @@ async def test_liveavatar_full_mode_session(rig: Rig) -> None:
         await asyncio.gather(*(v.close() for v in viewers))
     assert (await rig.gateway.delete(url)).status == 200
     assert rig.open_sessions() == 0
-
-
-class ToneTrack(MediaStreamTrack):
-    """A microphone that says "aaa" loudly: 48 kHz, 20 ms frames, paced in real time."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._index = 0
-        self._start: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        loop = asyncio.get_running_loop()
-        if self._start is None:
-            self._start = loop.time()
-        delay = self._start + self._index * 0.02 - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        t = (np.arange(960) + self._index * 960) / 48_000
-        pcm = (np.sin(2 * np.pi * 220 * t) * 12_000).astype(np.int16).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        frame.sample_rate = 48_000
-        frame.pts = self._index * 960
-        frame.time_base = fractions.Fraction(1, 48_000)
-        self._index += 1
-        return frame
 
 
 async def test_controller_microphone_reaches_the_avatar_room(rig: Rig) -> None:

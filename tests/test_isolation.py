@@ -250,7 +250,9 @@ def rss() -> int:
 
 def server_side(session: Session, location: str | None) -> ServerSide:
     assert location is not None
-    return ServerSide(session.viewer(location.rsplit("/", 1)[1]))
+    viewer = session.viewer(location.rsplit("/", 1)[1])
+    assert isinstance(viewer, Viewer)  # in this process (no fan-out workers in these tests)
+    return ServerSide(viewer)
 
 
 async def start_session(client: Client) -> Session:
@@ -337,7 +339,7 @@ async def test_a_viewer_on_a_lossy_stalling_link_or_frozen_slows_no_one(
     try:
         await remote.start()
         await connect_good_viewers(client, session, good, 3)
-        bad_side = ServerSide(session.viewer(await remote.connect(client, session.id)))
+        bad_side = server_side(session, "/" + await remote.connect(client, session.id))
         good_sides = [server_side(session, v.location) for v in good]
         phases: list[Phase] = []
         async with sampling([bad_side, *good_sides]):
@@ -455,7 +457,7 @@ async def test_a_viewer_behind_a_bloated_queue_does_not_grow_the_gateways_memory
     try:
         await remote.start()
         await connect_good_viewers(client, session, good, 3)
-        bad_side = ServerSide(session.viewer(await remote.connect(client, session.id)))
+        bad_side = server_side(session, "/" + await remote.connect(client, session.id))
         good_sides = [server_side(session, v.location) for v in good]
         phases: list[Phase] = []
         async with sampling([bad_side, *good_sides]):

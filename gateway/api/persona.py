@@ -167,7 +167,7 @@ async def create_session(request: web.Request) -> web.Response:
     session = await request.app[SESSIONS].create(
         quality=quality, voice=voice if cloud else None, avatar_id=avatar if cloud else None)
     try:
-        viewer, offer = await session.add_offering_viewer(client_key(request))
+        viewer, offer = await session.audience.add_offering_viewer(client_key(request))
     except BaseException:
         await session.close("start_failed")
         raise
@@ -287,10 +287,14 @@ async def send_text(request: web.Request) -> web.Response:
         raise BadRequest("'generate_ai_response' must be true or false")
     seed = request.app[SEED_SESSIONS].get(session_id)
     chat = request.app[CHAT]
-    session = seed.session
-    sentences = chat.sentences(text, conversation=session.id) if generate else one_sentence(text)
-    async with contextlib.aclosing(sentences):
-        spoken = await session.speak_sentences(sentences)
+    # Asked for an answer, the seed wants its text back: the gateway's chat answers, whatever
+    # the upstream (a provider's own model would not tell it).
+    conversation = seed.session.conversation
+    if generate:
+        spoken = await conversation.answer(text)
+    else:
+        async with contextlib.aclosing(one_sentence(text)) as sentences:
+            spoken = await conversation.speak_sentences(sentences)
     ai_response = spoken.text if generate else ""
     task_ids, duration_ms = list(spoken.task_ids), spoken.duration_ms
     speaking_duration = round(duration_ms / 1000.0, 3)

@@ -66,6 +66,26 @@ class Subscriber(Protocol):
     def deliver(self, frame: RtpFrame) -> None: ...
 
 
+class Fanout(Protocol):
+    """What a viewer's streams need from the fan-out: the session's :class:`Hub` in-process,
+    or a fan-out worker's stand-in for it (``gateway.workers.process.SessionFeed``)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def check_codec(self, codec: str) -> None: ...
+
+    def attach(self, subscriber: Subscriber) -> bool: ...
+
+    def detach(self, subscriber: Subscriber) -> None: ...
+
+    def request_keyframe(self, reason: str, codec: str = "vp8") -> None: ...
+
+    def count_dropped(self, kind: str, count: int) -> None: ...
+
+    def count_feedback(self, kind: str) -> None: ...
+
+
 class VideoLane:
     """One video codec's encoder, its viewers and its keyframe policy.
 

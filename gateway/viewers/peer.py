@@ -25,7 +25,7 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 
 from ..errors import BadSDP, GatewayError, Unprocessable, UnsupportedCodec
-from ..media.hub import Hub
+from ..media.hub import Fanout
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
@@ -45,19 +45,25 @@ def rtc_configuration(urls: Sequence[str], username: str = "", credential: str =
     return RTCConfiguration(iceServers=servers)
 
 
+def new_viewer_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
 class Viewer:
     """A WHEP viewer of one session. Created by :meth:`negotiate`, ended by :meth:`close`."""
 
     def __init__(
         self,
-        hub: Hub | NaiveHub,
+        hub: Fanout | NaiveHub,
         configuration: RTCConfiguration,
         metrics: Metrics,
         on_closed: Callable[[Viewer], None],
         *,
         client: str = "",
+        viewer_id: str | None = None,
+        on_state: Callable[[Viewer], None] | None = None,
     ) -> None:
-        self.id = secrets.token_urlsafe(16)
+        self.id = viewer_id or new_viewer_id()
         self.client = client
         """Who offered (see :func:`gateway.api.common.client_key`), for per-client limits."""
         self.etag = secrets.token_hex(8)
@@ -65,6 +71,7 @@ class Viewer:
         self._hub = hub
         self._metrics = metrics
         self._on_closed = on_closed
+        self._on_state = on_state
         self._pc = RTCPeerConnection(configuration)
         self._streams: list[RtpStream] = []
         self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
@@ -208,7 +215,7 @@ class Viewer:
 
     def _stop_stream(self, stream: RtpStream) -> None:
         stream.closed = True
-        if isinstance(self._hub, Hub):
+        if not isinstance(self._hub, NaiveHub):
             self._hub.detach(stream)
 
     def _receive_microphone(self, track: MediaStreamTrack,
@@ -291,6 +298,8 @@ class Viewer:
         self._state = state
         if state in ("connecting", "connected"):
             self._metrics.viewers.labels(state).inc()
+        if self._on_state is not None:
+            self._on_state(self)
 
     def close_soon(self, reason: str) -> None:
         """Close from a callback that must not wait (aiortc event handlers)."""

@@ -1,0 +1,217 @@
+"""Fan-out worker processes (gateway/workers): real worker processes, real aiortc viewers.
+
+The session's owner (this test's process) encodes once; two workers hold the viewers' peer
+connections. Nothing here measures speed (bench/fanout.py does): these prove that viewers in
+any worker get the same session, that the feedback and the microphone flow back to the owner,
+and that a worker's death costs only its own viewers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from aiortc import RTCRtpReceiver
+from aiortc.sdp import SessionDescription
+
+from gateway.api.common import METRICS, SESSIONS
+from gateway.app import create_app
+from gateway.media.hub import Hub
+from gateway.sessions import SessionRegistry
+from gateway.workers.pool import RemoteViewer, WorkerPool
+
+from .conftest import ClientFactory, make_settings
+from .rtc_client import ToneTrack, WhepViewer
+
+Client = TestClient[Any, Any]
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def pool_of(client: Client) -> WorkerPool:
+    registry: SessionRegistry = client.app[SESSIONS]
+    assert registry.workers is not None
+    return registry.workers
+
+
+async def start(aiohttp_client: ClientFactory, **settings: Any) -> tuple[Client, str]:
+    client = await aiohttp_client(create_app(make_settings(workers=2, **settings)))
+    created = await (await client.post("/v1/sessions")).json()
+    return client, created["id"]
+
+
+async def watch(client: Client, session_id: str, count: int, **kwargs: Any) -> list[WhepViewer]:
+    viewers = [WhepViewer(client, session_id, **kwargs) for _ in range(count)]
+    try:
+        for viewer in viewers:  # one by one: each goes to the worker with the fewest
+            await viewer.connect()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(v.first_frame.wait() for v in viewers))
+    except BaseException:
+        await asyncio.gather(*(v.close() for v in viewers))
+        raise
+    return viewers
+
+
+def video_ssrc(viewer: WhepViewer) -> int:
+    video = next(m for m in SessionDescription.parse(viewer.answer_sdp).media if m.kind == "video")
+    return video.ssrc[0].ssrc
+
+
+def receiver_of(viewer: WhepViewer) -> RTCRtpReceiver:
+    return next(t.receiver for t in viewer.pc.getTransceivers() if t.kind == "video")
+
+
+async def worker_stats(pool: WorkerPool) -> list[dict[str, int]]:
+    return [await w.call("stats") for w in pool.workers]
+
+
+async def test_viewers_spread_over_workers_see_one_encode_and_the_events(
+        aiohttp_client: ClientFactory) -> None:
+    client, session_id = await start(aiohttp_client, stats_interval=0.5)
+    pool = pool_of(client)
+    session = client.app[SESSIONS].get(session_id)
+    metrics = client.app[METRICS]
+    viewers = await watch(client, session_id, 4)
+    try:
+        assert sorted(len(w.viewers) for w in pool.workers) == [2, 2]
+        assert {w.process.pid for w in pool.workers if w.process} != {os.getpid()}
+        # The owner's hub has one subscriber per worker and kind, whatever the viewer count.
+        assert isinstance(session.hub, Hub) and session.hub.subscribers == 4
+        assert session.hub.video_codecs == ["vp8"]
+        spoke = await client.post(f"/v1/sessions/{session_id}/speak",
+                                  json={"text": "Hello to every worker.", "task_mode": "sync"})
+        assert spoke.status == 200
+        task_id = (await spoke.json())["task_id"]
+        for viewer in viewers:  # events reach every data channel, in whichever worker
+            await wait_for(lambda v=viewer: any(
+                e.get("task_id") == task_id and e["type"] == "avatar_stop_talking"
+                for e in v.received.events))
+            assert len(viewer.received.video) > 10 and viewer.received.audio_rms
+            assert {(s.width, s.height) for s in viewer.received.video} == {(640, 360)}
+        # The workers' viewer metrics reach the owner's registry.
+        await wait_for(lambda: metrics.viewers.labels("connected")._value.get() == 4)
+        await wait_for(lambda: metrics.sent_packets.labels("video")._value.get() > 0)
+        await wait_for(lambda: metrics.viewer_rtt._sum.get() > 0)
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+
+
+async def test_pli_from_a_viewer_in_a_worker_makes_a_keyframe(
+        aiohttp_client: ClientFactory) -> None:
+    client, session_id = await start(aiohttp_client, keyframe_min_gap=0.01)
+    metrics = client.app[METRICS]
+    (viewer,) = await watch(client, session_id, 1)
+    try:
+        before = metrics.keyframes.labels("pli")._value.get()
+        await receiver_of(viewer)._send_rtcp_pli(video_ssrc(viewer))
+        await wait_for(lambda: metrics.keyframes.labels("pli")._value.get() > before)
+        await wait_for(lambda: metrics.rtcp_feedback.labels("pli")._value.get() >= 1)
+    finally:
+        await viewer.close()
+
+
+async def test_a_controllers_microphone_in_a_worker_reaches_the_upstream(
+        aiohttp_client: ClientFactory) -> None:
+    client, session_id = await start(aiohttp_client)
+    (controller,) = await watch(client, session_id, 1, microphone=ToneTrack())
+    try:
+        listen = await client.post(f"/v1/sessions/{session_id}/listen", json={"listening": True})
+        assert listen.status == 200, await listen.text()
+        # The local avatar hears the tone (voice activity) and says so on the data channel.
+        await wait_for(lambda: any(e["type"] == "user_start" for e in controller.received.events))
+    finally:
+        await controller.close()
+
+
+async def test_a_killed_worker_loses_only_its_viewers_and_comes_back(
+        aiohttp_client: ClientFactory) -> None:
+    client, session_id = await start(aiohttp_client)
+    pool = pool_of(client)
+    session = client.app[SESSIONS].get(session_id)
+    metrics = client.app[METRICS]
+    viewers = await watch(client, session_id, 4)
+    late: list[WhepViewer] = []
+    try:
+        victim = pool.workers[0]
+        assert victim.process is not None
+        doomed_ids = set(victim.viewers)
+        doomed = [v for v in viewers if v.location and v.location.rsplit("/", 1)[1] in doomed_ids]
+        survivors = [v for v in viewers if v not in doomed]
+        assert len(doomed) == 2 and len(survivors) == 2
+        old_pid = victim.process.pid
+        os.kill(old_pid, signal.SIGKILL)
+        # Its viewers are closed at once on the owner's side, and the gauge is given back.
+        await wait_for(lambda: session.viewer_count == 2)
+        for viewer in doomed:
+            assert viewer.location is not None
+            assert (await client.delete(viewer.location)).status == 404
+        await wait_for(lambda: metrics.viewers.labels("connected")._value.get() == 2)
+        assert metrics.viewer_disconnects.labels("worker_died")._value.get() == 2
+        # The others keep playing.
+        counts = [len(v.received.video) for v in survivors]
+        await wait_for(lambda: all(len(v.received.video) > c + 15
+                                   for v, c in zip(survivors, counts, strict=True)))
+        # The worker is started again and takes new viewers.
+        await wait_for(lambda: victim.alive and victim.process is not None
+                       and victim.process.pid != old_pid)
+        assert pool.restarts == 1 and metrics.worker_restarts._value.get() == 1
+        late = await watch(client, session_id, 2)
+        assert len(victim.viewers) == 2
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers + late))
+
+
+async def test_churn_across_workers_leaves_nothing_behind(aiohttp_client: ClientFactory) -> None:
+    client, session_id = await start(aiohttp_client)
+    pool = pool_of(client)
+    session = client.app[SESSIONS].get(session_id)
+    (anchor,) = await watch(client, session_id, 1)  # keeps the session's lanes warm
+    try:
+        await asyncio.sleep(1.0)
+        baseline = await worker_stats(pool)
+        shm = set(os.listdir("/dev/shm"))
+        for _ in range(3):
+            batch = await watch(client, session_id, 6)
+            for viewer in batch[::2]:
+                assert await viewer.delete() == 200  # WHEP DELETE
+            await asyncio.gather(*(v.close() for v in batch))  # the rest just hang up
+        await wait_for(lambda: session.viewer_count == 1)
+        await wait_for(lambda: sum(len(w.viewers) for w in pool.workers) == 1)
+
+        async def settled() -> list[dict[str, int]]:
+            async with asyncio.timeout(30):
+                while True:
+                    now = await worker_stats(pool)
+                    if all(n["viewers"] == b["viewers"] and n["fds"] <= b["fds"]
+                           and n["tasks"] <= b["tasks"] for n, b in zip(now, baseline, strict=True)):
+                        return now
+                    await asyncio.sleep(0.25)
+
+        after = await settled()
+        assert [a["pid"] for a in after] == [b["pid"] for b in baseline]  # nobody died
+        assert set(os.listdir("/dev/shm")) == shm
+        assert isinstance(session.hub, Hub) and session.hub.subscribers == 2  # the anchor's
+        assert all(isinstance(v, RemoteViewer) for v in session.viewers())
+    finally:
+        await anchor.close()
+    assert (await client.delete(f"/v1/sessions/{session_id}")).status == 200
+    await wait_for(lambda: all(not w.viewers and not w.links for w in pool.workers))
+
+
+async def test_a_closing_gateway_stops_its_workers(aiohttp_client: ClientFactory) -> None:
+    client, session_id = await start(aiohttp_client)
+    pool = pool_of(client)
+    (viewer,) = await watch(client, session_id, 1)
+    processes = [w.process for w in pool.workers if w.process is not None]
+    assert len(processes) == 2
+    await viewer.close()
+    await client.close()  # the app's cleanup: sessions, then the workers
+    assert all(p.returncode is not None for p in processes)  # exited and reaped
