@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+from typing import Any
 
 from aiohttp import web
 
+from ..config import Settings
+from ..conversation import SpokenAnswer
 from ..errors import BadRequest
+from ..sessions import Session
 from ..upstream.base import TaskMode, TaskType
+from ..viewers.whep import browser_ice_servers
 from .common import (
-    CHAT,
     SESSIONS,
     SETTINGS,
     client_key,
@@ -25,6 +28,26 @@ routes = web.RouteTableDef()
 SSE_KEEPALIVE = 15.0
 
 
+def session_json(session: Session, settings: Settings) -> dict[str, Any]:
+    """A session as the API shows it."""
+    width, height = session.upstream.video_size
+    return {
+        "id": session.id,
+        "upstream": session.upstream.kind,
+        "state": str(session.state),
+        "quality": session.quality.name,
+        "width": width,
+        "height": height,
+        "viewers": len(session.audience),
+        "created_at": session.created_at,
+        "whep_url": f"/v1/sessions/{session.id}/whep",
+        "events_url": f"/v1/sessions/{session.id}/events",
+        # What a player's peer connection needs before it offers (TURN behind NAT).
+        "ice_servers": browser_ice_servers(settings.ice_servers, settings.ice_username,
+                                           settings.ice_credential.reveal()),
+    }
+
+
 @routes.post("/v1/sessions")
 async def create_session(request: web.Request) -> web.Response:
     data = await read_json(request, required=False)
@@ -34,26 +57,28 @@ async def create_session(request: web.Request) -> web.Response:
         voice=optional_str(data, "voice"),
         avatar_id=optional_str(data, "avatar_id"),
     )
-    return web.json_response(session.to_dict(), status=201,
+    return web.json_response(session_json(session, request.app[SETTINGS]), status=201,
                              headers={"Location": f"/v1/sessions/{session.id}"})
 
 
 @routes.get("/v1/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
-    return web.json_response({"sessions": [s.to_dict() for s in request.app[SESSIONS].list()]})
+    settings = request.app[SETTINGS]
+    return web.json_response({"sessions": [session_json(s, settings)
+                                           for s in request.app[SESSIONS].list()]})
 
 
 @routes.get("/v1/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
-    return web.json_response(session.to_dict())
+    return web.json_response(session_json(session, request.app[SETTINGS]))
 
 
 @routes.delete("/v1/sessions/{session_id}")
 async def delete_session(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     await session.close("deleted")
-    return web.json_response(session.to_dict())
+    return web.json_response(session_json(session, request.app[SETTINGS]))
 
 
 def _enum(cls: type[TaskType] | type[TaskMode], value: str | None, default: str) -> str:
@@ -65,9 +90,9 @@ def _enum(cls: type[TaskType] | type[TaskMode], value: str | None, default: str)
 
 @routes.post("/v1/sessions/{session_id}/speak")
 async def speak(request: web.Request) -> web.Response:
-    """``repeat`` speaks the text; ``talk`` speaks an answer to it. An upstream with a language
-    model of its own (HeyGen, LiveAvatar) answers itself; for the others the gateway's chat
-    service answers in the persona's voice, streamed sentence by sentence."""
+    """``repeat`` speaks the text; ``talk`` speaks an answer to it: the provider's own language
+    model's (HeyGen, LiveAvatar), or the gateway's chat in the persona's voice, streamed
+    sentence by sentence (the talk rule, :mod:`gateway.conversation`)."""
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     data = await read_json(request)
     text = required_str(data, "text")
@@ -76,33 +101,28 @@ async def speak(request: web.Request) -> web.Response:
         task_mode = TaskMode(_enum(TaskMode, optional_str(data, "task_mode"), "async"))
     except BadRequest as exc:
         raise BadRequest(f"task_type/task_mode {exc.message}") from None
-    if task_type is TaskType.TALK and not session.upstream.answers_itself:
-        if not text.strip():
-            raise BadRequest("'text' is empty")
-        chat = request.app[CHAT]
-        async with contextlib.aclosing(chat.sentences(text, conversation=session.id)) as answer:
-            spoken = await session.speak_sentences(answer, task_mode)
+    spoken = await session.conversation.speak(text, task_type, task_mode)
+    if isinstance(spoken, SpokenAnswer):
         return web.json_response({
             "task_id": spoken.task_ids[0] if spoken.task_ids else None,
             "duration_ms": spoken.duration_ms,
             "task_ids": list(spoken.task_ids),
             "text": spoken.text,
         })
-    result = await session.speak(text, task_type, task_mode)
-    return web.json_response({"task_id": result.task_id, "duration_ms": result.duration_ms})
+    return web.json_response({"task_id": spoken.task_id, "duration_ms": spoken.duration_ms})
 
 
 @routes.post("/v1/sessions/{session_id}/interrupt")
 async def interrupt(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
-    await session.interrupt()
+    await session.conversation.interrupt()
     return web.json_response({"id": session.id, "interrupted": True})
 
 
 @routes.post("/v1/sessions/{session_id}/keep-alive")
 async def keep_alive(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
-    await session.keep_alive()
+    await session.conversation.keep_alive()
     return web.json_response({"id": session.id, "kept_alive": True})
 
 
@@ -114,7 +134,7 @@ async def listen(request: web.Request) -> web.Response:
     listening = data.get("listening")
     if not isinstance(listening, bool):
         raise BadRequest("'listening' must be true or false")
-    await session.set_listening(listening)
+    await session.conversation.set_listening(listening)
     return web.json_response({"id": session.id, "listening": listening})
 
 

@@ -31,7 +31,7 @@ async def create_viewer(request: web.Request) -> web.Response:
     try:
         # Only a controller's microphone reaches the avatar; a viewer's offer is answered
         # receive-only whatever it offers.
-        viewer, answer = await session.add_viewer(
+        viewer, answer = await session.audience.add_viewer(
             offer, microphone=principal(request).role >= Role.CONTROLLER, client=client_key(request))
     except BadRequest:
         metrics.viewer_sessions.labels("bad_sdp").inc()
@@ -56,7 +56,7 @@ async def create_viewer(request: web.Request) -> web.Response:
 @routes.patch("/v1/sessions/{session_id}/whep/{viewer_id}")
 async def patch_viewer(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
-    viewer = session.viewer(request.match_info["viewer_id"])
+    viewer = session.audience.viewer(request.match_info["viewer_id"])
     if request.content_type != SDPFRAG_TYPE:
         raise UnsupportedMediaType(f"trickle ICE must be sent as {SDPFRAG_TYPE}, "
                                    f"not {request.content_type or 'no Content-Type'}")
@@ -72,6 +72,6 @@ async def patch_viewer(request: web.Request) -> web.Response:
 @routes.delete("/v1/sessions/{session_id}/whep/{viewer_id}")
 async def delete_viewer(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].get(request.match_info["session_id"])
-    viewer = session.viewer(request.match_info["viewer_id"])
+    viewer = session.audience.viewer(request.match_info["viewer_id"])
     await viewer.close("delete")
     return web.Response(status=200)

@@ -1,0 +1,122 @@
+"""The audience of one session: its viewers (one peer connection each), and their limits.
+
+A viewer joins by WHEP (it offers, the gateway answers) or the seed API's way (the gateway
+offers, the browser answers later). Connected viewers count toward the session's maximum;
+viewers still connecting count only up to a bounded share, and a few per client, so that a
+client posting offers it never completes cannot keep everyone else out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import av
+
+from .config import Settings
+from .errors import CapacityError, NotFound
+from .media.hub import Hub
+from .media.naive import NaiveHub
+from .metrics import Metrics
+from .viewers.peer import Viewer, rtc_configuration
+from .viewers.whep import parse_offer
+
+Microphone = Callable[[av.AudioFrame], Awaitable[None]]
+"""Where a controller's microphone audio goes (the session's upstream)."""
+
+
+class Audience:
+    def __init__(
+        self,
+        session_id: str,
+        hub: Hub | NaiveHub,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        require_live: Callable[[], None],
+        microphone: Microphone | None,
+    ) -> None:
+        """``require_live`` raises unless the session takes viewers; ``microphone`` is None
+        when the upstream does not listen (then no offer gets two-way audio)."""
+        self._session_id = session_id
+        self._hub = hub
+        self._settings = settings
+        self._metrics = metrics
+        self._require_live = require_live
+        self._microphone = microphone
+        self._viewers: dict[str, Viewer] = {}
+        self._rtc = rtc_configuration(
+            settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
+        )
+
+    def __len__(self) -> int:
+        return len(self._viewers)
+
+    def viewers(self) -> tuple[Viewer, ...]:
+        return tuple(self._viewers.values())
+
+    def viewer(self, viewer_id: str) -> Viewer:
+        try:
+            return self._viewers[viewer_id]
+        except KeyError:
+            raise NotFound(f"no viewer {viewer_id!r} in session {self._session_id}") from None
+
+    async def add_viewer(self, offer_sdp: str, microphone: bool = True,
+                         client: str = "") -> tuple[Viewer, str]:
+        """WHEP: the viewer offers, the gateway answers. ``microphone``: a controller's offer
+        of two-way audio carries its microphone to the avatar; a viewer's never does.
+        ``client`` says who asks (address and token), for the per-client limit."""
+        offer = parse_offer(offer_sdp)
+        viewer = self._new_viewer(client)
+        try:
+            answer = await viewer.negotiate(offer, self._microphone if microphone else None)
+        except BaseException:
+            await viewer.close("negotiation_failed")
+            raise
+        viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
+        return viewer, answer
+
+    async def add_offering_viewer(self, client: str = "") -> tuple[Viewer, str]:
+        """The seed API (HeyGen v1 style): the gateway offers; the browser answers later
+        through :meth:`Viewer.accept_answer`."""
+        viewer = self._new_viewer(client)
+        try:
+            offer = await viewer.offer(self._microphone)
+        except BaseException:
+            await viewer.close("negotiation_failed")
+            raise
+        viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
+        return viewer, offer
+
+    def _new_viewer(self, client: str) -> Viewer:
+        self._require_live()
+        settings, session_id = self._settings, self._session_id
+        pending = [v for v in self._viewers.values() if v.state == "connecting"]
+        if sum(v.client == client for v in pending) >= settings.max_pending_viewers_per_client:
+            raise CapacityError(
+                f"this client already has {settings.max_pending_viewers_per_client} viewers of "
+                f"session {session_id} that have not connected; finish or delete those first",
+                retry_after=5)
+        if len(pending) >= settings.max_pending_viewers_per_session:
+            raise CapacityError(f"session {session_id} has {len(pending)} viewers still "
+                                "connecting; try again in a few seconds", retry_after=5)
+        if len(self._viewers) >= settings.max_viewers_per_session:
+            raise CapacityError(
+                f"session {session_id} has its maximum of "
+                f"{settings.max_viewers_per_session} viewers", retry_after=10)
+        viewer = Viewer(self._hub, self._rtc, self._metrics, self._viewer_closed, client=client)
+        self._viewers[viewer.id] = viewer
+        return viewer
+
+    def _viewer_closed(self, viewer: Viewer) -> None:
+        self._viewers.pop(viewer.id, None)
+
+    def broadcast(self, payload: str) -> None:
+        """An event (JSON) to every viewer's data channel."""
+        for viewer in tuple(self._viewers.values()):
+            viewer.send_event(payload)
+
+    async def close(self, reason: str) -> None:
+        """Close every viewer; one that fails to close does not keep the others open."""
+        await asyncio.gather(*(v.close(reason) for v in tuple(self._viewers.values())),
+                             return_exceptions=True)
