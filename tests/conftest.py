@@ -126,7 +126,11 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def settings() -> Settings:
+def settings(request: pytest.FixtureRequest) -> Settings:
+    """The default test settings; a test parametrized ``indirect`` with ``"two-workers"`` gets
+    its viewers in two fan-out worker processes instead of the test's own process."""
+    if getattr(request, "param", None) == "two-workers":
+        return make_settings(workers=2)
     return make_settings()
 
 

@@ -218,6 +218,7 @@ async def test_demo_page_new_start_repeat_talk_close(client: Client, browser: Br
 
 
 @needs_chromium
+@pytest.mark.parametrize("settings", ["two-workers"], indirect=True)
 async def test_three_tabs_watch_the_same_session(client: Client, browser: Browser,
                                                  request: pytest.FixtureRequest) -> None:
     shots = shots_for(request)
@@ -321,6 +322,7 @@ def speech_wav(path: Path, text: str) -> None:
 
 
 @needs_chromium
+@pytest.mark.parametrize("settings", ["two-workers"], indirect=True)
 async def test_voice_chat_with_the_local_avatar(client: Client, tmp_path: Path,
                                                 request: pytest.FixtureRequest) -> None:
     # Chromium's fake microphone plays a WAV of someone asking a question; the local avatar

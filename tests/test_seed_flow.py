@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import av
+import pytest
 from aiohttp.test_utils import TestClient
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
@@ -58,6 +59,7 @@ async def post_ok(client: Client, path: str, body: dict[str, Any]) -> dict[str, 
     return data
 
 
+@pytest.mark.parametrize("settings", ["in-process", "two-workers"], indirect=True)
 async def test_seed_sdp_flow_end_to_end(client: Client) -> None:
     created = await post_ok(client, "/persona/heygen/session/create",
                             {"avatar_name": "default", "voice_id": "default"})
