@@ -8,10 +8,12 @@ method, a new code path), the reaction would be missing here, not just a counter
 from __future__ import annotations
 
 import asyncio
+import platform
 import subprocess
 import sys
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 from aiortc import RTCRtpReceiver
 
@@ -19,6 +21,7 @@ from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
 from gateway.media.rtp import RtpStream
 from gateway.sessions import Session
+from gateway.viewers import aiortc_hooks
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import WhepViewer
@@ -92,6 +95,28 @@ async def test_closing_a_viewer_stops_its_streams_through_aiortcs_own_close(
         await wait_for(lambda: session.viewer_count == 0)
         assert session.hub.subscribers == 0
         assert video.closed
+    finally:
+        await viewer.close()
+
+
+def kernel_has_udp_gso() -> bool:
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return sys.platform == "linux" and (major, minor) >= (4, 18)
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "one-send-per-packet"])
+async def test_both_send_paths_play(aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch,
+                                    gso: bool) -> None:
+    """A frame's packets go out in one segmented send (UDP GSO) where the kernel can, else
+    one by one; the viewer decodes either way, and a GSO-capable kernel keeps GSO on."""
+    monkeypatch.setattr(aiortc_hooks, "_gso", gso)
+    client = await aiohttp_client(create_app(make_settings()))
+    _session, viewer, video, _receiver = await watching(client)
+    try:
+        frames = len(viewer.received.video)
+        await wait_for(lambda: len(viewer.received.video) > frames + 30)
+        assert video.frames > 30
+        assert aiortc_hooks._gso is (gso and kernel_has_udp_gso())
     finally:
         await viewer.close()
 

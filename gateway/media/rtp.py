@@ -115,9 +115,9 @@ class Packetizer:
 class Output(Protocol):
     """Where a stream's datagrams go: SRTP-protected onto the viewer's ICE pair."""
 
-    def writer(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes, tuple[str, int]], None],
-                              tuple[str, int]] | None:
-        """``(protect, sendto, address)`` for this frame, or None while not connected."""
+    def writer(self) -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], None]] | None:
+        """``(protect, send)`` for this frame, or None while not connected. ``send`` takes a
+        frame's datagrams at once (one system call for all of them where the kernel can)."""
 
     def protect_rtcp(self, data: bytes) -> bytes: ...
 
@@ -218,7 +218,7 @@ class RtpStream:
                 self._feedback.request_keyframe("overflow", self.codec)
             return
         self.awaiting_keyframe = False
-        protect, sendto, address = writer
+        protect, send = writer
         ext = self._extensions(frame.abs_send_time)
         first = 0x90 if ext else 0x80
         pt, ssrc, seq = self._pt, self._ssrc, self._seq
@@ -227,16 +227,17 @@ class RtpStream:
         pack = _HEADER.pack
         last = len(frame.payloads) - 1
         octets = 0
+        datagrams = []
         for i, payload in enumerate(frame.payloads):
             marker = 0x80 if i == last else 0
-            sendto(protect(pack(first, pt | marker, seq, timestamp, ssrc) + ext + payload),
-                   address)
+            datagrams.append(protect(pack(first, pt | marker, seq, timestamp, ssrc) + ext + payload))
             slot = seq % HISTORY
             hist_seq[slot] = seq
             hist_payload[slot] = payload
             hist_stamp[slot] = timestamp << 1 | (i == last)
             octets += len(payload)
             seq = (seq + 1) & 0xFFFF
+        send(datagrams)
         self._seq = seq
         self.packets += last + 1
         self.octets += octets
@@ -265,7 +266,7 @@ class RtpStream:
         if writer is None:
             return
         self._budget -= 1
-        protect, sendto, address = writer
+        protect, send = writer
         stamp = self._hist_stamp[slot]
         payload = self._hist_payload[slot]
         pt, ssrc = self._pt, self._ssrc
@@ -276,7 +277,7 @@ class RtpStream:
         ext = self._extensions((ntp_now() >> 14) & 0xFFFFFF)
         header = _HEADER.pack(0x90 if ext else 0x80, pt | (0x80 if stamp & 1 else 0), seq,
                               stamp >> 1, ssrc)
-        sendto(protect(header + ext + payload), address)
+        send([protect(header + ext + payload)])
         self.retransmitted += 1
 
     # -- RTCP -------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
@@ -55,22 +57,62 @@ if logging.getLogger("aioice.ice").level == logging.NOTSET:
 # -- 1. the sender takeover -----------------------------------------------------------------
 
 
+UDP_SEGMENT = 103  # linux/udp.h: the segment size for UDP GSO (Linux >= 4.18)
+GSO_MAX_BYTES = 65_000
+GSO_MAX_SEGMENTS = 64
+_gso = sys.platform == "linux"
+"""Cleared for the whole process the first time the kernel refuses a segmented send."""
+
+
 class DtlsOutput:
     """A stream's way out: SRTP with the DTLS transport's keys, then the nominated pair's
-    socket, synchronously (aiortc awaits three coroutines per datagram for the same)."""
+    socket, synchronously (aiortc awaits three coroutines per datagram for the same).
+
+    A frame's datagrams are equal in size but the last (fixed payload chunks, one header
+    size per stream), which is exactly what UDP GSO sends in one system call: the kernel cuts
+    the buffer into datagrams. Measured here (veth, loopback): ~3x less CPU per packet than
+    one ``sendto`` each. Anything else (one datagram, odd sizes, data already waiting in
+    asyncio's buffer, a kernel without GSO) goes through the transport one by one.
+    """
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
         self._connection: aioice.ice.Connection = dtls.transport._connection
+        self._transport: Any = None
+        self._address: tuple[str, int] = ("", 0)
 
-    def writer(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes, tuple[str, int]], None],
-                              tuple[str, int]] | None:
+    def writer(self) -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], None]] | None:
         if self._dtls.state != "connected":
             return None
         pair = self._connection._nominated.get(1)
         if pair is None or pair.protocol.transport is None:
             return None
-        return self._dtls._tx_srtp.protect, pair.protocol.transport.sendto, pair.remote_addr
+        self._transport, self._address = pair.protocol.transport, pair.remote_addr
+        return self._dtls._tx_srtp.protect, self._send
+
+    def _send(self, datagrams: list[bytes]) -> None:
+        global _gso
+        transport, address = self._transport, self._address
+        sent = 0
+        if _gso and len(datagrams) > 1 and not transport.get_write_buffer_size():
+            size = len(datagrams[0])
+            if all(len(d) == size for d in datagrams[1:-1]) and len(datagrams[-1]) <= size:
+                sock = transport._sock  # asyncio's own socket: the transport has no sendmsg
+                step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+                segment = [(socket.SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+                try:
+                    while sent < len(datagrams):
+                        sock.sendmsg([b"".join(datagrams[sent:sent + step])], segment, 0,
+                                     address)
+                        sent += step
+                    return
+                except (BlockingIOError, InterruptedError):
+                    pass  # a full socket: the transport buffers the rest, as for sendto
+                except OSError as exc:
+                    _gso = False
+                    logger.info("UDP GSO unavailable (%s): one send per packet", exc)
+        for datagram in datagrams[sent:]:
+            transport.sendto(datagram, address)
 
     def protect_rtcp(self, data: bytes) -> bytes:
         protected: bytes = self._dtls._tx_srtp.protect_rtcp(data)
@@ -80,7 +122,7 @@ class DtlsOutput:
         """One already-protected datagram (RTCP), if still connected."""
         writer = self.writer()
         if writer is not None:
-            writer[1](data, writer[2])
+            writer[1]([data])
 
     def backlog(self) -> int:
         return _protocols_backlog(self._connection)
