@@ -43,8 +43,13 @@ pytest: $(STAMP) $(DEBIAN_TOOLS)
 
 test: lint pytest
 
+# The Pion load client (bench/whepload) builds offline against Debian's packages; without Go
+# the fan-out benchmark runs with its aiortc client only.
 bench: $(STAMP)
 	$(PY) bench/render.py
+	@if command -v go >/dev/null && [ -d /usr/share/gocode/src/github.com/pion/webrtc ]; then \
+	  GO111MODULE=off GOPATH=/usr/share/gocode go build -o bench/out/whepload ./bench/whepload; \
+	else echo "note: apt-get install golang-go golang-github-pion-webrtc.v3-dev for the Pion load client (skipped)"; fi
 	tests/netns.sh $(PY) bench/fanout.py
 
 clean:

@@ -1,10 +1,10 @@
 """Fan-out benchmark: what one more viewer costs, encode-once vs one encoder per viewer,
 and VP8 vs H.264.
 
-For every design and every viewer count N this starts a fresh
+For every design, every viewer count N and every load client this starts a fresh
 gateway pinned to one CPU, creates one local-avatar session, keeps the avatar speaking (so the
-encoder sees a moving mouth, not a still picture), and starts ``bench/fanout_viewers.py``
-pinned to another CPU with N aiortc viewers. After a warm-up the viewer process measures for a
+encoder sees a moving mouth, not a still picture), and starts the load client pinned to another
+CPU with N viewers. After a warm-up the viewer process measures for a
 fixed window: delivered video fps and audio packets/s per viewer, video bitrate, time to first
 frame, and the gateway's CPU time (``/proc``: 100% = one core), RSS and Prometheus counters.
 Then everything this script started is stopped, by PID.
@@ -21,6 +21,19 @@ Designs (gateway ``MEDIA_DESIGN`` + the codec the viewers ask for):
 The default run is ``encode-once,naive``; ``--designs encode-once,encode-once-h264,
 encode-once-mixed`` compares codecs.
 
+Load clients (``--client``):
+
+* ``aiortc``: ``bench/fanout_viewers.py``, N aiortc peers in one Python process that count
+  frames (two of them decode). Their RTCP is aiortc's own, not a browser's: REMB whenever its
+  estimate moves, which grows with the client's own load (from ~2 to ~60 per viewer per second
+  measured), and the process saturates its core at about 50 viewers.
+* ``pion``: ``bench/whepload`` (Go, Pion), N peers that behave like Chromium on the wire:
+  receiver reports, NACK, REMB/TWCC feedback, PLI (see its package comment). Built here
+  into ``bench/out/whepload`` when missing or older than its sources (needs Debian's
+  ``golang-go golang-github-pion-webrtc.v3-dev``; no network).
+* ``both`` (the default when the Pion client builds): every data point with each client in
+  turn, and a table of the two side by side: what the aiortc client leaves out of a viewer's cost.
+
 The naive design collapses quickly (every viewer runs its own VP8 encoder on the one core), so
 a design stops growing N once its median fps falls below ``--collapse-fps``.
 
@@ -34,6 +47,8 @@ All WebRTC traffic must stay in a private network namespace, so this runs under
 
     tests/netns.sh .venv/bin/python bench/fanout.py            # full run, 2-3 min on 2 cores
     tests/netns.sh .venv/bin/python bench/fanout.py --quick    # smoke run, N=1,4
+    tests/netns.sh .venv/bin/python bench/fanout.py --client pion --designs encode-once \
+        --viewers 100 --all-at-once                            # TTFF p95, 100 joining at once
 """
 
 from __future__ import annotations
@@ -41,26 +56,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
+from fanout_report import Row, add_slopes, progress_line, report
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 NETNS = ROOT / "tests" / "netns.sh"
 VIEWERS_SCRIPT = BENCH / "fanout_viewers.py"
+WHEPLOAD_SOURCE = BENCH / "whepload"
+WHEPLOAD = BENCH / "out" / "whepload"
+CLIENTS = ("aiortc", "pion")
 NETNS_ADDRESS = "10.203.0.1"  # the veth address tests/netns.sh creates
 DESIGN_SETUP = {
     # design: (the gateway's AVATAR_GATEWAY_MEDIA_DESIGN, fanout_viewers.py --codec)
@@ -71,8 +93,6 @@ DESIGN_SETUP = {
 }
 DESIGNS = tuple(DESIGN_SETUP)
 DEFAULT_DESIGNS = ("encode-once", "naive")
-CODEC_DESIGNS = ("encode-once-h264", "encode-once-mixed")
-CPU_NOISE_PCT = 2.0  # run-to-run spread of the gateway's CPU % at the same N, seen on 2 cores
 
 SPEECH = (
     "Welcome to the avatar gateway. One session is encoded once, and every viewer receives "
@@ -97,64 +117,15 @@ class Options:
     server_cpu: int
     viewer_cpu: int
     batch: int
+    all_at_once: bool
+    workers: int
+    clients: tuple[str, ...]
+    client_named: bool
+    """``--client`` was given: a Pion client that does not build is then an error."""
     data_channel: bool
     answer_delay: float
     out: Path
 
-
-@dataclass(slots=True)
-class Row:
-    design: str
-    n: int
-    status: str = "ok"
-    """``ok``, ``collapsed`` (median fps below the threshold) or ``error``."""
-    error: str | None = None
-    connected: int = 0
-    width: int = 0
-    height: int = 0
-    fps_min: float | None = None
-    fps_median: float | None = None
-    audio_pps_min: float | None = None
-    audio_pps_median: float | None = None
-    server_cpu_pct: float | None = None
-    cpu_per_viewer_pct: float | None = None
-    """Slope against the design's smallest-N row, in % of a core per extra viewer."""
-    slope_base_n: int | None = None
-    viewer_cpu_pct: float | None = None
-    ttff_median_ms: float | None = None
-    ttff_max_ms: float | None = None
-    join_backlog_max_ms: float | None = None
-    """Worst stale burst a viewer got when it joined (see fanout_viewers.TrackStats)."""
-    server_rss_mb: float | None = None
-    video_kbps_median: float | None = None
-    keyframes: int | None = None
-    """Keyframes encoded in the window: the shared encoder's (encode-once), or the sum over
-    viewers of keyframes received (naive: each one came from a viewer's own encoder)."""
-    keyframe_requests: int | None = None
-    packets_dropped: int | None = None
-    frames_skipped_busy: int | None = None
-    codec: str = "vp8"
-    """What the viewers asked for: ``vp8``, ``h264`` or ``mixed`` (see fanout_viewers)."""
-    fps_min_by_codec: dict[str, float | None] = field(default_factory=dict)
-    kbps_median_by_codec: dict[str, float | None] = field(default_factory=dict)
-    encode: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    """Per shared encoder (codec): frames, fps, mean_ms per frame, busy_pct (% of a core)."""
-    probe_sizes: list[str] = field(default_factory=list)
-    probe_ok: bool | None = None
-    server_rss_growth_mb: float | None = None
-    """RSS at the end of the window minus at its start: unbounded queues show up here."""
-    speak_posts: int = 0
-    speak_errors: int = 0
-    speech_s: float = 0.0
-    speech_gaps: int = 0
-    connect_s: float | None = None
-    window_s: float | None = None
-    elapsed_s: float = 0.0
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def measured(self) -> bool:
-        return self.status != "error" and self.fps_median is not None
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -207,7 +178,12 @@ async def gateway(opts: Options, design: str, n: int, log: Path) -> AsyncIterato
     env.update({
         "AVATAR_GATEWAY_MEDIA_DESIGN": DESIGN_SETUP[design][0],
         "AVATAR_GATEWAY_MAX_VIEWERS_PER_SESSION": str(max(200, n)),
+        # Every viewer comes from one address: the abuse limits on unconnected viewers would
+        # turn a batch (or --all-at-once) into 429s and measure nothing.
+        "AVATAR_GATEWAY_MAX_PENDING_VIEWERS_PER_SESSION": str(max(200, n)),
+        "AVATAR_GATEWAY_MAX_PENDING_VIEWERS_PER_CLIENT": str(max(200, n)),
         "AVATAR_GATEWAY_ICE_HOST_ADDRESSES": NETNS_ADDRESS,
+        "AVATAR_GATEWAY_WORKERS": str(opts.workers),
         "PYTHONUNBUFFERED": "1",
     })
     if opts.keyframe_interval is not None:
@@ -301,12 +277,16 @@ async def create_session(http: aiohttp.ClientSession, base_url: str, quality: st
 
 
 async def run_viewers(opts: Options, gw: Gateway, session: dict[str, Any], n: int,
-                      codec: str, log: Path) -> dict[str, Any]:
+                      codec: str, client: str, log: Path) -> dict[str, Any]:
+    """The load client's process, pinned to ``opts.viewer_cpu``; its JSON result. Both clients
+    take the same options (whepload spells them the same way)."""
+    program = [str(WHEPLOAD)] if client == "pion" else [sys.executable, str(VIEWERS_SCRIPT)]
+    batch = ["--all-at-once"] if client == "pion" and opts.all_at_once else [
+        "--batch", str(n if opts.all_at_once else opts.batch)]
     args = [
-        "taskset", "-c", str(opts.viewer_cpu), sys.executable, str(VIEWERS_SCRIPT),
+        "taskset", "-c", str(opts.viewer_cpu), *program,
         "--gateway", gw.base_url, "--whep", str(session["whep_url"]), "--n", str(n),
-        "--codec", codec,
-        "--batch", str(opts.batch), "--warmup", str(opts.warmup), "--measure", str(opts.measure),
+        "--codec", codec, *batch, "--warmup", str(opts.warmup), "--measure", str(opts.measure),
         "--server-pid", str(gw.process.pid), "--metrics",
         "--expect-size", f"{session['width']}x{session['height']}",
         "--ice-address", NETNS_ADDRESS,
@@ -371,16 +351,26 @@ def fill_row(row: Row, result: dict[str, Any]) -> None:
     probes = result.get("probes", [])
     row.probe_sizes = [p["decoded_size"] or "none" for p in probes]
     row.probe_ok = bool(probes) and all(p["size_ok"] for p in probes)
+    if row.client == "pion":  # nothing decodes: the keyframe headers carry the size
+        row.probe_sizes = list(result.get("keyframe_sizes", []))
+        row.probe_ok = result.get("size_ok")
+    p95 = result["ttff_ms"].get("p95")
+    row.ttff_p95_ms = p95 if p95 is not None else None
+    sent = result.get("rtcp_sent")
+    if sent and row.window_s and row.connected:
+        row.client_rtcp_pps = round(sent.get("packets", 0) / row.window_s / row.connected, 2)
+    row.feedback_per_s = round(counter_sum(counters, "avatargw_rtcp_feedback_received_total")
+                               / row.window_s, 1) if row.window_s else None
     if row.connected < row.n:
         row.error = f"{row.n - row.connected} viewers failed: {'; '.join(result['errors'])}"
 
 
-async def run_point(opts: Options, design: str, n: int) -> Row:
-    row = Row(design, n, codec=DESIGN_SETUP[design][1])
+async def run_point(opts: Options, design: str, n: int, client: str) -> Row:
+    row = Row(design, n, codec=DESIGN_SETUP[design][1], client=client)
     started = time.monotonic()
     logs = opts.out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    name = f"{design}_n{n}"
+    name = f"{design}_n{n}_{client}"
     try:
         async with gateway(opts, design, n, logs / f"{name}.gateway.log") as gw, \
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -389,7 +379,7 @@ async def run_point(opts: Options, design: str, n: int) -> Row:
             speaker = Speaker(http, f"{gw.base_url}/v1/sessions/{session['id']}/speak")
             speaking = asyncio.get_running_loop().create_task(speaker.run())
             try:
-                result = await run_viewers(opts, gw, session, n, row.codec,
+                result = await run_viewers(opts, gw, session, n, row.codec, client,
                                            logs / f"{name}.viewers.log")
             finally:
                 speaking.cancel()
@@ -412,196 +402,6 @@ async def run_point(opts: Options, design: str, n: int) -> Row:
         row.status = "collapsed"
     row.elapsed_s = round(time.monotonic() - started, 1)
     return row
-
-
-# -- reporting --------------------------------------------------------------------------------
-
-
-def fmt(value: float | int | None, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def pair(a: float | None, b: float | None, digits: int = 1) -> str:
-    return f"{fmt(a, digits)} / {fmt(b, digits)}"
-
-
-def add_slopes(rows: Sequence[Row]) -> None:
-    """CPU per extra viewer, against the smallest N measured for the same design (for mixed
-    viewers the smallest N >= 2: with one viewer only the VP8 encoder runs)."""
-    for design in {r.design for r in rows}:
-        measured = sorted((r for r in rows if r.design == design and r.measured
-                           and r.server_cpu_pct is not None
-                           and (r.codec != "mixed" or r.n >= 2)), key=lambda r: r.n)
-        if not measured:
-            continue
-        base = measured[0]
-        assert base.server_cpu_pct is not None
-        for r in measured[1:]:
-            assert r.server_cpu_pct is not None
-            r.cpu_per_viewer_pct = round((r.server_cpu_pct - base.server_cpu_pct)
-                                         / (r.n - base.n), 2)
-            r.slope_base_n = base.n
-
-
-def rss_text(row: Row) -> str:
-    growth = row.server_rss_growth_mb
-    extra = f" ({growth:+.0f})" if growth is not None and abs(growth) >= 5 else ""
-    return fmt(row.server_rss_mb, 0) + extra
-
-
-def status_text(row: Row) -> str:
-    text = row.status
-    if row.status != "error" and row.server_cpu_pct is not None and row.server_cpu_pct >= 95:
-        text += " (server core saturated)"
-    if row.status != "error" and row.viewer_cpu_pct is not None and row.viewer_cpu_pct >= 95:
-        text += " (viewer core saturated)"
-    if row.error:
-        text += f": {row.error}"
-    return text
-
-
-def progress_line(row: Row) -> str:
-    if not row.measured:
-        return f"{row.design:>17} N={row.n:<3} {status_text(row)}  [{row.elapsed_s:.0f} s]"
-    encode = "".join(f"  {codec} encode {fmt(e.get('mean_ms'), 2)} ms/frame"
-                     for codec, e in sorted(row.encode.items()))
-    return (f"{row.design:>17} N={row.n:<3} fps {pair(row.fps_min, row.fps_median)}  "
-            f"audio {pair(row.audio_pps_min, row.audio_pps_median)}  "
-            f"server CPU {fmt(row.server_cpu_pct)}%  viewers CPU {fmt(row.viewer_cpu_pct)}%  "
-            f"TTFF {pair(row.ttff_median_ms, row.ttff_max_ms, 0)} ms  "
-            f"join backlog max {fmt(row.join_backlog_max_ms, 0)} ms  "
-            f"RSS {rss_text(row)} MB  {fmt(row.video_kbps_median, 0)} kbps  "
-            f"kf {fmt(row.keyframes)}  dropped {fmt(row.packets_dropped)}  "
-            f"probes {','.join(row.probe_sizes)}{encode}  {status_text(row)}  "
-            f"[{row.elapsed_s:.0f} s]")
-
-
-RESULT_HEADER = (
-    "| design | N | video fps/viewer min / med | audio pkt/s/viewer min / med | "
-    "server CPU % (1 core) | CPU % per extra viewer | TTFF ms med / max | "
-    "server RSS MB (growth in window) | "
-    "video kbps/viewer | keyframes in window | packets dropped | viewer-proc CPU % | "
-    "probe decoded size | status |"
-)
-
-
-def results_table(rows: Sequence[Row]) -> str:
-    lines = [RESULT_HEADER, "|" + "---|" * RESULT_HEADER.count(" | ") + "---|"]
-    for r in rows:
-        slope = fmt(r.cpu_per_viewer_pct, 2) if r.cpu_per_viewer_pct is not None else "-"
-        probe = ", ".join(sorted(set(r.probe_sizes))) or "-"
-        lines.append(
-            f"| {r.design} | {r.n} | {pair(r.fps_min, r.fps_median)} | "
-            f"{pair(r.audio_pps_min, r.audio_pps_median)} | {fmt(r.server_cpu_pct)} | {slope} | "
-            f"{pair(r.ttff_median_ms, r.ttff_max_ms, 0)} | {rss_text(r)} | "
-            f"{fmt(r.video_kbps_median, 0)} | {fmt(r.keyframes)} | {fmt(r.packets_dropped)} | "
-            f"{fmt(r.viewer_cpu_pct)} | {probe} | {status_text(r).replace('|', '/')} |")
-    return "\n".join(lines)
-
-
-def ratio(a: float | None, b: float | None, digits: int = 1) -> str:
-    if a is None or b is None or b == 0:
-        return "-"
-    return f"{a / b:.{digits}f}x"
-
-
-def comparison_table(rows: Sequence[Row]) -> str:
-    once = {r.n: r for r in rows if r.design == "encode-once" and r.measured}
-    naive = {r.n: r for r in rows if r.design == "naive" and r.measured}
-    lines = [
-        "| N | server CPU % naive / encode-once | CPU ratio | CPU % per extra viewer "
-        "naive / encode-once | CPU-per-viewer ratio | median fps naive / encode-once | "
-        "fps ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    if not set(once) & set(naive):
-        return "(no viewer count was measured for both designs)"
-    base = min(once.values(), key=lambda r: r.n)
-    for n in sorted(set(once) & set(naive)):
-        a, b = naive[n], once[n]
-        slope_ratio = ratio(a.cpu_per_viewer_pct, b.cpu_per_viewer_pct)
-        if b.cpu_per_viewer_pct is not None and abs(
-                (b.server_cpu_pct or 0) - (base.server_cpu_pct or 0)) < CPU_NOISE_PCT:
-            slope_ratio = f"- (encode-once grew < {CPU_NOISE_PCT:g}% of a core: noise)"
-        elif (a.server_cpu_pct or 0) >= 95 and slope_ratio != "-":
-            slope_ratio += " (naive saturated: a lower bound)"
-        lines.append(
-            f"| {n} | {pair(a.server_cpu_pct, b.server_cpu_pct)} | "
-            f"{ratio(a.server_cpu_pct, b.server_cpu_pct)} | "
-            f"{pair(a.cpu_per_viewer_pct, b.cpu_per_viewer_pct, 2)} | {slope_ratio} | "
-            f"{pair(a.fps_median, b.fps_median)} | {ratio(a.fps_median, b.fps_median, 2)} |")
-    return "\n".join(lines)
-
-
-CODEC_NAMES = {"vp8": "VP8", "h264": "H.264", "mixed": "VP8 + H.264"}
-
-
-def by_codec_text(row: Row, overall: float | None, values: dict[str, float | None],
-                  digits: int = 1) -> str:
-    """``overall``, or per codec when the viewers were mixed."""
-    if row.codec != "mixed" or len(values) < 2:
-        return fmt(overall, digits)
-    return " / ".join(f"{CODEC_NAMES.get(c, c)} {fmt(v, digits)}"
-                      for c, v in sorted(values.items(), reverse=True))
-
-
-def encode_text(row: Row, key: str, digits: int) -> str:
-    if not row.encode:
-        return "-"
-    return " + ".join(f"{CODEC_NAMES.get(c, c)} {fmt(e.get(key), digits)}"
-                      for c, e in sorted(row.encode.items(), reverse=True))
-
-
-def codec_table(rows: Sequence[Row]) -> str:
-    """Every encode-once design against ``encode-once`` (all VP8) at the same N."""
-    vp8 = {r.n: r for r in rows if r.design == "encode-once" and r.measured}
-    others = [r for r in rows if r.design in CODEC_DESIGNS and r.measured]
-    if not others or not set(vp8) & {r.n for r in others}:
-        return "(no viewer count was measured for both encode-once and a codec design)"
-    base = min(vp8.values(), key=lambda r: r.n)
-    lines = [
-        "| N | design (viewer codec) | server CPU % (1 core) | CPU vs VP8: ratio / difference "
-        "| video fps/viewer min | fps min ratio vs VP8 | CPU % per extra viewer | "
-        "per-viewer slope ratio vs VP8 | video kbps/viewer med | "
-        "encode ms/frame (mean) | encoder wall time % of window | encoded fps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    order = {d: i for i, d in enumerate(("encode-once", *CODEC_DESIGNS))}
-    for n in sorted(set(vp8) & {r.n for r in others}):
-        b = vp8[n]
-        group = sorted([b, *(r for r in others if r.n == n)], key=lambda r: order[r.design])
-        for r in group:
-            if r is b:
-                cpu_ratio = fps_ratio = slope_ratio = "1 (baseline)"
-            else:
-                cpu_ratio = ratio(r.server_cpu_pct, b.server_cpu_pct, 2)
-                if r.server_cpu_pct is not None and b.server_cpu_pct is not None:
-                    cpu_ratio += f" / {r.server_cpu_pct - b.server_cpu_pct:+.1f}"
-                fps_ratio = ratio(r.fps_min, b.fps_min, 2)
-                slope_ratio = ratio(r.cpu_per_viewer_pct, b.cpu_per_viewer_pct)
-                mine = next((x for x in rows if x.design == r.design and x.measured
-                             and x.n == r.slope_base_n), None)
-                if r.cpu_per_viewer_pct is not None and mine is not None and (
-                        abs((b.server_cpu_pct or 0) - (base.server_cpu_pct or 0)) < CPU_NOISE_PCT
-                        or abs((r.server_cpu_pct or 0) - (mine.server_cpu_pct or 0))
-                        < CPU_NOISE_PCT):
-                    slope_ratio = f"- (grew < {CPU_NOISE_PCT:g}% of a core: noise)"
-            slope = fmt(r.cpu_per_viewer_pct, 2) if r.cpu_per_viewer_pct is not None else "-"
-            if r.cpu_per_viewer_pct is not None and r.slope_base_n != base.n:
-                slope += f" (from N={r.slope_base_n})"
-            lines.append(
-                f"| {n} | {r.design} ({CODEC_NAMES.get(r.codec, r.codec)}) | "
-                f"{fmt(r.server_cpu_pct)} | {cpu_ratio} | "
-                f"{by_codec_text(r, r.fps_min, r.fps_min_by_codec)} | {fps_ratio} | "
-                f"{slope} | {slope_ratio} | "
-                f"{by_codec_text(r, r.video_kbps_median, r.kbps_median_by_codec, 0)} | "
-                f"{encode_text(r, 'mean_ms', 2)} | {encode_text(r, 'busy_pct', 1)} | "
-                f"{encode_text(r, 'fps', 1)} |")
-    return "\n".join(lines)
 
 
 def environment(opts: Options) -> dict[str, Any]:
@@ -629,40 +429,47 @@ def environment(opts: Options) -> dict[str, Any]:
         "keyframe_interval": opts.keyframe_interval,
         "data_channel": opts.data_channel,
         "answer_delay_s": opts.answer_delay,
+        "clients": list(opts.clients),
+        "workers": opts.workers,
+        "all_at_once": opts.all_at_once,
+        **({"pion": pion_version()} if "pion" in opts.clients else {}),
     }
 
 
-def report(rows: Sequence[Row], env: dict[str, Any], stream: TextIO) -> None:
-    size = next((f"{r.width}x{r.height}" for r in rows if r.width), "?")
-    codecs = "VP8" if all(r.codec == "vp8" for r in rows) else "VP8 / H.264"
-    print(f"\n## Fan-out benchmark: {env['quality']} ({size}@30), {codecs} + Opus, "
-          "speaking avatar\n", file=stream)
-    print(f"{env['date']}, {env['cpus']} x {env['cpu']}, Python {env['python']}, "
-          f"aiortc {env.get('aiortc', '?')}, PyAV {env.get('av', '?')}. Gateway pinned to CPU "
-          f"{env['server_cpu']}, viewer process (N aiortc peers, 2 decoding probes) to CPU "
-          f"{env['viewer_cpu']}; warm-up {env['warmup_s']:g} s, window {env['measure_s']:g} s. "
-          "CPU % is utime+stime of the gateway process over the window (100 = one core). "
-          "TTFF: WHEP POST to first decodable frame at the viewer. Keyframes: encoded by the "
-          "shared encoder (encode-once) or received from per-viewer encoders (naive). "
-          "CPU per extra viewer: slope against the design's smallest N.\n",
-          file=stream)
-    print(results_table(rows), file=stream)
-    designs = {r.design for r in rows}
-    if "naive" in designs or not designs & set(CODEC_DESIGNS):
-        print("\n### naive / encode-once\n", file=stream)
-        print(comparison_table(rows), file=stream)
-    if designs & set(CODEC_DESIGNS):
-        print("\n### codecs: H.264 and mixed viewers / encode-once (VP8)\n", file=stream)
-        print("Ratios and differences (in % of a core) are against `encode-once` (every "
-              "viewer VP8) at the same N. Mixed: even viewers VP8, odd viewers H.264, so at "
-              "N=1 it is VP8 only. fps min: the worst viewer's delivered fps; fps and kbps per "
-              "codec for mixed. CPU per extra viewer: slope against the design's own smallest "
-              "N (mixed: smallest N >= 2). Encode ms/frame: mean of the gateway's "
-              "`avatargw_video_encode_duration_seconds` per codec over the window; that is "
-              "wall time in the encoder thread, so with two encoders sharing the gateway's one "
-              "core each one's time includes waiting for the other.\n", file=stream)
-        print(codec_table(rows), file=stream)
-    stream.flush()
+def pion_version() -> str:
+    """The Debian package version of the Pion the client was built against."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(["dpkg-query", "-W", "-f=${Version}",
+                               "golang-github-pion-webrtc.v3-dev"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip() or "?"
+    return "?"
+
+
+def build_whepload() -> str | None:
+    """Build the Pion load client into bench/out/whepload unless it is newer than every source
+    file. Offline: GOPATH mode against Debian's packaged Pion. None when it is ready, else why
+    it is not."""
+    sources = list(WHEPLOAD_SOURCE.glob("*.go"))
+    if WHEPLOAD.exists() and all(
+            f.stat().st_mtime <= WHEPLOAD.stat().st_mtime for f in sources):
+        return None
+    go = shutil.which("go")
+    if go is None:
+        return "no Go toolchain (apt-get install golang-go golang-github-pion-webrtc.v3-dev)"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode"}
+    if "HOME" not in env and "GOCACHE" not in env:
+        env["GOCACHE"] = str(WHEPLOAD.parent / "go-cache")
+    WHEPLOAD.parent.mkdir(parents=True, exist_ok=True)
+    print("fanout: building bench/out/whepload (Pion load client)", file=sys.stderr, flush=True)
+    try:
+        built = subprocess.run([go, "build", "-o", str(WHEPLOAD), "./bench/whepload"], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"go build failed: {exc}"
+    if built.returncode != 0:
+        return f"go build failed: {built.stderr.strip()[-800:]}"
+    return None
+
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -709,6 +516,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--viewer-cpu", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="viewers connecting concurrently")
+    parser.add_argument("--all-at-once", action="store_true",
+                        help="every viewer POSTs at once (the time to first frame p95 when many "
+                             "join together); overrides --batch")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="AVATAR_GATEWAY_WORKERS: fan-out worker processes (default 0: every "
+                             "viewer in the gateway's one process). Workers inherit the gateway's "
+                             "CPU pinning; CPU and RSS are summed over its process tree")
+    parser.add_argument("--client", choices=("aiortc", "pion", "both"),
+                        help="load client(s): aiortc (bench/fanout_viewers.py), pion (the "
+                             "browser-like bench/whepload) or both side by side (default: both "
+                             "if the Pion client builds, else aiortc)")
     parser.add_argument("--no-data-channel", dest="data_channel", action="store_false",
                         help="viewers offer no events data channel")
     parser.add_argument("--answer-delay", type=float, default=0.0,
@@ -730,8 +548,26 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         designs=args.designs, viewers=tuple(sorted(set(viewers))), quality=args.quality,
         warmup=warmup, measure=measure, collapse_fps=args.collapse_fps,
         keyframe_interval=args.keyframe_interval, server_cpu=args.server_cpu,
-        viewer_cpu=args.viewer_cpu, batch=args.batch, data_channel=args.data_channel,
-        answer_delay=args.answer_delay, out=args.out)
+        viewer_cpu=args.viewer_cpu, batch=args.batch, all_at_once=args.all_at_once,
+        workers=args.workers,
+        clients=CLIENTS if args.client in (None, "both") else (args.client,),
+        client_named=args.client is not None,
+        data_channel=args.data_channel, answer_delay=args.answer_delay, out=args.out)
+
+
+def choose_clients(opts: Options) -> Options:
+    """Build the Pion client if it is wanted; without it, fall back to aiortc unless a client
+    was asked for by name."""
+    if "pion" not in opts.clients:
+        return opts
+    problem = build_whepload()
+    if problem is None:
+        return opts
+    if opts.client_named:
+        sys.exit(f"fanout: the Pion load client is not available: {problem}")
+    print(f"fanout: the Pion load client is not available ({problem}); aiortc client only",
+          file=sys.stderr, flush=True)
+    return dataclasses.replace(opts, clients=("aiortc",))
 
 
 def ensure_namespace(argv: Sequence[str]) -> None:
@@ -759,22 +595,29 @@ async def run(opts: Options) -> list[Row]:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     print(f"fanout: designs {', '.join(opts.designs)}; N = {', '.join(map(str, opts.viewers))}; "
-          f"{opts.quality}; warm-up {opts.warmup:g} s, window {opts.measure:g} s", flush=True)
+          f"clients {', '.join(opts.clients)}; {opts.quality}; warm-up {opts.warmup:g} s, "
+          f"window {opts.measure:g} s", flush=True)
     with opts.out.open("w", encoding="utf-8") as jsonl:
         for design in opts.designs:
+            stopped: set[str] = set()
             for n in opts.viewers:
-                row = await run_point(opts, design, n)
-                rows.append(row)
-                add_slopes(rows)
-                print(progress_line(row), flush=True)
-                jsonl.write(json.dumps({"env": env, **asdict(row)}) + "\n")
-                jsonl.flush()
-                if design == "naive" and row.status != "ok":
-                    skipped = [m for m in opts.viewers if m > n]
-                    if skipped:
-                        print(f"{design:>17} stopping: {row.status} at N={n}; "
-                              f"not measured: N={', '.join(map(str, skipped))}", flush=True)
-                    break
+                # The clients take turns at each N, so a load that comes and goes on a shared
+                # machine falls on both rather than on one client's whole series.
+                for client in opts.clients:
+                    if client in stopped:
+                        continue
+                    row = await run_point(opts, design, n, client)
+                    rows.append(row)
+                    add_slopes(rows)
+                    print(progress_line(row), flush=True)
+                    jsonl.write(json.dumps({"env": env, **asdict(row)}) + "\n")
+                    jsonl.flush()
+                    if design == "naive" and row.status != "ok":
+                        stopped.add(client)
+                        skipped = [m for m in opts.viewers if m > n]
+                        if skipped:
+                            print(f"{design:>17} ({client}) stopping: {row.status} at N={n}; "
+                                  f"not measured: N={', '.join(map(str, skipped))}", flush=True)
     # Slopes are final only now; rewrite the file with them.
     with opts.out.open("w", encoding="utf-8") as jsonl:
         for row in rows:
@@ -789,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     ensure_namespace(argv)
+    opts = choose_clients(opts)
     rows = asyncio.run(run(opts))
     return 0 if all(r.status != "error" for r in rows) else 1
 

@@ -435,18 +435,38 @@ async def connect_viewer(
 # -- measurement ------------------------------------------------------------------------------
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: the gateway's fan-out worker processes are its children."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pids[i]}/task"):
+                with open(f"/proc/{pids[i]}/task/{task}/children", encoding="ascii") as children:
+                    pids += [int(c) for c in children.read().split()]
+        i += 1
+    return pids
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """utime+stime of the process and its live descendants."""
+    total = 0
+    for one in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{one}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def proc_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """VmRSS of the process and its live descendants (shared pages count once per process)."""
+    total = 0
+    for one in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{one}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+    return total / 1024.0
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
