@@ -25,6 +25,7 @@ from .providers import Providers
 from .ratelimit import RateLimiter, retry_after
 from .sessions import SessionRegistry
 from .viewers.aiortc_hooks import configure_ice_host_addresses
+from .workers.pool import WorkerPool, default_worker_count
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,11 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[TOKENS] = TokenAuthority(settings)
     app[RATE_LIMITER] = RateLimiter(settings.rate_limit, settings.rate_limit_burst)
     journal = SessionJournal(Path(settings.state_dir) / "journal.sqlite3")
-    app[SESSIONS] = SessionRegistry(settings, metrics, Providers(settings, metrics, journal))
+    registry = app[SESSIONS] = SessionRegistry(settings, metrics,
+                                               Providers(settings, metrics, journal))
+    workers = settings.workers if settings.workers >= 0 else default_worker_count()
+    if workers:
+        registry.workers = WorkerPool(settings, metrics, workers, registry.hub_of)
     configure_ice_host_addresses(settings.ice_host_addresses)
 
     app.add_routes(ops.routes)
@@ -235,6 +240,8 @@ async def _viewer_stats_sampler(app: web.Application) -> AsyncIterator[None]:
 
     async def sample_all() -> None:
         # A function of its own: its locals (the last viewer) are gone while the loop sleeps.
+        if registry.workers is not None:
+            await registry.workers.sample_stats()  # each worker samples its own viewers
         for session in registry.list():
             for viewer in session.audience.viewers():
                 try:
@@ -257,10 +264,14 @@ async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Before serving: stop the paid sessions a killed predecessor left open. After: close all."""
     registry = app[SESSIONS]
     await registry.providers.start()
+    if registry.workers is not None:
+        await registry.workers.start()
     orphans = await registry.providers.reap_orphans()
     if orphans:
         logger.warning("stopped %d upstream session(s) left open by a previous run", orphans)
     app[METRICS].ready.set(1)
     yield
     await registry.close_all("shutdown")
+    if registry.workers is not None:
+        await registry.workers.close()
     await registry.providers.close()

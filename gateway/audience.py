@@ -4,6 +4,10 @@ A viewer joins by WHEP (it offers, the gateway answers) or the seed API's way (t
 offers, the browser answers later). Connected viewers count toward the session's maximum;
 viewers still connecting count only up to a bounded share, and a few per client, so that a
 client posting offers it never completes cannot keep everyone else out.
+
+With fan-out workers (:mod:`gateway.workers`) a viewer's peer connection lives in a worker
+process and the audience holds its :class:`~gateway.workers.pool.RemoteViewer`, which has a
+local viewer's interface; the naive baseline's hub cannot feed workers, so its viewers stay here.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from .media.naive import NaiveHub
 from .metrics import Metrics
 from .viewers.peer import Viewer, rtc_configuration
 from .viewers.whep import parse_offer
+from .workers.pool import RemoteViewer, WorkerPool
 
 Microphone = Callable[[av.AudioFrame], Awaitable[None]]
 """Where a controller's microphone audio goes (the session's upstream)."""
+
+AnyViewer = Viewer | RemoteViewer
+"""A viewer in this process, or the handle on one in a fan-out worker."""
 
 
 class Audience:
@@ -35,16 +43,19 @@ class Audience:
         *,
         require_live: Callable[[], None],
         microphone: Microphone | None,
+        workers: WorkerPool | None = None,
     ) -> None:
         """``require_live`` raises unless the session takes viewers; ``microphone`` is None
-        when the upstream does not listen (then no offer gets two-way audio)."""
+        when the upstream does not listen (then no offer gets two-way audio); ``workers``
+        hold the peer connections when there are any."""
         self._session_id = session_id
         self._hub = hub
         self._settings = settings
         self._metrics = metrics
         self._require_live = require_live
         self._microphone = microphone
-        self._viewers: dict[str, Viewer] = {}
+        self._workers = workers if isinstance(hub, Hub) else None
+        self._viewers: dict[str, AnyViewer] = {}
         self._rtc = rtc_configuration(
             settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
         )
@@ -52,17 +63,17 @@ class Audience:
     def __len__(self) -> int:
         return len(self._viewers)
 
-    def viewers(self) -> tuple[Viewer, ...]:
+    def viewers(self) -> tuple[AnyViewer, ...]:
         return tuple(self._viewers.values())
 
-    def viewer(self, viewer_id: str) -> Viewer:
+    def viewer(self, viewer_id: str) -> AnyViewer:
         try:
             return self._viewers[viewer_id]
         except KeyError:
             raise NotFound(f"no viewer {viewer_id!r} in session {self._session_id}") from None
 
     async def add_viewer(self, offer_sdp: str, microphone: bool = True,
-                         client: str = "") -> tuple[Viewer, str]:
+                         client: str = "") -> tuple[AnyViewer, str]:
         """WHEP: the viewer offers, the gateway answers. ``microphone``: a controller's offer
         of two-way audio carries its microphone to the avatar; a viewer's never does.
         ``client`` says who asks (address and token), for the per-client limit."""
@@ -76,7 +87,7 @@ class Audience:
         viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
         return viewer, answer
 
-    async def add_offering_viewer(self, client: str = "") -> tuple[Viewer, str]:
+    async def add_offering_viewer(self, client: str = "") -> tuple[AnyViewer, str]:
         """The seed API (HeyGen v1 style): the gateway offers; the browser answers later
         through :meth:`Viewer.accept_answer`."""
         viewer = self._new_viewer(client)
@@ -88,7 +99,7 @@ class Audience:
         viewer.expire_unless_connected(self._settings.viewer_connect_timeout)
         return viewer, offer
 
-    def _new_viewer(self, client: str) -> Viewer:
+    def _new_viewer(self, client: str) -> AnyViewer:
         self._require_live()
         settings, session_id = self._settings, self._session_id
         pending = [v for v in self._viewers.values() if v.state == "connecting"]
@@ -104,19 +115,30 @@ class Audience:
             raise CapacityError(
                 f"session {session_id} has its maximum of "
                 f"{settings.max_viewers_per_session} viewers", retry_after=10)
-        viewer = Viewer(self._hub, self._rtc, self._metrics, self._viewer_closed, client=client)
+        viewer: AnyViewer
+        if self._workers is not None:
+            viewer = self._workers.new_viewer(session_id, client, self._viewer_closed)
+        else:
+            viewer = Viewer(self._hub, self._rtc, self._metrics, self._viewer_closed,
+                            client=client)
         self._viewers[viewer.id] = viewer
         return viewer
 
-    def _viewer_closed(self, viewer: Viewer) -> None:
+    def _viewer_closed(self, viewer: AnyViewer) -> None:
         self._viewers.pop(viewer.id, None)
 
     def broadcast(self, payload: str) -> None:
         """An event (JSON) to every viewer's data channel."""
         for viewer in tuple(self._viewers.values()):
-            viewer.send_event(payload)
+            viewer.send_event(payload)  # a no-op for a worker's viewer: it goes once per worker
+        if self._workers is not None:
+            self._workers.broadcast(self._session_id, payload)
 
     async def close(self, reason: str) -> None:
         """Close every viewer; one that fails to close does not keep the others open."""
         await asyncio.gather(*(v.close(reason) for v in tuple(self._viewers.values())),
                              return_exceptions=True)
+        if self._workers is not None:
+            # A viewer still negotiating in a worker is not ours yet: the workers drop the rest.
+            for worker in self._workers.workers:
+                worker.notify_call("end_session", self._session_id)

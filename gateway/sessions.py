@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import av
 
-from .audience import Audience
+from .audience import AnyViewer, Audience
 from .config import QUALITY_TIERS, QualityTier, Settings
 from .conversation import Answerer, Conversation
 from .errors import (
@@ -36,12 +36,12 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .events import EventLog
-from .media.hub import HubConfig
+from .media.hub import Hub, HubConfig
 from .media.naive import make_hub
 from .metrics import Metrics
 from .providers import Providers
 from .upstream.base import AvatarEvent, EventType, Upstream
-from .viewers.peer import Viewer
+from .workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Session:
         metrics: Metrics,
         on_closed: Callable[[Session], None],
         answerer: Answerer | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.id = secrets.token_hex(12)
         self.upstream = upstream
@@ -88,7 +89,7 @@ class Session:
         self.audience = Audience(
             self.id, self.hub, settings, metrics, require_live=self._require_live,
             # Only an upstream that listens gets a microphone.
-            microphone=self._forward_microphone if upstream.listens else None)
+            microphone=self._forward_microphone if upstream.listens else None, workers=workers)
         self.conversation = Conversation(
             self.id, upstream, self.events, settings, metrics, answerer=answerer,
             require_live=self._require_live, touch=self.touch)
@@ -164,13 +165,13 @@ class Session:
     def viewer_count(self) -> int:
         return len(self.audience)
 
-    def viewers(self) -> tuple[Viewer, ...]:
+    def viewers(self) -> tuple[AnyViewer, ...]:
         return self.audience.viewers()
 
-    def viewer(self, viewer_id: str) -> Viewer:
+    def viewer(self, viewer_id: str) -> AnyViewer:
         return self.audience.viewer(viewer_id)
 
-    async def add_offering_viewer(self, client: str = "") -> tuple[Viewer, str]:
+    async def add_offering_viewer(self, client: str = "") -> tuple[AnyViewer, str]:
         return await self.audience.add_offering_viewer(client)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -287,6 +288,8 @@ class SessionRegistry:
         """Told the id of every session that ends (e.g. the chat forgets its conversation)."""
         self.answerer: Answerer | None = None
         """Answers what users say to upstreams without a language model of their own."""
+        self.workers: WorkerPool | None = None
+        """The fan-out worker processes that hold the viewers, if there are any."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -328,7 +331,8 @@ class SessionRegistry:
         source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id)
         # Checked again with no await before the registration: concurrent creates can't overshoot.
         self._check_limits(kind)
-        session = Session(source, tier, self._settings, self._metrics, self._forget, self.answerer)
+        session = Session(source, tier, self._settings, self._metrics, self._forget, self.answerer,
+                          self.workers)
         self._sessions[session.id] = session
         try:
             await session.start()
@@ -337,6 +341,11 @@ class SessionRegistry:
             raise
         logger.info("session %s started (%s, %s)", session.id, kind, tier.name)
         return session
+
+    def hub_of(self, session_id: str) -> Hub | None:
+        """The hub a fan-out worker subscribes to (None for the naive baseline's)."""
+        session = self._sessions.get(session_id)
+        return session.hub if session is not None and isinstance(session.hub, Hub) else None
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.id, None)

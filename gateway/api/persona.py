@@ -20,12 +20,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..audience import AnyViewer
 from ..chat.llm import ChatService
 from ..chat.persona import Persona, PersonaStore
 from ..config import Settings
 from ..errors import BadRequest, Conflict, NotFound
 from ..sessions import Session
-from ..viewers.peer import Viewer
 from ..viewers.whep import SdpFragment, browser_ice_servers, parse_sdpfrag
 from .common import (
     CHAT,
@@ -50,7 +50,7 @@ MAX_CONVERSATION_ID = 128
 @dataclass(frozen=True, slots=True)
 class SeedSession:
     session: Session
-    viewer: Viewer
+    viewer: AnyViewer
 
 
 class SeedSessions:
@@ -70,7 +70,7 @@ class SeedSessions:
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._sessions
 
-    def add(self, session: Session, viewer: Viewer) -> SeedSession:
+    def add(self, session: Session, viewer: AnyViewer) -> SeedSession:
         self.prune()
         seed = SeedSession(session, viewer)
         self._sessions[session.id] = seed
@@ -202,7 +202,7 @@ def _answer_sdp(value: object) -> str:
     return value
 
 
-def _open_viewer(seed: SeedSession) -> Viewer:
+def _open_viewer(seed: SeedSession) -> AnyViewer:
     viewer = seed.viewer
     if viewer.close_reason is not None:
         raise Conflict(f"the session's peer connection has closed ({viewer.close_reason}); "
