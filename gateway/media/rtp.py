@@ -81,8 +81,13 @@ class RtpFrame:
     timestamp: int
     """In the codec's clock (90 kHz video, 48 kHz Opus), before a stream's random origin."""
     keyframe: bool
-    abs_send_time: int
-    """24-bit 6.18 fixed-point seconds: the frame's packets leave within the same loop pass."""
+    ntp: int
+    """When the frame is sent, 64-bit NTP: its packets leave within the same loop pass."""
+
+    @property
+    def abs_send_time(self) -> int:
+        """The ``abs-send-time`` extension's 24-bit 6.18 fixed-point seconds."""
+        return (self.ntp >> 14) & 0xFFFFFF
 
 
 class Packetizer:
@@ -108,8 +113,7 @@ class Packetizer:
 
     def frame(self, packet: Packet) -> RtpFrame:
         payloads, timestamp = self._pack(packet)
-        return RtpFrame(tuple(payloads), timestamp, bool(packet.is_keyframe),
-                        (ntp_now() >> 14) & 0xFFFFFF)
+        return RtpFrame(tuple(payloads), timestamp, bool(packet.is_keyframe), ntp_now())
 
 
 class Output(Protocol):
@@ -173,6 +177,7 @@ class RtpStream:
         self._ext_mid = (bytes([ids[MID_URI] << 4 | (len(mid) - 1)]) + mid
                          if MID_URI in ids and 0 < len(mid) <= 16 else b"")
         self._abs_id = ids.get(ABS_SEND_TIME_URI, 0) if self.kind == "video" else 0
+        self._fixed_ext = self._extensions(0) if not self._abs_id else None
         self._hist_seq = [-1] * HISTORY
         self._hist_payload: list[bytes] = [b""] * HISTORY
         self._hist_stamp = [0] * HISTORY  # timestamp << 1 | marker
@@ -219,7 +224,8 @@ class RtpStream:
             return
         self.awaiting_keyframe = False
         protect, send = writer
-        ext = self._extensions(frame.abs_send_time)
+        ext = self._fixed_ext if self._fixed_ext is not None else self._extensions(
+            frame.abs_send_time)
         first = 0x90 if ext else 0x80
         pt, ssrc, seq = self._pt, self._ssrc, self._seq
         timestamp = (self._origin + frame.timestamp) & 0xFFFFFFFF
@@ -243,7 +249,7 @@ class RtpStream:
         self.octets += octets
         self.frames += 1
         self._last_rtp = timestamp
-        self._last_ntp = ntp_now()
+        self._last_ntp = frame.ntp
         if self._on_first_frame is not None:
             callback, self._on_first_frame = self._on_first_frame, None
             callback()
@@ -305,12 +311,16 @@ class RtpStream:
 
     def sender_report(self) -> bytes:
         """SR + SDES (CNAME), protected: sent every ~1 s by the viewer's RTCP task."""
-        ntp = self._last_ntp or ntp_now()
+        # Now, and the RTP time now (the last frame's, moved on by the time since it left), so
+        # a receiver maps both kinds onto one clock for lip sync.
+        ntp = ntp_now()
+        elapsed = (ntp - self._last_ntp) / (1 << 32) if self._last_ntp else 0.0
+        rtp = (self._last_rtp + int(elapsed * self._clock_rate)) & 0xFFFFFFFF
         self._lsr = (ntp >> 16) & 0xFFFFFFFF
-        self._lsr_time = time.time() - (ntp_now() - ntp) / (1 << 32)
+        self._lsr_time = time.time()
         packets: list[AnyRtcpPacket] = [
             RtcpSrPacket(ssrc=self._ssrc, sender_info=RtcpSenderInfo(
-                ntp_timestamp=ntp, rtp_timestamp=self._last_rtp,
+                ntp_timestamp=ntp, rtp_timestamp=rtp,
                 packet_count=self.packets & 0xFFFFFFFF, octet_count=self.octets & 0xFFFFFFFF)),
             RtcpSdesPacket(chunks=[RtcpSourceInfo(
                 ssrc=self._ssrc, items=[(1, self.params.cname.encode())])]),

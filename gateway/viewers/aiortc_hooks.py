@@ -78,14 +78,19 @@ class DtlsOutput:
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
         self._connection: aioice.ice.Connection = dtls.transport._connection
+        self._nominated: dict[int, Any] = self._connection._nominated
         self._transport: Any = None
         self._address: tuple[str, int] = ("", 0)
+        # Per frame and viewer, so no property that formats the state enum as a string.
+        self._connected = dtls.state == "connected"
+        dtls.on("statechange", self._on_state)
+
+    def _on_state(self) -> None:
+        self._connected = self._dtls.state == "connected"
 
     def writer(self) -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], None]] | None:
-        if self._dtls.state != "connected":
-            return None
-        pair = self._connection._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
+        pair = self._nominated.get(1)
+        if not self._connected or pair is None or pair.protocol.transport is None:
             return None
         self._transport, self._address = pair.protocol.transport, pair.remote_addr
         return self._dtls._tx_srtp.protect, self._send
@@ -125,7 +130,9 @@ class DtlsOutput:
             writer[1]([data])
 
     def backlog(self) -> int:
-        return _protocols_backlog(self._connection)
+        """The nominated pair's socket only: the one media goes out on (called per frame)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
 
 def take_over_sender(sender: RTCRtpSender, codec: str,

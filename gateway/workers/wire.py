@@ -21,7 +21,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from ..media.rtp import RtpFrame
+from ..media.rtp import RtpFrame, ntp_now
 
 MEDIA_BUFFER = 8 << 20
 """Socket buffer on both ends of the media socket: a few keyframes at 1080p, ~0.5 s of video."""
@@ -29,8 +29,9 @@ MAX_MEDIA_MESSAGE = 1 << 20
 MAX_CONTROL_MESSAGE = 16 << 20
 KINDS = ("video/vp8", "video/h264", "audio/opus")
 
-# session id length, kind index, keyframe, RTP timestamp, abs-send-time, payload count
-_MEDIA_HEAD = struct.Struct("!BBBIIH")
+# session id length, kind index, keyframe, RTP timestamp, payload count (the send time is the
+# worker's own: a frame leaves the worker when it arrives)
+_MEDIA_HEAD = struct.Struct("!BBBIH")
 _LENGTH = struct.Struct("!I")
 
 
@@ -47,14 +48,14 @@ def media_message(session_id: bytes, kind: str, frame: RtpFrame) -> list[bytes]:
     """The buffers of one media datagram (for ``sendmsg``)."""
     payloads = frame.payloads
     head = _MEDIA_HEAD.pack(len(session_id), KINDS.index(kind), frame.keyframe,
-                            frame.timestamp, frame.abs_send_time, len(payloads))
+                            frame.timestamp, len(payloads))
     sizes = struct.pack(f"!{len(payloads)}H", *map(len, payloads))
     return [head, session_id, sizes, *payloads]
 
 
 def parse_media(data: memoryview) -> tuple[str, str, RtpFrame]:
     """(session id, kind, frame) from one datagram; payloads are copied out of ``data``."""
-    id_len, kind, keyframe, timestamp, abs_send_time, count = _MEDIA_HEAD.unpack_from(data)
+    id_len, kind, keyframe, timestamp, count = _MEDIA_HEAD.unpack_from(data)
     pos = _MEDIA_HEAD.size
     session_id = bytes(data[pos:pos + id_len]).decode()
     pos += id_len
@@ -67,7 +68,7 @@ def parse_media(data: memoryview) -> tuple[str, str, RtpFrame]:
     if pos != len(data):
         raise ValueError("media message length does not match its payloads")
     return session_id, KINDS[kind], RtpFrame(tuple(payloads), timestamp, bool(keyframe),
-                                            abs_send_time)
+                                            ntp_now())
 
 
 class Control:
