@@ -4,6 +4,7 @@ typed state, and the lifecycle that closes every session on shutdown."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,20 +13,26 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .api import catalog, ops, sessions, tokens, whep
-from .api.common import LIFECYCLE, METRICS, PRINCIPAL, SESSIONS, SETTINGS, TOKENS, Lifecycle
+from .api import catalog, ops, persona, sessions, tokens, whep
+from .api.common import (
+    CHAT,
+    LIFECYCLE,
+    METRICS,
+    PERSONAS,
+    PRINCIPAL,
+    SESSIONS,
+    SETTINGS,
+    TOKENS,
+    Lifecycle,
+)
 from .api.openapi import setup_openapi
-from .api.persona import setup as setup_persona_api
-from .auth import OPEN, TokenAuthority, bearer, check, required_role
+from .api.persona import SEED_SESSIONS, SeedSessions
+from .auth import OPEN, bearer, check, required_role
 from .config import Settings
 from .errors import GatewayError, RateLimited
-from .journal import SessionJournal
-from .metrics import Metrics
-from .providers import Providers
 from .ratelimit import RateLimiter, retry_after
-from .sessions import SessionRegistry
+from .services import Services
 from .viewers.aiortc_hooks import configure_ice_host_addresses
-from .workers.pool import WorkerPool, default_worker_count
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +185,16 @@ def create_app(settings: Settings | None = None) -> web.Application:
         middlewares=[metrics_middleware, cors_middleware, error_middleware, rate_limit_middleware,
                      auth_middleware],
     )
-    metrics = Metrics(commit=settings.build_commit)
+    services = Services.build(settings)
     app[SETTINGS] = settings
-    app[METRICS] = metrics
+    app[METRICS] = services.metrics
     app[LIFECYCLE] = Lifecycle()
-    app[TOKENS] = TokenAuthority(settings)
-    app[RATE_LIMITER] = RateLimiter(settings.rate_limit, settings.rate_limit_burst)
-    journal = SessionJournal(Path(settings.state_dir) / "journal.sqlite3")
-    registry = app[SESSIONS] = SessionRegistry(settings, metrics,
-                                               Providers(settings, metrics, journal))
-    workers = settings.workers if settings.workers >= 0 else default_worker_count()
-    if workers:
-        registry.workers = WorkerPool(settings, metrics, workers, registry.hub_of)
+    app[TOKENS] = services.tokens
+    app[RATE_LIMITER] = services.rate_limiter
+    app[SESSIONS] = services.sessions
+    app[PERSONAS] = services.personas
+    app[CHAT] = services.chat
+    app[SEED_SESSIONS] = SeedSessions()
     configure_ice_host_addresses(settings.ice_host_addresses)
 
     app.add_routes(ops.routes)
@@ -197,14 +202,16 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.add_routes(sessions.routes)
     app.add_routes(whep.routes)
     app.add_routes(tokens.routes)
-    setup_persona_api(app)
+    app.add_routes(persona.routes)
     setup_openapi(app)
     app.router.add_get("/", _index)
     if WEB_ROOT.is_dir():
         app.router.add_static("/web/", WEB_ROOT, follow_symlinks=False)
 
     app.on_shutdown.append(_drain)
-    app.cleanup_ctx.append(_session_lifecycle)
+    # Cleaned up in reverse: the seed API forgets its sessions after they have all closed.
+    app.cleanup_ctx.append(persona.sweep_seed_sessions)
+    app.cleanup_ctx.append(functools.partial(_run_services, services))
     app.cleanup_ctx.append(_loop_lag_monitor)
     app.cleanup_ctx.append(_viewer_stats_sampler)
     return app
@@ -260,18 +267,8 @@ async def _viewer_stats_sampler(app: web.Application) -> AsyncIterator[None]:
     await asyncio.wait([task])
 
 
-async def _session_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Before serving: stop the paid sessions a killed predecessor left open. After: close all."""
-    registry = app[SESSIONS]
-    await registry.providers.start()
-    if registry.workers is not None:
-        await registry.workers.start()
-    orphans = await registry.providers.reap_orphans()
-    if orphans:
-        logger.warning("stopped %d upstream session(s) left open by a previous run", orphans)
-    app[METRICS].ready.set(1)
-    yield
-    await registry.close_all("shutdown")
-    if registry.workers is not None:
-        await registry.workers.close()
-    await registry.providers.close()
+async def _run_services(services: Services, app: web.Application) -> AsyncIterator[None]:
+    """Ready once the services run (a killed predecessor's paid sessions stopped)."""
+    async with services.running():
+        services.metrics.ready.set(1)
+        yield

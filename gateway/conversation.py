@@ -51,7 +51,7 @@ class Conversation:
         settings: Settings,
         metrics: Metrics,
         *,
-        answerer: Answerer | None,
+        answerer: Answerer,
         require_live: Callable[[], None],
         touch: Callable[[], None],
     ) -> None:
@@ -74,7 +74,7 @@ class Conversation:
     @property
     def gateway_answers(self) -> bool:
         """The talk rule: the gateway's chat answers for an upstream without a model of its own."""
-        return self._answerer is not None and not self._upstream.answers_itself
+        return not self._upstream.answers_itself
 
     # -- speaking ----------------------------------------------------------------------------
 
@@ -109,8 +109,6 @@ class Conversation:
 
     async def answer(self, question: str, task_mode: TaskMode = TaskMode.ASYNC) -> SpokenAnswer:
         """The gateway's chat answers ``question`` and the avatar speaks it, sentence by sentence."""
-        if self._answerer is None:
-            raise Conflict(f"session {self._session_id} has no chat service to answer with")
         async with contextlib.aclosing(self._answerer(question, self._session_id)) as sentences:
             return await self.speak_sentences(sentences, task_mode)
 

@@ -62,7 +62,7 @@ class Session:
         settings: Settings,
         metrics: Metrics,
         on_closed: Callable[[Session], None],
-        answerer: Answerer | None = None,
+        answerer: Answerer,
         workers: WorkerPool | None = None,
     ) -> None:
         self.id = secrets.token_hex(12)
@@ -278,16 +278,18 @@ class Session:
 
 
 class SessionRegistry:
-    def __init__(self, settings: Settings, metrics: Metrics, providers: Providers) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, providers: Providers,
+                 answerer: Answerer) -> None:
+        """``answerer``: the gateway's chat, for the sessions whose upstream has no language
+        model of its own (see :mod:`gateway.conversation`)."""
         self._settings = settings
         self._metrics = metrics
         self.providers = providers
+        self._answerer = answerer
         self._sessions: dict[str, Session] = {}
         self._accepting = True
         self.on_closed: list[Callable[[str], None]] = []
         """Told the id of every session that ends (e.g. the chat forgets its conversation)."""
-        self.answerer: Answerer | None = None
-        """Answers what users say to upstreams without a language model of their own."""
         self.workers: WorkerPool | None = None
         """The fan-out worker processes that hold the viewers, if there are any."""
 
@@ -331,7 +333,7 @@ class SessionRegistry:
         source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id)
         # Checked again with no await before the registration: concurrent creates can't overshoot.
         self._check_limits(kind)
-        session = Session(source, tier, self._settings, self._metrics, self._forget, self.answerer,
+        session = Session(source, tier, self._settings, self._metrics, self._forget, self._answerer,
                           self.workers)
         self._sessions[session.id] = session
         try:

@@ -15,21 +15,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ..audience import AnyViewer
-from ..chat.llm import ChatService
-from ..chat.persona import Persona, PersonaStore
+from ..chat.persona import Persona
 from ..config import Settings
 from ..errors import BadRequest, Conflict, NotFound
 from ..sessions import Session
 from ..viewers.whep import SdpFragment, browser_ice_servers, parse_sdpfrag
 from .common import (
     CHAT,
-    METRICS,
     PERSONAS,
     SESSIONS,
     SETTINGS,
@@ -344,26 +341,11 @@ async def complete(request: web.Request) -> web.Response:
     return _ok("AI response generated successfully", text=reply.text)
 
 
-# -- wiring --------------------------------------------------------------------------------------
+# -- the seed sessions' upkeep -------------------------------------------------------------------
 
-def setup(app: web.Application) -> None:
-    """Register the seed API: routes, typed state, and the store/chat lifecycle."""
-    settings = app[SETTINGS]
-    store = PersonaStore(settings.persona_db or Path(settings.state_dir) / "persona.sqlite3")
-    chat = ChatService(settings, store, metrics=app[METRICS])
-    app[PERSONAS] = store
-    app[CHAT] = chat
-    app[SEED_SESSIONS] = SeedSessions()
-    app[SESSIONS].on_closed.append(chat.forget)
-    app[SESSIONS].answerer = chat.sentences
-    app.add_routes(routes)
-    app.cleanup_ctx.append(_lifecycle)
-
-
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    store, chat, seeds = app[PERSONAS], app[CHAT], app[SEED_SESSIONS]
-    await store.open()
-    await chat.start()
+async def sweep_seed_sessions(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: forget the seed sessions that ended on their own, while the app runs."""
+    seeds = app[SEED_SESSIONS]
 
     async def sweep() -> None:
         while True:
@@ -376,8 +358,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         sweeper.cancel()
         await asyncio.wait([sweeper])
-        # The sessions are closed by now (their own cleanup runs first); drop our references, so
-        # a stopped application does not keep peer connections reachable.
+        # The sessions are closed by now (the services' cleanup runs first); drop our
+        # references, so a stopped application does not keep peer connections reachable.
         seeds.clear()
-        await chat.close()
-        await store.close()
