@@ -159,7 +159,7 @@ class Session:
         self._last_activity = time.monotonic()
         await self.upstream.push_microphone(frame)
 
-    # -- the audience, where the tests look (to go once they read ``session.audience``) -------
+    # -- shorthands for the audience (tests and tools read them; handlers use .audience) ----
 
     @property
     def viewer_count(self) -> int:
