@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+import re
 import subprocess
 import sys
 from typing import Any
@@ -97,6 +98,23 @@ async def test_closing_a_viewer_stops_its_streams_through_aiortcs_own_close(
         assert video.closed
     finally:
         await viewer.close()
+
+
+async def test_viewers_share_one_certificate_and_each_connects(
+        aiohttp_client: ClientFactory) -> None:
+    """One DTLS certificate (and SSL context) per process, not a key pair per viewer."""
+    client = await aiohttp_client(create_app(make_settings()))
+    _session, first, _video, _receiver = await watching(client)
+    second = WhepViewer(client, _session.id)
+    try:
+        await second.connect()
+        async with asyncio.timeout(20):
+            await second.first_frame.wait()
+        fingerprints = [re.findall(r"^a=fingerprint:.*$", v.answer_sdp, re.MULTILINE)
+                        for v in (first, second)]
+        assert fingerprints[0] and fingerprints[0] == fingerprints[1]
+    finally:
+        await asyncio.gather(first.close(), second.close())
 
 
 def kernel_has_udp_gso() -> bool:

@@ -29,7 +29,7 @@ from ..media.hub import Fanout
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
-from .aiortc_hooks import DtlsOutput, send_backlog, take_over_sender
+from .aiortc_hooks import DtlsOutput, send_backlog, share_certificate, take_over_sender
 from .whep import MAX_REMOTE_CANDIDATES, Offer, SdpFragment, count_candidates, parse_answer
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Viewer:
         self._on_closed = on_closed
         self._on_state = on_state
         self._pc = RTCPeerConnection(configuration)
+        share_certificate(self._pc)
         self._streams: list[RtpStream] = []
         self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
         self._channel: RTCDataChannel | None = None

@@ -113,7 +113,7 @@ class RemoteViewer:
                         Awaitable[None]] | None = None) -> str:
         self.video_codec = offer.video_codec.name.lower()
         answer: str = await self.worker.call("answer", self.session_id, self.id, self.client,
-                                             offer.sdp, self._listen(on_microphone))
+                                             offer, self._listen(on_microphone))
         return answer
 
     async def offer(self, on_microphone: Callable[[av.AudioFrame],

@@ -33,7 +33,7 @@ from ..media.rtp import RtpFrame
 from ..metrics import Metrics
 from ..viewers.aiortc_hooks import configure_ice_host_addresses
 from ..viewers.peer import Viewer, rtc_configuration
-from ..viewers.whep import SdpFragment, parse_offer
+from ..viewers.whep import Offer, SdpFragment
 from .wire import MAX_MEDIA_MESSAGE, Control, parse_media
 
 logger = logging.getLogger(__name__)
@@ -198,11 +198,12 @@ class Worker:
                               frame.layout.name, frame.format.name)
         return forward
 
-    async def call_answer(self, session_id: str, viewer_id: str, client: str, offer_sdp: str,
+    async def call_answer(self, session_id: str, viewer_id: str, client: str, offer: Offer,
                           microphone: bool) -> str:
+        """WHEP: the owner parsed and checked the offer; it arrives parsed (one parse less)."""
         viewer = self._new_viewer(session_id, viewer_id, client)
         try:
-            return await viewer.negotiate(parse_offer(offer_sdp),
+            return await viewer.negotiate(offer,
                                           self._microphone(viewer_id) if microphone else None)
         except BaseException:
             await viewer.close("negotiation_failed")
