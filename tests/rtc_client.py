@@ -20,8 +20,10 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import AnyRtcpPacket, RtcpSrPacket
 
 Box = tuple[int, int, int, int]
+CLOCK_RATES = {"audio": 48_000, "video": 90_000}
 
 
 @dataclass
@@ -30,13 +32,43 @@ class VideoSample:
     width: int
     height: int
     mouth: np.ndarray | None  # Y plane crop of the mouth box, if one was given
+    pts: int | None = None
+    """The frame's RTP timestamp."""
+
+
+@dataclass(frozen=True)
+class SenderReport:
+    """An RTCP sender report: the sender's wall clock (NTP, seconds) at RTP time ``rtp``."""
+
+    arrival: float
+    ntp: float
+    rtp: int
 
 
 @dataclass
 class Received:
     video: list[VideoSample] = field(default_factory=list)
     audio_rms: list[tuple[float, float]] = field(default_factory=list)
+    audio_pts: list[int | None] = field(default_factory=list)
+    """RTP timestamp of each ``audio_rms`` entry."""
     events: list[dict[str, Any]] = field(default_factory=list)
+    reports: dict[str, list[SenderReport]] = field(
+        default_factory=lambda: {"audio": [], "video": []})
+
+    def sender_time(self, kind: str, pts: int, arrival: float) -> float | None:
+        """When the sender sent the media of RTP time ``pts`` (its wall clock, seconds), by the
+        sender reports nearest to ``arrival`` (the median of three: one report sent right
+        after a stall of the sender's loop is off by the stall); None before any report. This
+        is the timeline a player presents audio and video on (RFC 3550 §6.4.1, what browsers
+        lip-sync with), so it does not depend on how late this test peer read its packets."""
+        reports = sorted(self.reports[kind], key=lambda r: abs(r.arrival - arrival))[:3]
+        if not reports:
+            return None
+        times = []
+        for report in reports:
+            delta = (pts - report.rtp + (1 << 31)) % (1 << 32) - (1 << 31)
+            times.append(report.ntp + delta / CLOCK_RATES[kind])
+        return float(np.median(times))
 
 
 class WhepViewer:
@@ -104,24 +136,55 @@ class WhepViewer:
         self.received.events.append(json.loads(message))
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        consume = self._consume_video if track.kind == "video" else self._consume_audio
-        self._consumers.append(asyncio.get_running_loop().create_task(consume(track)))
+        receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+        reports = self.received.reports[track.kind]
+        handle = receiver._handle_rtcp_packet
+        loop = asyncio.get_running_loop()
 
-    async def _consume_video(self, track: MediaStreamTrack) -> None:
+        async def on_rtcp(packet: AnyRtcpPacket) -> None:
+            if isinstance(packet, RtcpSrPacket):
+                info = packet.sender_info
+                reports.append(SenderReport(loop.time(), info.ntp_timestamp / (1 << 32),
+                                            info.rtp_timestamp))
+            await handle(packet)
+
+        receiver._handle_rtcp_packet = on_rtcp  # type: ignore[method-assign]
+        consume = self._consume_video if track.kind == "video" else self._consume_audio
+        self._consumers.append(loop.create_task(consume(track, receiver)))
+
+    @staticmethod
+    def _rtp_timestamp(receiver: RTCRtpReceiver, frame: av.VideoFrame | av.AudioFrame) -> int | None:
+        """A decoded frame's RTP timestamp: aiortc counts ``pts`` from the first packet's."""
+        mapper = receiver._RTCRtpReceiver__timestamp_mapper  # type: ignore[attr-defined]
+        origin = mapper._origin
+        if frame.pts is None or origin is None:
+            return None
+        return int((origin + frame.pts) % (1 << 32))
+
+    async def _consume_video(self, track: MediaStreamTrack, receiver: RTCRtpReceiver) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
                 assert isinstance(frame, av.VideoFrame)
+                arrival = loop.time()
                 mouth = None
                 if self.mouth_box is not None:
                     x, y, w, h = self.mouth_box
-                    plane = frame.to_ndarray(format="gray")
-                    mouth = plane[y:y + h, x:x + w].copy()
-                self.received.video.append(VideoSample(loop.time(), frame.width, frame.height, mouth))
+                    # The decoder's yuv420p luma is the gray image: no whole-frame conversion
+                    # on the loop, which three viewers in one busy test process can't spare.
+                    rows: np.ndarray
+                    if frame.format.name == "yuv420p":
+                        luma = frame.planes[0]
+                        rows = np.frombuffer(memoryview(luma), np.uint8).reshape(-1, luma.line_size)
+                    else:
+                        rows = frame.to_ndarray(format="gray")
+                    mouth = rows[y:y + h, x:x + w].copy()
+                self.received.video.append(VideoSample(arrival, frame.width, frame.height, mouth,
+                                                       self._rtp_timestamp(receiver, frame)))
                 self.first_frame.set()
 
-    async def _consume_audio(self, track: MediaStreamTrack) -> None:
+    async def _consume_audio(self, track: MediaStreamTrack, receiver: RTCRtpReceiver) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(MediaStreamError):
             while True:
@@ -130,6 +193,7 @@ class WhepViewer:
                 samples = frame.to_ndarray().astype(np.float64)
                 rms = float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
                 self.received.audio_rms.append((loop.time(), rms))
+                self.received.audio_pts.append(self._rtp_timestamp(receiver, frame))
 
     async def delete(self) -> int:
         assert self.location is not None

@@ -64,24 +64,44 @@ def kinds(viewer: WhepViewer, task_id: str) -> list[str]:
     return [e["type"] for e in viewer.received.events if e.get("task_id") == task_id]
 
 
-MAX_LAG = 1.5
+MAX_LAG = 1.0
+"""How far the lip-sync search looks: wider than MAX_SKEW, so an offset beyond it is found (and
+fails) rather than hidden behind a poor correlation."""
+MAX_SKEW = 0.4
+"""Largest offset of sound and mouth the tests accept, in seconds."""
 
 
 def lip_sync(viewer: WhepViewer, start: float, end: float) -> tuple[float, float]:
-    """How well the mouth follows the sound a viewer received in [start, end] (its arrival
-    clock): the correlation of the mouth's openness (dark pixels in the mouth box) with the
+    """How well the mouth follows the sound a viewer received in [start, end] (when it read
+    them): the correlation of the mouth's openness (dark pixels in the mouth box) with the
     audio's loudness around each video frame, at the best lag within ±MAX_LAG. Returns
     (correlation, lag in seconds; positive: the mouth moves after the sound).
 
-    The sound arrives ~0.2 s after the mouth on an idle machine (FULL and LITE alike); in a
-    full run on a busy machine it came 0.5 s late or more (outside a ±0.5 s search, the
-    correlation fell to 0.28). Hence the wide search; the lag is printed, not asserted."""
-    video = [s for s in viewer.received.video if start <= s.arrival <= end and s.mouth is not None]
-    audio = [(t, rms) for t, rms in viewer.received.audio_rms
-             if start - MAX_LAG - 0.1 <= t <= end + MAX_LAG + 0.1]
+    Frames are placed on the gateway's timeline, by their RTP timestamps and the gateway's
+    sender reports, as a browser presents them; not at the moment this test peer read them.
+    Three aiortc peers that share one busy process with the gateway and the simulator read
+    their packets in bursts, up to seconds late and some dropped (a 0.4 s stall of the loop
+    piled ~2 s into their receive queues), which smeared an arrival-clock measurement into a
+    meaningless best lag (-1.2 s at r=0.32). Audio lost on the way leaves a gap, not silence:
+    frames with no audio around them don't count. Sound and mouth leave the gateway within
+    ~30 ms of each other (it holds the video for the audio's jitter buffer, see
+    ``RoomLink._watch_sync``)."""
+    received = viewer.received
+    video = []
+    for sample in received.video:
+        if start <= sample.arrival <= end and sample.mouth is not None and sample.pts is not None:
+            sent = received.sender_time("video", sample.pts, sample.arrival)
+            if sent is not None:
+                video.append((sent, float((sample.mouth < DARK).mean())))
+    audio = []
+    for (arrival, rms), pts in zip(received.audio_rms, received.audio_pts, strict=True):
+        if start - MAX_LAG - 0.5 <= arrival <= end + MAX_LAG + 0.5 and pts is not None:
+            sent = received.sender_time("audio", pts, arrival)
+            if sent is not None:
+                audio.append((sent, rms))
     assert len(video) > 60 and audio, (len(video), len(audio))
-    times = np.array([s.arrival for s in video])
-    openness = np.array([float((s.mouth < DARK).mean()) for s in video if s.mouth is not None])
+    times = np.array([t for t, _ in video])
+    openness = np.array([o for _, o in video])
     audio_t = np.array([t for t, _ in audio])
     audio_rms = np.array([rms for _, rms in audio])
     step = float(np.median(np.diff(times)))
@@ -90,14 +110,15 @@ def lip_sync(viewer: WhepViewer, start: float, end: float) -> tuple[float, float
         out = []
         for t in times + shift:
             window = audio_rms[(audio_t > t - 0.04) & (audio_t <= t + 0.04)]
-            out.append(float(window.mean()) if window.size else 0.0)
+            out.append(float(window.mean()) if window.size else np.nan)
         return np.array(out)
 
     by_lag = {}
     for k in range(-int(MAX_LAG / step), int(MAX_LAG / step) + 1):
         loud = loudness(-k * step)
-        if loud.std() > 0 and openness.std() > 0:
-            by_lag[k * step] = float(np.corrcoef(openness, loud)[0, 1])
+        heard = ~np.isnan(loud)
+        if heard.sum() > 60 and loud[heard].std() > 0 and openness[heard].std() > 0:
+            by_lag[k * step] = float(np.corrcoef(openness[heard], loud[heard])[0, 1])
     best = max(by_lag, key=lambda lag: by_lag[lag])
     return by_lag[best], best
 
@@ -164,8 +185,9 @@ async def test_full_mode_three_viewers_see_the_lips_follow_the_voice(rig: Rig) -
     assert type(upstream) is LiveAvatarUpstream and upstream.answers_itself
     viewers, task_id, sync = await speak_to_three_viewers(rig, created, TEXT)
     try:
-        for viewer, (corr, _lag) in zip(viewers, sync, strict=True):
+        for viewer, (corr, lag) in zip(viewers, sync, strict=True):
             check_spoken(viewer, task_id, None)
+            assert abs(lag) <= MAX_SKEW, sync
             # FULL: the avatar shapes its mouth from the text's phonemes (visemes), which
             # follow the loudness less closely than LITE's audio-driven lips (~0.5 here).
             assert corr > 0.3, sync
@@ -250,9 +272,9 @@ async def test_lite_mode_the_gateway_speaks_and_the_lips_follow(rig: Rig) -> Non
     assert isinstance(upstream, LiveAvatarLiteUpstream) and upstream.voice.engine == "espeak"
     viewers, task_id, sync = await speak_to_three_viewers(rig, created, TEXT)
     try:
-        for viewer, (corr, _lag) in zip(viewers, sync, strict=True):
+        for viewer, (corr, lag) in zip(viewers, sync, strict=True):
             check_spoken(viewer, task_id, TEXT)
-            assert corr > 0.5, sync
+            assert corr > 0.5 and abs(lag) <= MAX_SKEW, sync
         print(f"LITE (eSpeak) lip/audio correlation per viewer (corr, lag s): {sync}")
         # talk: no language model at the provider in LITE; the gateway's chat answers.
         talk = await rig.gateway.post(f"{url}/speak", json={"text": "Where did you study?",
@@ -369,9 +391,9 @@ async def test_lite_mode_with_openais_voice(rig: Rig, speech_api: tuple[FakeSpee
         fake, _ = speech_api
         assert fake.requests[-1] == {"model": "gpt-4o-mini-tts", "voice": "nova", "input": TEXT,
                                      "response_format": "pcm"}
-        for viewer, (corr, _lag) in zip(viewers, sync, strict=True):
+        for viewer, (corr, lag) in zip(viewers, sync, strict=True):
             check_spoken(viewer, task_id, TEXT)
-            assert corr > 0.5, sync
+            assert corr > 0.5 and abs(lag) <= MAX_SKEW, sync
         print(f"LITE (OpenAI voice) lip/audio correlation per viewer (corr, lag s): {sync}")
     finally:
         await asyncio.gather(*(v.close() for v in viewers))

@@ -16,6 +16,7 @@ import contextlib
 import fractions
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Collection
 
 import av
@@ -31,6 +32,12 @@ VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
 AUDIO_RATE = 48_000
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
 _KNOWN_EVENTS = {e.value for e in EventType}
+SYNC_INTERVAL = 0.5
+"""How often the jitter buffers' delays are read (the SDK's stats)."""
+MAX_VIDEO_HOLD = 1.0
+"""Most the video is held back to wait for the sound; beyond that the audio is broken anyway."""
+HOLD_STEP = 0.01
+"""Most the hold changes per video frame (~0.3 s per second at 30 fps): no jumps in the motion."""
 
 EventDecoder = Callable[[bytes, str], list[AvatarEvent]]
 """(payload, topic) -> the events it carries (none for a packet to ignore)."""
@@ -47,6 +54,26 @@ def decode_heygen_event(payload: bytes, topic: str) -> list[AvatarEvent]:
     kind = EventType(body.pop("type"))
     task_id = body.pop("task_id", None)
     return [AvatarEvent(kind, str(task_id) if task_id is not None else None, body)]
+
+
+class PlayoutDelay:
+    """How long an inbound track's media waited in its jitter buffer, over the last interval:
+    the growth of the WebRTC stats ``jitterBufferDelay`` / ``jitterBufferEmittedCount``."""
+
+    def __init__(self) -> None:
+        self._total = 0.0
+        self._emitted = 0
+        self.seconds: float | None = None
+
+    def update(self, stats: list[rtc.stats.RtcStats]) -> None:
+        for report in stats:
+            if report.WhichOneof("stats") != "inbound_rtp":
+                continue
+            inbound = report.inbound_rtp.inbound
+            total, emitted = inbound.jitter_buffer_delay, inbound.jitter_buffer_emitted_count
+            if emitted > self._emitted:
+                self.seconds = (total - self._total) / (emitted - self._emitted)
+            self._total, self._emitted = total, emitted
 
 
 def video_to_av(frame: rtc.VideoFrame, pts: int) -> av.VideoFrame:
@@ -102,7 +129,13 @@ class RoomLink:
         self._on_lost = on_lost
         self._room = rtc.Room()
         self._streams: list[asyncio.Task[None]] = []
+        self._tracks: dict[str, rtc.Track] = {}
         self._subscribed: set[str] = set()
+        self._hold = 0.0
+        self._hold_target = 0.0
+        self._held: deque[tuple[float, av.VideoFrame]] = deque(
+            maxlen=int(MAX_VIDEO_HOLD * 60) + 2)
+        self._held_ready = asyncio.Event()
         self._ready = asyncio.Event()
         self._mic_source: rtc.AudioSource | None = None
         self._mic_track: rtc.LocalAudioTrack | None = None
@@ -149,14 +182,43 @@ class RoomLink:
         if participant.identity != self._avatar:
             return
         if track.kind == rtc.TrackKind.KIND_VIDEO:
+            self._tracks["video"] = track
             self._streams.append(asyncio.create_task(self._pump_video(track), name="lk-video"))
+            if not any(t.get_name() == "lk-av-sync" for t in self._streams):
+                self._streams += [
+                    asyncio.create_task(self._release_video(), name="lk-video-hold"),
+                    asyncio.create_task(self._watch_sync(), name="lk-av-sync")]
         elif track.kind == rtc.TrackKind.KIND_AUDIO:
+            self._tracks["audio"] = track
             self._streams.append(asyncio.create_task(self._pump_audio(track), name="lk-audio"))
 
     def _mark(self, kind: str) -> None:
         self._subscribed.add(kind)
         if len(self._subscribed) == 2:
             self._ready.set()
+
+    async def _watch_sync(self) -> None:
+        """Keep the video as late as the sound.
+
+        The SDK plays each track as soon as its own jitter buffer allows and syncs audio with
+        video only for tracks of one media stream, which a LiveKit publisher need not ask for
+        (the simulator's avatar does not). The audio's buffer (NetEq) grows its delay when
+        packets come in bursts, and shrinks it only slowly; video's barely grows. Under load
+        the sound reached the gateway 0.3-0.5 s behind the mouth, and every viewer heard it
+        so. So the video waits here for what the audio waits there, as libwebrtc would for
+        one stream. Never the other way: the sound is not delayed."""
+        audio, video = PlayoutDelay(), PlayoutDelay()
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            for kind, delay in (("audio", audio), ("video", video)):
+                track = self._tracks.get(kind)
+                if track is not None:
+                    try:
+                        delay.update(await track.get_stats())
+                    except Exception as exc:  # a track going away mid-request: next round
+                        logger.debug("no %s stats: %s", kind, exc)
+            if audio.seconds is not None and video.seconds is not None:
+                self._hold_target = min(max(audio.seconds - video.seconds, 0.0), MAX_VIDEO_HOLD)
 
     async def _pump_video(self, track: rtc.Track) -> None:
         # capacity: the SDK's ring buffer drops the oldest frame rather than growing.
@@ -168,10 +230,37 @@ class RoomLink:
                 last_pts = pts
                 self.frames["video"] += 1
                 self._mark("video")
-                if self._sink.video_wanted:
-                    self._sink.on_video_frame(video_to_av(event.frame, pts))
+                step = min(max(self._hold_target - self._hold, -HOLD_STEP), HOLD_STEP)
+                self._hold += step
+                if not self._sink.video_wanted:
+                    continue
+                frame = video_to_av(event.frame, pts)
+                if self._hold < 0.001 and not self._held:
+                    self._sink.on_video_frame(frame)
+                else:
+                    self._held.append((asyncio.get_running_loop().time() + self._hold, frame))
+                    self._held_ready.set()
         finally:
             await stream.aclose()
+
+    async def _release_video(self) -> None:
+        """Hand held video frames on when they are due (see :meth:`_watch_sync`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._held:
+                self._held_ready.clear()
+                await self._held_ready.wait()
+                continue
+            wait = self._held[0][0] - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            # Several due at once (the loop was stalled): the newest, like the SDK's ring.
+            due: av.VideoFrame | None = None
+            while self._held and self._held[0][0] <= loop.time():
+                due = self._held.popleft()[1]
+            if due is not None and self._sink.video_wanted:
+                self._sink.on_video_frame(due)
 
     async def _pump_audio(self, track: rtc.Track) -> None:
         stream = rtc.AudioStream(track, capacity=50, sample_rate=AUDIO_RATE, num_channels=1)
