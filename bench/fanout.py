@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -114,11 +115,13 @@ class Options:
     measure: float
     collapse_fps: float
     keyframe_interval: float | None
-    server_cpu: int
-    viewer_cpu: int
+    server_cpu: str
+    """CPU list for ``taskset -c`` (``0`` or ``0,1``); the gateway's workers inherit it."""
+    viewer_cpu: str
     batch: int
     all_at_once: bool
-    workers: int
+    workers: tuple[int, ...]
+    stop_below: bool
     clients: tuple[str, ...]
     client_named: bool
     """``--client`` was given: a Pion client that does not build is then an error."""
@@ -168,7 +171,8 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def gateway(opts: Options, design: str, n: int, log: Path) -> AsyncIterator[Gateway]:
+async def gateway(opts: Options, design: str, n: int, log: Path,
+                  workers: int = 0) -> AsyncIterator[Gateway]:
     """A fresh gateway, pinned to ``opts.server_cpu``, stopped on exit."""
     port = free_port()
     # Only the settings below: an AVATAR_GATEWAY_* variable in the caller's shell (a token, a
@@ -183,7 +187,7 @@ async def gateway(opts: Options, design: str, n: int, log: Path) -> AsyncIterato
         "AVATAR_GATEWAY_MAX_PENDING_VIEWERS_PER_SESSION": str(max(200, n)),
         "AVATAR_GATEWAY_MAX_PENDING_VIEWERS_PER_CLIENT": str(max(200, n)),
         "AVATAR_GATEWAY_ICE_HOST_ADDRESSES": NETNS_ADDRESS,
-        "AVATAR_GATEWAY_WORKERS": str(opts.workers),
+        "AVATAR_GATEWAY_WORKERS": str(workers),
         "PYTHONUNBUFFERED": "1",
     })
     if opts.keyframe_interval is not None:
@@ -365,14 +369,14 @@ def fill_row(row: Row, result: dict[str, Any]) -> None:
         row.error = f"{row.n - row.connected} viewers failed: {'; '.join(result['errors'])}"
 
 
-async def run_point(opts: Options, design: str, n: int, client: str) -> Row:
-    row = Row(design, n, codec=DESIGN_SETUP[design][1], client=client)
+async def run_point(opts: Options, design: str, n: int, client: str, workers: int = 0) -> Row:
+    row = Row(design, n, codec=DESIGN_SETUP[design][1], client=client, workers=workers)
     started = time.monotonic()
     logs = opts.out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    name = f"{design}_n{n}_{client}"
+    name = f"{design}_n{n}_{client}_w{workers}"
     try:
-        async with gateway(opts, design, n, logs / f"{name}.gateway.log") as gw, \
+        async with gateway(opts, design, n, logs / f"{name}.gateway.log", workers) as gw, \
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             session = await create_session(http, gw.base_url, opts.quality)
             row.width, row.height = int(session["width"]), int(session["height"])
@@ -486,6 +490,17 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def worker_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of worker counts: "
+                                         f"{text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError("worker counts are 0 (no workers) or more")
+    return values
+
+
 def design_list(text: str) -> tuple[str, ...]:
     values = tuple(x.strip() for x in text.split(",") if x.strip())
     unknown = [v for v in values if v not in DESIGNS]
@@ -513,16 +528,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         help="stop growing N for a design once its median fps is below this")
     parser.add_argument("--keyframe-interval", type=float,
                         help="AVATAR_GATEWAY_KEYFRAME_INTERVAL for the gateway (default: its own)")
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--viewer-cpu", type=int, default=1)
+    parser.add_argument("--server-cpu", type=cpu_list, default="0",
+                        help="CPUs of the gateway and its workers, e.g. 0 or 0,1 (default 0)")
+    parser.add_argument("--viewer-cpu", type=cpu_list, default="1",
+                        help="CPUs of the load client (default 1)")
     parser.add_argument("--batch", type=int, default=8, help="viewers connecting concurrently")
     parser.add_argument("--all-at-once", action="store_true",
                         help="every viewer POSTs at once (the time to first frame p95 when many "
                              "join together); overrides --batch")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="AVATAR_GATEWAY_WORKERS: fan-out worker processes (default 0: every "
-                             "viewer in the gateway's one process). Workers inherit the gateway's "
-                             "CPU pinning; CPU and RSS are summed over its process tree")
+    parser.add_argument("--workers", type=worker_list, default=(0,),
+                        help="AVATAR_GATEWAY_WORKERS, comma-separated to compare: fan-out worker "
+                             "processes (default 0: every viewer in the gateway's one process). "
+                             "Workers inherit the gateway's CPU pinning; CPU and RSS are summed "
+                             "over its process tree")
+    parser.add_argument("--stop-below", action="store_true",
+                        help="stop growing N for a series once a point is not ok (below "
+                             "--collapse-fps): for capacity searches")
     parser.add_argument("--client", choices=("aiortc", "pion", "both"),
                         help="load client(s): aiortc (bench/fanout_viewers.py), pion (the "
                              "browser-like bench/whepload) or both side by side (default: both "
@@ -538,21 +559,32 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if args.quick:
         viewers, warmup, measure = (1, 4), 3.0, 5.0
     allowed = os.sched_getaffinity(0)
-    for cpu in (args.server_cpu, args.viewer_cpu):
-        if cpu not in allowed:
-            parser.error(f"CPU {cpu} is not available (allowed: {sorted(allowed)})")
-    if args.server_cpu == args.viewer_cpu:
-        print("warning: gateway and viewers share one CPU; results will be pessimistic",
+    for cpus in (args.server_cpu, args.viewer_cpu):
+        for cpu in map(int, cpus.split(",")):
+            if cpu not in allowed:
+                parser.error(f"CPU {cpu} is not available (allowed: {sorted(allowed)})")
+    if set(args.server_cpu.split(",")) & set(args.viewer_cpu.split(",")):
+        print(f"note: the gateway (CPUs {args.server_cpu}) and the load client (CPUs "
+              f"{args.viewer_cpu}) share CPUs: the client's work competes with the gateway's",
               file=sys.stderr)
     return Options(
         designs=args.designs, viewers=tuple(sorted(set(viewers))), quality=args.quality,
         warmup=warmup, measure=measure, collapse_fps=args.collapse_fps,
         keyframe_interval=args.keyframe_interval, server_cpu=args.server_cpu,
         viewer_cpu=args.viewer_cpu, batch=args.batch, all_at_once=args.all_at_once,
-        workers=args.workers,
+        workers=tuple(args.workers), stop_below=args.stop_below,
         clients=CLIENTS if args.client in (None, "both") else (args.client,),
         client_named=args.client is not None,
         data_channel=args.data_channel, answer_delay=args.answer_delay, out=args.out)
+
+
+def cpu_list(text: str) -> str:
+    """``0`` or ``0,1``, as ``taskset -c`` takes it."""
+    try:
+        cpus = sorted({int(c) for c in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {text!r}") from None
+    return ",".join(map(str, cpus))
 
 
 def choose_clients(opts: Options) -> Options:
@@ -598,7 +630,7 @@ async def run(opts: Options) -> list[Row]:
           f"clients {', '.join(opts.clients)}; {opts.quality}; warm-up {opts.warmup:g} s, "
           f"window {opts.measure:g} s", flush=True)
     with opts.out.open("w", encoding="utf-8") as jsonl:
-        for design in opts.designs:
+        for design, workers in itertools.product(opts.designs, opts.workers):
             stopped: set[str] = set()
             for n in opts.viewers:
                 # The clients take turns at each N, so a load that comes and goes on a shared
@@ -606,13 +638,13 @@ async def run(opts: Options) -> list[Row]:
                 for client in opts.clients:
                     if client in stopped:
                         continue
-                    row = await run_point(opts, design, n, client)
+                    row = await run_point(opts, design, n, client, workers)
                     rows.append(row)
                     add_slopes(rows)
                     print(progress_line(row), flush=True)
                     jsonl.write(json.dumps({"env": env, **asdict(row)}) + "\n")
                     jsonl.flush()
-                    if design == "naive" and row.status != "ok":
+                    if row.status != "ok" and (design == "naive" or opts.stop_below):
                         stopped.add(client)
                         skipped = [m for m in opts.viewers if m > n]
                         if skipped:

@@ -63,6 +63,8 @@ class Row:
     window_s: float | None = None
     elapsed_s: float = 0.0
     client: str = "aiortc"
+    workers: int = 0
+    """Fan-out worker processes the gateway ran (0: viewers in its one process)."""
     """The load client: ``aiortc`` (fanout_viewers.py) or ``pion`` (whepload)."""
     ttff_p95_ms: float | None = None
     """Only the Pion client reports it."""
@@ -95,8 +97,9 @@ def pair(a: float | None, b: float | None, digits: int = 1) -> str:
 def add_slopes(rows: Sequence[Row]) -> None:
     """CPU per extra viewer, against the smallest N measured for the same design (for mixed
     viewers the smallest N >= 2: with one viewer only the VP8 encoder runs)."""
-    for client, design in {(r.client, r.design) for r in rows}:
+    for client, design, workers in {(r.client, r.design, r.workers) for r in rows}:
         measured = sorted((r for r in rows if r.design == design and r.client == client
+                           and r.workers == workers
                            and r.measured
                            and r.server_cpu_pct is not None
                            and (r.codec != "mixed" or r.n >= 2)), key=lambda r: r.n)
@@ -146,12 +149,39 @@ def progress_line(row: Row) -> str:
 
 
 RESULT_HEADER = (
-    "| design | client | N | video fps/viewer min / med | audio pkt/s/viewer min / med | "
+    "| design | client | workers | N | video fps/viewer min / med | "
+    "audio pkt/s/viewer min / med | "
     "server CPU % (1 core) | CPU % per extra viewer | TTFF ms med / max | "
     "server RSS MB (growth in window) | "
     "video kbps/viewer | keyframes in window | packets dropped | viewer-proc CPU % | "
     "probe decoded size (pion: keyframe header) | status |"
 )
+
+
+FULL_RATE = 29.0
+"""fps every viewer must get for a point to count toward a configuration's capacity."""
+
+
+def capacity_table(rows: Sequence[Row]) -> str:
+    """Per design, client and worker count: the most viewers measured with every viewer at
+    FULL_RATE fps or more, and that against the fewest workers measured (same run)."""
+    lines = [f"| design | client | workers | viewers at >= {FULL_RATE:g} fps (largest N measured) "
+             "| server CPU % there | ratio to the fewest workers |", "|---|---|---|---|---|---|"]
+    for design, client in sorted({(r.design, r.client) for r in rows}):
+        best: dict[int, Row | None] = {}
+        for workers in sorted({r.workers for r in rows if r.design == design
+                               and r.client == client}):
+            full = [r for r in rows if r.design == design and r.client == client
+                    and r.workers == workers and r.status == "ok"
+                    and r.fps_min is not None and r.fps_min >= FULL_RATE]
+            best[workers] = max(full, key=lambda r: r.n) if full else None
+        base = best[min(best)]
+        for workers, row in best.items():
+            n = row.n if row else 0
+            ratio = f"{n / base.n:.2f}" if base and row else "-"
+            cpu = fmt(row.server_cpu_pct) if row else "-"
+            lines.append(f"| {design} | {client} | {workers} | {n} | {cpu} | {ratio} |")
+    return "\n".join(lines)
 
 
 def results_table(rows: Sequence[Row]) -> str:
@@ -160,7 +190,7 @@ def results_table(rows: Sequence[Row]) -> str:
         slope = fmt(r.cpu_per_viewer_pct, 2) if r.cpu_per_viewer_pct is not None else "-"
         probe = ", ".join(sorted(set(r.probe_sizes))) or "-"
         lines.append(
-            f"| {r.design} | {r.client} | {r.n} | {pair(r.fps_min, r.fps_median)} | "
+            f"| {r.design} | {r.client} | {r.workers} | {r.n} | {pair(r.fps_min, r.fps_median)} | "
             f"{pair(r.audio_pps_min, r.audio_pps_median)} | {fmt(r.server_cpu_pct)} | {slope} | "
             f"{pair(r.ttff_median_ms, r.ttff_max_ms, 0)} | {rss_text(r)} | "
             f"{fmt(r.video_kbps_median, 0)} | {fmt(r.keyframes)} | {fmt(r.packets_dropped)} | "
@@ -282,7 +312,7 @@ def report(rows: Sequence[Row], env: dict[str, Any], stream: TextIO) -> None:
           "browser-like Pion peers, none decoding)"
           + ("; every viewer POSTs at once" if env.get("all_at_once") else "")
           + f"; warm-up {env['warmup_s']:g} s, window {env['measure_s']:g} s"
-          + f"; fan-out workers: {env.get('workers', '?')}. "
+          + f"; fan-out workers: {', '.join(map(str, env.get('workers', ['?'])))}. "
           "CPU % is utime+stime of the gateway process and its workers over the window "
           "(100 = one core). "
           "TTFF: WHEP POST to first decodable frame at the viewer. Keyframes: encoded by the "
@@ -290,6 +320,9 @@ def report(rows: Sequence[Row], env: dict[str, Any], stream: TextIO) -> None:
           "CPU per extra viewer: slope against the design's smallest N.\n",
           file=stream)
     print(results_table(rows), file=stream)
+    if len({r.workers for r in rows}) > 1:
+        print("\n### capacity by fan-out workers\n", file=stream)
+        print(capacity_table(rows), file=stream)
     clients = sorted({r.client for r in rows})
     if len(clients) > 1:
         print("\n### load clients: pion (browser-like) / aiortc\n", file=stream)
