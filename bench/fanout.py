@@ -115,6 +115,7 @@ class Options:
     measure: float
     collapse_fps: float
     keyframe_interval: float | None
+    keyframe_min_gap: float | None
     server_cpu: str
     """CPU list for ``taskset -c`` (``0`` or ``0,1``); the gateway's workers inherit it."""
     viewer_cpu: str
@@ -192,6 +193,8 @@ async def gateway(opts: Options, design: str, n: int, log: Path,
     })
     if opts.keyframe_interval is not None:
         env["AVATAR_GATEWAY_KEYFRAME_INTERVAL"] = str(opts.keyframe_interval)
+    if opts.keyframe_min_gap is not None:
+        env["AVATAR_GATEWAY_KEYFRAME_MIN_GAP"] = str(opts.keyframe_min_gap)
     with log.open("w", encoding="utf-8") as log_file:
         process = await asyncio.create_subprocess_exec(
             "taskset", "-c", str(opts.server_cpu), sys.executable, "-m", "gateway", "serve",
@@ -431,6 +434,7 @@ def environment(opts: Options) -> dict[str, Any]:
         "server_cpu": opts.server_cpu,
         "viewer_cpu": opts.viewer_cpu,
         "keyframe_interval": opts.keyframe_interval,
+        "keyframe_min_gap": opts.keyframe_min_gap,
         "data_channel": opts.data_channel,
         "answer_delay_s": opts.answer_delay,
         "clients": list(opts.clients),
@@ -528,6 +532,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         help="stop growing N for a design once its median fps is below this")
     parser.add_argument("--keyframe-interval", type=float,
                         help="AVATAR_GATEWAY_KEYFRAME_INTERVAL for the gateway (default: its own)")
+    parser.add_argument("--keyframe-min-gap", type=float,
+                        help="AVATAR_GATEWAY_KEYFRAME_MIN_GAP for the gateway (default: its own): "
+                             "how far apart forced keyframes (joins, PLI) may be")
     parser.add_argument("--server-cpu", type=cpu_list, default="0",
                         help="CPUs of the gateway and its workers, e.g. 0 or 0,1 (default 0)")
     parser.add_argument("--viewer-cpu", type=cpu_list, default="1",
@@ -570,7 +577,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     return Options(
         designs=args.designs, viewers=tuple(sorted(set(viewers))), quality=args.quality,
         warmup=warmup, measure=measure, collapse_fps=args.collapse_fps,
-        keyframe_interval=args.keyframe_interval, server_cpu=args.server_cpu,
+        keyframe_interval=args.keyframe_interval, keyframe_min_gap=args.keyframe_min_gap,
+        server_cpu=args.server_cpu,
         viewer_cpu=args.viewer_cpu, batch=args.batch, all_at_once=args.all_at_once,
         workers=tuple(args.workers), stop_below=args.stop_below,
         clients=CLIENTS if args.client in (None, "both") else (args.client,),
