@@ -141,7 +141,7 @@ async def test_a_killed_worker_loses_only_its_viewers_and_comes_back(
     late: list[WhepViewer] = []
     try:
         victim = pool.workers[0]
-        assert victim.process is not None
+        assert victim.process is not None and metrics.workers._value.get() == 2
         doomed_ids = set(victim.viewers)
         doomed = [v for v in viewers if v.location and v.location.rsplit("/", 1)[1] in doomed_ids]
         survivors = [v for v in viewers if v not in doomed]
@@ -163,6 +163,7 @@ async def test_a_killed_worker_loses_only_its_viewers_and_comes_back(
         await wait_for(lambda: victim.alive and victim.process is not None
                        and victim.process.pid != old_pid)
         assert pool.restarts == 1 and metrics.worker_restarts._value.get() == 1
+        assert metrics.workers._value.get() == 2
         late = await watch(client, session_id, 2)
         assert len(victim.viewers) == 2
     finally:
@@ -213,5 +214,8 @@ async def test_a_closing_gateway_stops_its_workers(aiohttp_client: ClientFactory
     processes = [w.process for w in pool.workers if w.process is not None]
     assert len(processes) == 2
     await viewer.close()
+    metrics = client.app[METRICS]
+    assert metrics.workers._value.get() == 2
     await client.close()  # the app's cleanup: sessions, then the workers
     assert all(p.returncode is not None for p in processes)  # exited and reaped
+    assert metrics.workers._value.get() == 0

@@ -223,6 +223,7 @@ class Worker:
         self.control = await Control.open(owner_control)
         self.control.send("settings", self._pool.worker_settings)
         self.alive = True
+        self._pool.count_alive()
         logger.info("fan-out worker %d started (pid %d)", self.index, self.process.pid)
 
     def notify_call(self, method: str, *args: Any) -> None:
@@ -301,6 +302,7 @@ class Worker:
     def lost(self) -> None:
         """The process is gone: fail its calls, close its viewers, leave the hubs."""
         self.alive = False
+        self._pool.count_alive()
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(ServiceUnavailable(
@@ -360,6 +362,9 @@ class WorkerPool:
             await asyncio.sleep(delay)
             await worker.start()
 
+    def count_alive(self) -> None:
+        self.metrics.workers.set(sum(w.alive for w in self.workers))
+
     def pick(self) -> Worker:
         alive = [w for w in self.workers if w.alive]
         if not alive:
@@ -398,6 +403,7 @@ class WorkerPool:
         for task in self._supervisors:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
+        self.metrics.workers.set(0)
 
 
 def apply_metric_ops(metrics: Metrics, ops: list[tuple[str, tuple[str, ...], str, float]]) -> None:
