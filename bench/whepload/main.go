@@ -247,7 +247,7 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 func summarize(cfg *config, viewers []*viewer, connect time.Duration, a, b snapshot) map[string]any {
 	window := b.at.Sub(a.at).Seconds()
 	rate := func(x, y int64) float64 { return float64(y-x) / window }
-	var fps, pps, kbps, ttff, firstPacket, connected, backlog []float64
+	var fps, pps, kbps, ttff, firstPacket, answered, connected, backlog []float64
 	keyframes := []float64{}
 	type group struct{ fps, kbps, ttff []float64 }
 	byCodec := map[string]*group{}
@@ -287,6 +287,11 @@ func summarize(cfg *config, viewers []*viewer, connect time.Duration, a, b snaps
 			rtcpTotals[key] += n
 		}
 		pv["first_packet_ms"], pv["first_keyframe_ms"], pv["connected_ms"] = nil, nil, nil
+		pv["answered_ms"] = nil
+		if in := v.answeredIn.Load(); in > 0 {
+			answered = append(answered, ms(time.Duration(in)))
+			pv["answered_ms"] = round(ms(time.Duration(in)), 1)
+		}
 		if in := v.connectedIn.Load(); in > 0 {
 			connected = append(connected, ms(time.Duration(in)))
 			pv["connected_ms"] = round(ms(time.Duration(in)), 1)
@@ -356,6 +361,7 @@ func summarize(cfg *config, viewers []*viewer, connect time.Duration, a, b snaps
 		"keyframes_received": map[string]any{"total": total, "median": keyframeMedian},
 		"ttff_ms":            ttffQ,
 		"first_packet_ms":    quantiles(firstPacket, 1),
+		"answered_ms":        quantiles(answered, 1),
 		"connected_ms":       quantiles(connected, 1),
 		"join_backlog_ms":    spread(backlog, 0),
 		"keyframe_sizes":     sizeList,

@@ -52,6 +52,7 @@ type viewer struct {
 
 	video, audio trackCounts
 	frames       *frameCounter
+	answeredIn   atomic.Int64 // ns from the POST to the gateway's answer; 0 before
 	connectedIn  atomic.Int64 // ns from the POST to "connected" (ICE and DTLS done); 0 before
 	rtcp         rtcpCounts
 
@@ -221,6 +222,7 @@ func (v *viewer) connect(ctx context.Context, cfg *config) {
 		v.fail("%v", err)
 		return
 	}
+	v.answeredIn.Store(int64(time.Since(v.postedAt)))
 	v.answeredCodec = answeredVideoCodec(answer)
 	if !codecOK(v.codec, v.answeredCodec) {
 		v.fail("asked for %s, the answer sends %s", v.codec, v.answeredCodec)
