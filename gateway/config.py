@@ -102,7 +102,11 @@ class Settings:
     keyframe_interval: float = 4.0
     """Seconds between periodic keyframes: bounds recovery for a viewer whose PLI is lost."""
     keyframe_min_gap: float = 0.5
-    """Forced keyframes (joins, PLI/FIR) are coalesced to at most one per this many seconds."""
+    """Forced keyframes for repair (PLI/FIR, a viewer that fell behind) are coalesced to at most
+    one per this many seconds."""
+    keyframe_join_gap: float = 0.2
+    """Keyframes for joining viewers come sooner: at most one per this many seconds (a join
+    storm costs a few keyframes; a joining viewer waits less for its first picture)."""
     viewer_connect_timeout: float = 30.0
     """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
     stats_interval: float = 5.0
@@ -273,7 +277,8 @@ class Settings:
         if self.tts == "openai" and not self.openai_api_key:
             raise ConfigError(f"tts=openai needs an OpenAI key: set {ENV_PREFIX}OPENAI_API_KEY "
                               f"(or OPENAI_API_KEY)")
-        for name in ("keyframe_interval", "keyframe_min_gap", "viewer_connect_timeout",
+        for name in ("keyframe_interval", "keyframe_min_gap", "keyframe_join_gap",
+                     "viewer_connect_timeout",
                      "upstream_timeout", "idle_grace", "keep_alive_interval", "stats_interval",
                      "viewer_token_ttl", "max_token_ttl",
                      "reconnect_ready_within",

@@ -81,6 +81,7 @@ class Session:
                 fps=settings.video_fps,
                 keyframe_interval=settings.keyframe_interval,
                 keyframe_min_gap=settings.keyframe_min_gap,
+                keyframe_join_gap=settings.keyframe_join_gap,
             ),
             metrics,
             naive=settings.media_design == "naive",

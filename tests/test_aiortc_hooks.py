@@ -23,6 +23,7 @@ from gateway.app import create_app
 from gateway.media.rtp import RtpStream
 from gateway.sessions import Session
 from gateway.viewers import aiortc_hooks
+from gateway.viewers.peer import Viewer
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import WhepViewer
@@ -115,6 +116,30 @@ async def test_viewers_share_one_certificate_and_each_connects(
         assert fingerprints[0] and fingerprints[0] == fingerprints[1]
     finally:
         await asyncio.gather(first.close(), second.close())
+
+
+def estimator_of(receiver: RTCRtpReceiver) -> Any:
+    return receiver.__dict__["_RTCRtpReceiver__remote_bitrate_estimator"]  # aiortc's private
+
+
+async def test_bandwidth_estimators_are_built_only_by_receivers_that_receive(
+        aiohttp_client: ClientFactory) -> None:
+    """The gateway's viewers only send: their video receivers build no estimator. A viewer
+    that receives video still estimates and sends REMB (the gateway counts it)."""
+    client = await aiohttp_client(create_app(make_settings()))
+    metrics = client.app[METRICS]
+    session, viewer, _video, receiver = await watching(client)
+    try:
+        await wait_for(lambda: metrics.rtcp_feedback.labels("remb")._value.get() > 0)
+        assert estimator_of(receiver)._estimator is not None
+        assert viewer.location is not None
+        server = session.viewer(viewer.location.rsplit("/", 1)[-1])
+        assert isinstance(server, Viewer)
+        (gateway_receiver,) = [t.receiver for t in server._pc.getTransceivers()
+                               if t.kind == "video"]
+        assert estimator_of(gateway_receiver)._estimator is None
+    finally:
+        await viewer.close()
 
 
 def kernel_has_udp_gso() -> bool:

@@ -175,7 +175,7 @@ def nal_types(frame: RtpFrame) -> list[int]:
 
 
 async def test_each_codec_is_encoded_once_with_its_own_keyframes() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
     vp8 = [attach(hub, codec="vp8") for _ in range(2)]
     h264 = [attach(hub, codec="h264") for _ in range(2)]
     assert hub.video_codecs == ["vp8", "h264"]
@@ -206,6 +206,26 @@ async def test_keyframe_requests_are_coalesced() -> None:
         await encode(hub, index, 1)
     assert hub.stats.keyframe_requests >= 21
     assert hub.stats.keyframes == 1  # start only: the storm is within one min_gap
+    await hub.close()
+
+
+async def test_joins_get_keyframes_sooner_than_repairs() -> None:
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=30.0, keyframe_join_gap=0.05)
+    attach(hub)
+    await encode(hub, 0, 1)  # the start's keyframe
+    hub.request_keyframe("pli")
+    await asyncio.sleep(0.06)
+    await encode(hub, 1, 1)
+    assert hub.stats.keyframes == 1  # a repair waits for keyframe_min_gap
+    hub.request_keyframe("join")  # a joiner does not (and the pending PLI goes with it)
+    await encode(hub, 2, 1)
+    assert hub.stats.keyframes == 2
+    hub.request_keyframe("join")  # but joins too are coalesced
+    await encode(hub, 3, 1)
+    assert hub.stats.keyframes == 2
+    await asyncio.sleep(0.06)
+    await encode(hub, 4, 1)
+    assert hub.stats.keyframes == 3
     await hub.close()
 
 
@@ -250,7 +270,7 @@ async def test_audio_is_encoded_once_to_opus() -> None:
 
 
 async def test_a_stream_writes_only_its_own_headers() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
     wires = [Wire(), Wire()]
     streams = [stream(hub, w) for w in wires]
     shared = attach(hub)
@@ -276,7 +296,7 @@ async def test_a_stream_writes_only_its_own_headers() -> None:
 
 
 async def test_a_late_stream_starts_on_the_keyframe_its_join_asked_for() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
     early = attach(hub)
     await encode(hub, 0, 5)
     wire = Wire()
@@ -290,7 +310,7 @@ async def test_a_late_stream_starts_on_the_keyframe_its_join_asked_for() -> None
 
 
 async def test_a_backed_up_viewer_skips_to_a_keyframe_and_disturbs_no_one() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
     slow_wire, fast_wire = Wire(), Wire()
     slow, fast = stream(hub, slow_wire), stream(hub, fast_wire)
     await encode(hub, 0, 3)
@@ -344,7 +364,7 @@ async def test_without_rtx_a_nack_resends_the_packet_itself() -> None:
 
 
 async def test_pli_asks_the_shared_encoder_and_reports_give_rtt_and_loss() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0)
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
     wire = Wire()
     out = stream(hub, wire)
     await encode(hub, 0, 3)

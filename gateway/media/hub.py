@@ -12,8 +12,11 @@ exact. Each encoded packet is packetized once (:class:`~.rtp.Packetizer`) and th
 :class:`~.rtp.RtpStream`), which writes only its own headers and sends at once.
 
 Keyframe policy, per lane: a join, PLI/FIR or a viewer's overflow asks for a keyframe;
-requests are coalesced to one per ``keyframe_min_gap`` seconds, and a periodic keyframe every
-``keyframe_interval`` seconds bounds recovery for a viewer whose request got lost.
+requests are coalesced to one per ``keyframe_min_gap`` seconds (``keyframe_join_gap`` for
+joins: a new viewer sees nothing until its keyframe, while a repair keyframe only shortens a
+glitch, and a PLI storm must not turn into a keyframe storm for everyone), and a periodic
+keyframe every ``keyframe_interval`` seconds bounds recovery for a viewer whose request got
+lost.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class HubConfig:
     fps: int = 30
     keyframe_interval: float = 4.0
     keyframe_min_gap: float = 0.5
+    keyframe_join_gap: float = 0.2
 
 
 @dataclass(slots=True)
@@ -118,7 +122,8 @@ class VideoLane:
             self._encode_forever(), name=f"hub-{self.codec}")
 
     def request_keyframe(self, reason: str) -> None:
-        if self._keyframe_reason is None:
+        # A join's shorter gap is kept when a repair asks too: the joiner still waits for it.
+        if self._keyframe_reason is None or reason == "join":
             self._keyframe_reason = reason
 
     def push(self, frame: av.VideoFrame) -> None:
@@ -133,8 +138,12 @@ class VideoLane:
         now = time.monotonic()
         if now - self._last_keyframe >= self._config.keyframe_interval:
             return self._keyframe_reason or "periodic"
-        if self._keyframe_reason and now - self._last_keyframe >= self._config.keyframe_min_gap:
-            return self._keyframe_reason
+        reason = self._keyframe_reason
+        if reason is not None:
+            config = self._config
+            gap = config.keyframe_join_gap if reason == "join" else config.keyframe_min_gap
+            if now - self._last_keyframe >= gap:
+                return reason
         return None
 
     def _encode_timed(self, frame: av.VideoFrame, keyframe: bool) -> tuple[list[Packet], float]:
