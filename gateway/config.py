@@ -114,8 +114,8 @@ class Settings:
 
     workers: int = -1
     """Fan-out worker processes that hold the viewers' peer connections (the session's owner
-    encodes once and hands each worker every packet once): -1 is one per CPU core, 0 keeps
-    viewers in the main process."""
+    encodes once and hands each worker every packet once): -1 is one per CPU the process may
+    use (its affinity, bounded by a cgroup CPU quota), 0 keeps viewers in the main process."""
 
     media_design: str = "encode-once"
     """``naive`` gives every viewer its own encoder (aiortc's default); only for benchmarks."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -21,7 +22,7 @@ from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
 from gateway.media.hub import Hub
 from gateway.sessions import SessionRegistry
-from gateway.workers.pool import RemoteViewer, WorkerPool
+from gateway.workers.pool import RemoteViewer, WorkerPool, default_worker_count
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import ToneTrack, WhepViewer
@@ -219,3 +220,15 @@ async def test_a_closing_gateway_stops_its_workers(aiohttp_client: ClientFactory
     await client.close()  # the app's cleanup: sessions, then the workers
     assert all(p.returncode is not None for p in processes)  # exited and reaped
     assert metrics.workers._value.get() == 0
+
+
+def test_the_default_worker_count_follows_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert default_worker_count(tmp_path / "absent") == cores
+    cpu_max.write_text("max 100000\n")
+    assert default_worker_count(cpu_max) == cores
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one worker
+    assert default_worker_count(cpu_max) == 1
+    cpu_max.write_text(f"{cores * 300000} 100000\n")  # more quota than cores: the cores
+    assert default_worker_count(cpu_max) == cores

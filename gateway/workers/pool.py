@@ -19,12 +19,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import av
@@ -46,8 +48,20 @@ MICROPHONE_QUEUE = 50  # 20 ms frames: 1 s of a controller's voice in flight at 
 METRIC_OPS = frozenset({"inc", "dec", "set", "observe"})
 
 
-def default_worker_count() -> int:
-    return len(os.sched_getaffinity(0))
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def default_worker_count(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """One worker per CPU this process may use: its affinity (cpusets), bounded by a cgroup v2
+    CPU quota (a container limited to 2 CPUs on a 64-core host gets 2 workers, not 64)."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return count
 
 
 class WorkerLink:
