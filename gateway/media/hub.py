@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from ..metrics import Metrics
 from .codecs import VIDEO_ENCODERS, AudioEncoder, Packet, VideoEncoder
-from .rtp import Packetizer, RtpFrame
+from .rtp import Feedback, Packetizer, RtpFrame
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,10 @@ class Subscriber(Protocol):
     def deliver(self, frame: RtpFrame) -> None: ...
 
 
-class Fanout(Protocol):
-    """What a viewer's streams need from the fan-out: the session's :class:`Hub` in-process,
-    or a fan-out worker's stand-in for it (``gateway.workers.process.SessionFeed``)."""
+class Fanout(Feedback, Protocol):
+    """What a viewer's streams need from the fan-out (besides their :class:`~.rtp.Feedback`):
+    the session's :class:`Hub` in-process, or a fan-out worker's stand-in for it
+    (``gateway.workers.process.SessionFeed``)."""
 
     @property
     def closed(self) -> bool: ...
@@ -83,11 +84,15 @@ class Fanout(Protocol):
 
     def detach(self, subscriber: Subscriber) -> None: ...
 
-    def request_keyframe(self, reason: str, codec: str = "vp8") -> None: ...
 
-    def count_dropped(self, kind: str, count: int) -> None: ...
-
-    def count_feedback(self, kind: str) -> None: ...
+def deliver_all(frame: RtpFrame, subscribers: set[Subscriber]) -> None:
+    """Every subscriber sends ``frame`` now; one that fails is detached, not fatal."""
+    for subscriber in tuple(subscribers):
+        try:
+            subscriber.deliver(frame)
+        except (OSError, ValueError) as exc:  # a socket gone under us, an SRTP error
+            logger.debug("%s subscriber failed, detached: %s", subscriber.kind, exc)
+            subscribers.discard(subscriber)
 
 
 class VideoLane:
@@ -277,14 +282,8 @@ class Hub:
 
     def fan_out(self, frame: RtpFrame, subscribers: set[Subscriber], sent_bytes: Counter,
                 size: int) -> None:
-        """Every subscriber sends ``frame`` now; one that fails is detached, not fatal."""
         sent_bytes.inc(size * len(subscribers))
-        for subscriber in tuple(subscribers):
-            try:
-                subscriber.deliver(frame)
-            except (OSError, ValueError) as exc:  # a socket gone under us, an SRTP error
-                logger.debug("%s subscriber failed, detached: %s", subscriber.kind, exc)
-                subscribers.discard(subscriber)
+        deliver_all(frame, subscribers)
 
     # -- upstream side -----------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ real peers, real packets).
    every RTCP packet routed to the sender's SSRC, and ``sender.stop()`` on close: those three
    are replaced on the instance. The stream writes through :class:`DtlsOutput`: the DTLS
    transport's SRTP session and the nominated ICE pair's datagram transport.
-2. :func:`send_backlog` — bytes asyncio holds for a viewer's ICE sockets (what the kernel
-   refused); aioice ignores ``pause_writing``, so this is the only sign of a full uplink.
+2. :meth:`DtlsOutput.backlog` — bytes asyncio holds for the nominated pair's socket (what the
+   kernel refused); aioice ignores ``pause_writing``, so this is the only sign of a full uplink.
 3. :func:`configure_ice_host_addresses` — aioice gathers on a module function, not a setting.
 4. The non-STUN datagram queue of ``aioice.ice.Connection`` is bounded (a flood of a pending
    viewer's port would otherwise grow without limit).
@@ -151,12 +151,28 @@ def take_over_sender(sender: RTCRtpSender, codec: str,
 
     ``start`` returns None when the stream is not wanted any more (the viewer closed).
     """
-    state: dict[str, Any] = {}
+    takeover = _Takeover(sender, codec, start, stop)
+    sender.send = takeover.send  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = takeover.handle_rtcp  # type: ignore[method-assign]
+    sender.stop = takeover.stop  # type: ignore[method-assign]
 
-    async def send(parameters: RTCRtpSendParameters) -> None:
-        if "started" in state:
+
+class _Takeover:
+    """What replaces one sender's ``send``, ``_handle_rtcp_packet`` and ``stop``."""
+
+    def __init__(self, sender: RTCRtpSender, codec: str,
+                 start: Callable[[StreamParameters, DtlsOutput], RtpStream | None],
+                 stop: Callable[[RtpStream], None]) -> None:
+        self._sender, self._codec, self._start, self._stop = sender, codec, start, stop
+        self._started = self._stopped = False
+        self._stream: RtpStream | None = None
+        self._rtcp: asyncio.Task[None] | None = None
+
+    async def send(self, parameters: RTCRtpSendParameters) -> None:
+        if self._started:
             return
-        state["started"] = True
+        self._started = True
+        sender = self._sender
         dtls = sender.transport
         dtls._register_rtp_sender(sender, parameters)
         primary = parameters.codecs[0]
@@ -164,40 +180,32 @@ def take_over_sender(sender: RTCRtpSender, codec: str,
         rtx = next((c.payloadType for c in parameters.codecs
                     if is_rtx(c) and c.parameters.get("apt") == primary.payloadType), None)
         params = StreamParameters(
-            kind=sender.kind, codec=codec, payload_type=primary.payloadType, ssrc=sender._ssrc,
-            cname=parameters.rtcp.cname or "", mid=parameters.muxId,
+            kind=sender.kind, codec=self._codec, payload_type=primary.payloadType,
+            ssrc=sender._ssrc, cname=parameters.rtcp.cname or "", mid=parameters.muxId,
             extensions=tuple((e.id, e.uri) for e in parameters.headerExtensions),
             rtx_payload_type=rtx, rtx_ssrc=sender._rtx_ssrc)
         output = DtlsOutput(dtls)
-        stream = start(params, output)
-        if stream is None:
+        self._stream = self._start(params, output)
+        if self._stream is not None:
+            self._rtcp = asyncio.get_running_loop().create_task(
+                _report(self._stream, output), name=f"rtcp-{sender.kind}")
+
+    async def handle_rtcp(self, packet: AnyRtcpPacket) -> None:
+        if self._stream is not None:
+            self._stream.handle_rtcp(packet)
+
+    async def stop(self) -> None:
+        if self._stopped:
             return
-        state["stream"] = stream
-        state["rtcp"] = asyncio.get_running_loop().create_task(
-            _report(stream, output), name=f"rtcp-{sender.kind}")
-
-    async def handle_rtcp(packet: AnyRtcpPacket) -> None:
-        stream: RtpStream | None = state.get("stream")
+        self._stopped = True
+        if self._started:
+            self._sender.transport._unregister_rtp_sender(self._sender)
+        stream, self._stream = self._stream, None
+        if self._rtcp is not None:
+            self._rtcp.cancel()
+            await asyncio.wait([self._rtcp])
         if stream is not None:
-            stream.handle_rtcp(packet)
-
-    async def end() -> None:
-        if state.get("stopped"):
-            return
-        state["stopped"] = True
-        if "started" in state:
-            sender.transport._unregister_rtp_sender(sender)
-        stream: RtpStream | None = state.pop("stream", None)
-        task: asyncio.Task[None] | None = state.pop("rtcp", None)
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-        if stream is not None:
-            stop(stream)
-
-    sender.send = send  # type: ignore[method-assign]
-    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
-    sender.stop = end  # type: ignore[method-assign]
+            self._stop(stream)
 
 
 async def _report(stream: RtpStream, output: DtlsOutput) -> None:
@@ -263,24 +271,6 @@ class _EstimatorOnFirstUse:
 
 
 aiortc.rtcrtpreceiver.RemoteBitrateEstimator = _EstimatorOnFirstUse  # type: ignore[attr-defined,assignment]
-
-
-# -- 2. send backlog ------------------------------------------------------------------------
-
-
-def _protocols_backlog(connection: aioice.ice.Connection) -> int:
-    # A UDP transport from a selector loop; asyncio's DatagramTransport type omits the method.
-    transports: list[Any] = [p.transport for p in connection._protocols]
-    return sum(t.get_write_buffer_size() for t in transports if t is not None)
-
-
-def send_backlog(pc: RTCPeerConnection) -> int:
-    """Bytes asyncio holds for the peer connection's ICE sockets (one BUNDLE transport)."""
-    try:
-        connection = pc.getTransceivers()[0].sender.transport.transport._connection
-    except (AttributeError, IndexError):
-        return 0
-    return _protocols_backlog(connection)
 
 
 # -- 3. host addresses ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..media.hub import Fanout
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
-from .aiortc_hooks import DtlsOutput, send_backlog, share_certificate, take_over_sender
+from .aiortc_hooks import DtlsOutput, share_certificate, take_over_sender
 from .whep import MAX_REMOTE_CANDIDATES, Offer, SdpFragment, count_candidates, parse_answer
 
 logger = logging.getLogger(__name__)
@@ -169,10 +169,6 @@ class Viewer:
             raise BadSDP(f"the answer cannot be used: {str(exc) or type(exc).__name__}") from None
         match = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.MULTILINE)
         self._remote_ufrag = match.group(1) if match else ""
-
-    def send_backlog(self) -> int:
-        """Bytes asyncio holds for this viewer's ICE sockets (datagrams the kernel refused)."""
-        return send_backlog(self._pc)
 
     def expire_unless_connected(self, timeout: float) -> None:
         """Close the viewer if ICE/DTLS has not connected within ``timeout`` seconds.

@@ -115,10 +115,6 @@ class RemoteViewer:
     def state(self) -> str:
         return self._state
 
-    @property
-    def connection_state(self) -> str:
-        return self._state
-
     def _listen(self, on_microphone: Callable[[av.AudioFrame], Awaitable[None]] | None) -> bool:
         self._microphone = on_microphone
         return on_microphone is not None

@@ -28,7 +28,7 @@ import av
 
 from ..errors import GatewayError, NotFound
 from ..logs import configure as configure_logging
-from ..media.hub import Hub, Subscriber
+from ..media.hub import Hub, Subscriber, deliver_all
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
 from ..viewers.aiortc_hooks import configure_ice_host_addresses
@@ -131,14 +131,8 @@ class SessionFeed:
 
     def deliver(self, key: str, frame: RtpFrame) -> None:
         subscribers = self.subscribers.get(key)
-        if not subscribers:
-            return
-        for subscriber in tuple(subscribers):
-            try:
-                subscriber.deliver(frame)
-            except (OSError, ValueError) as exc:
-                logger.debug("%s subscriber failed, detached: %s", key, exc)
-                subscribers.discard(subscriber)
+        if subscribers:
+            deliver_all(frame, subscribers)
 
 
 class Worker:

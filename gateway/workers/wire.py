@@ -91,9 +91,6 @@ class Control:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         self._writer.write(_LENGTH.pack(len(data)) + data)
 
-    async def drain(self) -> None:
-        await self._writer.drain()
-
     async def receive(self) -> tuple[Any, ...] | None:
         try:
             (size,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
