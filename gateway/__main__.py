@@ -98,6 +98,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         connection_cap,
         raise_fd_limit,
     )
+    from .runtime import freeze_heap
 
     log = logging.getLogger("gateway")
     before, fd_limit = raise_fd_limit()
@@ -117,6 +118,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     server: asyncio.Server | None = None
     try:
         await runner.setup()  # startup hooks (orphan reaping) run before the port opens
+        freeze_heap()
         assert runner.server is not None
         guard = ConnectionGuard(runner.server, ConnectionLimits(
             max_total=cap, max_per_client=settings.max_connections_per_client,

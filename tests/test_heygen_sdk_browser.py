@@ -38,6 +38,8 @@ PAGE_PORT = 8443
 HEYGEN_KEY = "sim-heygen-key"
 PHRASE = "one two three four five"
 """PocketSphinx hears eSpeak's rendering as "well two three four five" (tests/test_local_listening.py)."""
+SDK_SEND_AFTER_CLOSE = "WebSocket is already in CLOSING or CLOSED state."
+"""What Chromium logs when a page sends on a closed WebSocket."""
 AVATAR_EVENTS = ["avatar_start_talking", "avatar_talking_message", "avatar_end_message",
                  "avatar_stop_talking"]
 
@@ -224,6 +226,8 @@ async def test_the_official_sdk_starts_speaks_hears_and_stops(
                 await asyncio.sleep(0.5)
                 heard = await transcripts(page, lambda _: True)
 
+        assert errors == []  # no failed request, CORS refusal or exception, from start on
+
         # stopAvatar: the session ends, nothing is left open.
         await page.evaluate("() => window.avatar.stopAvatar()")
         async with asyncio.timeout(30):
@@ -231,4 +235,9 @@ async def test_the_official_sdk_starts_speaks_hears_and_stops(
                 await asyncio.sleep(0.1)
         [row] = ledger.entries()
         assert row.stop_reason == "stopped"
-        assert errors == []  # no failed request, CORS refusal or exception, from start to stop
+        # The SDK's own race, whatever the server does: stopAvatar() closes the chat socket it
+        # opened while its WebSocketVoiceChat keeps a reference to it, and an onaudioprocess
+        # event of the microphone's ScriptProcessor already queued still calls send() on it
+        # (lib/index.esm.js, WebSocketVoiceChat._startVoiceChat and StreamingAvatar.stopAvatar).
+        # Chromium logs that send; nothing else may fail.
+        assert set(errors) <= {SDK_SEND_AFTER_CLOSE}, errors

@@ -31,6 +31,7 @@ from ..logs import configure as configure_logging
 from ..media.hub import Hub, Subscriber, deliver_all
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
+from ..runtime import freeze_heap
 from ..viewers.aiortc_hooks import configure_ice_host_addresses
 from ..viewers.peer import Viewer, rtc_configuration
 from ..viewers.whep import Offer, SdpFragment
@@ -328,6 +329,7 @@ async def main(control_fd: int, media_fd: int) -> None:
     settings: dict[str, Any] = hello[1]
     configure_logging(settings["log_level"], settings["log_format"])
     configure_ice_host_addresses(settings["ice_host_addresses"])
+    freeze_heap()
     started = time.monotonic()
     logger.info("fan-out worker %d ready", os.getpid())
     await Worker(control, media, settings).run()
