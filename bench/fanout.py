@@ -128,6 +128,8 @@ class Options:
     """``--client`` was given: a Pion client that does not build is then an error."""
     data_channel: bool
     answer_delay: float
+    profile: float | None
+    """Seconds py-spy samples from the client's start (``--profile``); 0: the whole data point."""
     out: Path
 
 
@@ -372,6 +374,34 @@ def fill_row(row: Row, result: dict[str, Any]) -> None:
         row.error = f"{row.n - row.connected} viewers failed: {'; '.join(result['errors'])}"
 
 
+@contextlib.asynccontextmanager
+async def profiler(opts: Options, gw: Gateway, out: Path) -> AsyncIterator[None]:
+    """With ``--profile``: py-spy samples the gateway and its workers
+    while the load client runs (without pausing them); collapsed stacks, one file per data point."""
+    if opts.profile is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    process = await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(gw.process.pid), "--subprocesses", "--nonblocking",
+        "--rate", "200", "--format", "raw", "--output", str(out),
+        *(["--duration", str(round(opts.profile))] if opts.profile else []),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            async with asyncio.timeout(30):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        print(f"  profile: {out}", file=sys.stderr)
+
+
 async def run_point(opts: Options, design: str, n: int, client: str, workers: int = 0) -> Row:
     row = Row(design, n, codec=DESIGN_SETUP[design][1], client=client, workers=workers)
     started = time.monotonic()
@@ -386,8 +416,9 @@ async def run_point(opts: Options, design: str, n: int, client: str, workers: in
             speaker = Speaker(http, f"{gw.base_url}/v1/sessions/{session['id']}/speak")
             speaking = asyncio.get_running_loop().create_task(speaker.run())
             try:
-                result = await run_viewers(opts, gw, session, n, row.codec, client,
-                                           logs / f"{name}.viewers.log")
+                async with profiler(opts, gw, opts.out.parent / f"{name}.profile.txt"):
+                    result = await run_viewers(opts, gw, session, n, row.codec, client,
+                                               logs / f"{name}.viewers.log")
             finally:
                 speaking.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -560,6 +591,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--answer-delay", type=float, default=0.0,
                         help="viewers wait this long before applying the WHEP answer "
                              "(emulates slow ICE/DTLS; default 0)")
+    parser.add_argument("--profile", type=float, nargs="?", const=0.0, metavar="SECONDS",
+                        help="py-spy (pip install py-spy) samples the gateway and its workers "
+                             "during each data point, or its first SECONDS (e.g. a join storm): "
+                             "collapsed stacks next to --out")
     parser.add_argument("--out", type=Path, default=BENCH / "out" / "fanout.jsonl")
     args = parser.parse_args(argv)
     viewers, warmup, measure = args.viewers, args.warmup, args.measure
@@ -583,7 +618,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         workers=tuple(args.workers), stop_below=args.stop_below,
         clients=CLIENTS if args.client in (None, "both") else (args.client,),
         client_named=args.client is not None,
-        data_channel=args.data_channel, answer_delay=args.answer_delay, out=args.out)
+        data_channel=args.data_channel, answer_delay=args.answer_delay, profile=args.profile,
+        out=args.out)
 
 
 def cpu_list(text: str) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
+import aiortc.rtcdtlstransport
 import pytest
 from aiohttp.test_utils import TestClient
 from aiortc import RTCRtpReceiver
@@ -102,13 +103,23 @@ async def test_closing_a_viewer_stops_its_streams_through_aiortcs_own_close(
 
 
 async def test_viewers_share_one_certificate_and_each_connects(
-        aiohttp_client: ClientFactory) -> None:
-    """One DTLS certificate (and SSL context) per process, not a key pair per viewer."""
+        aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One DTLS certificate (and SSL context) per process, not a key pair per viewer: a join
+    makes no key pair or certificate at all, not even one that would be replaced."""
     client = await aiohttp_client(create_app(make_settings()))
     _session, first, _video, _receiver = await watching(client)
-    second = WhepViewer(client, _session.id)
+    second = WhepViewer(client, _session.id)  # the test's own peer makes its certificate here
+    generate = aiortc.rtcdtlstransport.generate_certificate
+    made: list[object] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made.append(args)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(aiortc.rtcdtlstransport, "generate_certificate", counted)
     try:
         await second.connect()
+        assert made == []
         async with asyncio.timeout(20):
             await second.first_frame.wait()
         fingerprints = [re.findall(r"^a=fingerprint:.*$", v.answer_sdp, re.MULTILINE)

@@ -18,9 +18,9 @@ real peers, real packets).
 4. The non-STUN datagram queue of ``aioice.ice.Connection`` is bounded (a flood of a pending
    viewer's port would otherwise grow without limit).
 5. aioice's per-check INFO logging is lowered to WARNING.
-6. :func:`share_certificate` — one DTLS certificate (its fingerprints computed once) and SSL
-   context per process for every viewer, instead of a new key pair and context per peer
-   connection (~1.4 ms of each join).
+6. :func:`new_peer_connection` — one DTLS certificate (its fingerprints computed once) and SSL
+   context per process for every viewer, instead of a new key pair, certificate and context
+   per peer connection (~2 ms of each join).
 7. Every video ``RTCRtpReceiver`` builds a receive-side bandwidth estimator (~1.2 ms of
    allocations) even when it never receives: a viewer's transceivers only send. It is now
    built on the first packet that needs it.
@@ -40,7 +40,13 @@ from typing import Any
 
 import aioice.ice
 import aiortc.rtcrtpreceiver
-from aiortc import RTCCertificate, RTCDtlsTransport, RTCPeerConnection, RTCRtpSender
+from aiortc import (
+    RTCCertificate,
+    RTCConfiguration,
+    RTCDtlsTransport,
+    RTCPeerConnection,
+    RTCRtpSender,
+)
 from aiortc.codecs import is_rtx
 from aiortc.rate import RemoteBitrateEstimator as _RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
@@ -225,13 +231,14 @@ async def _report(stream: RtpStream, output: DtlsOutput) -> None:
 CERTIFICATE_ROTATION = 24 * 3600.0
 """Seconds one certificate serves new viewers (aiortc makes them valid for 30 days)."""
 _certificate: tuple[float, RTCCertificate] | None = None
+_generate_certificate = RTCCertificate.generateCertificate
 
 
 def _shared_certificate() -> RTCCertificate:
     global _certificate
     now = time.monotonic()
     if _certificate is None or now - _certificate[0] > CERTIFICATE_ROTATION:
-        certificate = RTCCertificate.generateCertificate()
+        certificate = _generate_certificate()
         contexts: dict[tuple[bytes, ...], Any] = {}
         create = certificate._create_ssl_context
 
@@ -249,9 +256,16 @@ def _shared_certificate() -> RTCCertificate:
     return _certificate[1]
 
 
-def share_certificate(pc: RTCPeerConnection) -> None:
-    """Give a new peer connection (before any transceiver) the process's certificate."""
-    pc._RTCPeerConnection__certificates = [_shared_certificate()]  # type: ignore[attr-defined]
+def new_peer_connection(configuration: RTCConfiguration) -> RTCPeerConnection:
+    """A peer connection with the process's certificate. aiortc's constructor makes a key pair
+    and signs a certificate of its own (~0.5 ms, a tenth of a join) that would be replaced at
+    once: during construction (synchronous, on this thread) it is handed the shared one."""
+    generate = RTCCertificate.generateCertificate
+    RTCCertificate.generateCertificate = _shared_certificate  # type: ignore[method-assign]
+    try:
+        return RTCPeerConnection(configuration)
+    finally:
+        RTCCertificate.generateCertificate = generate  # type: ignore[method-assign]
 
 
 # -- 7. estimators built when needed ---------------------------------------------------------

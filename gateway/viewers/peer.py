@@ -16,7 +16,6 @@ from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
-    RTCPeerConnection,
     RTCRtpSender,
     RTCRtpTransceiver,
     RTCSessionDescription,
@@ -29,7 +28,7 @@ from ..media.hub import Fanout
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
-from .aiortc_hooks import DtlsOutput, share_certificate, take_over_sender
+from .aiortc_hooks import DtlsOutput, new_peer_connection, take_over_sender
 from .whep import MAX_REMOTE_CANDIDATES, Offer, SdpFragment, count_candidates, parse_answer
 
 logger = logging.getLogger(__name__)
@@ -72,8 +71,7 @@ class Viewer:
         self._metrics = metrics
         self._on_closed = on_closed
         self._on_state = on_state
-        self._pc = RTCPeerConnection(configuration)
-        share_certificate(self._pc)
+        self._pc = new_peer_connection(configuration)
         self._streams: list[RtpStream] = []
         self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
         self._channel: RTCDataChannel | None = None
