@@ -116,6 +116,7 @@ class Options:
     collapse_fps: float
     keyframe_interval: float | None
     keyframe_min_gap: float | None
+    fast_start_frames: int | None
     server_cpu: str
     """CPU list for ``taskset -c`` (``0`` or ``0,1``); the gateway's workers inherit it."""
     viewer_cpu: str
@@ -197,6 +198,8 @@ async def gateway(opts: Options, design: str, n: int, log: Path,
         env["AVATAR_GATEWAY_KEYFRAME_INTERVAL"] = str(opts.keyframe_interval)
     if opts.keyframe_min_gap is not None:
         env["AVATAR_GATEWAY_KEYFRAME_MIN_GAP"] = str(opts.keyframe_min_gap)
+    if opts.fast_start_frames is not None:
+        env["AVATAR_GATEWAY_FAST_START_FRAMES"] = str(opts.fast_start_frames)
     with log.open("w", encoding="utf-8") as log_file:
         process = await asyncio.create_subprocess_exec(
             "taskset", "-c", str(opts.server_cpu), sys.executable, "-m", "gateway", "serve",
@@ -465,6 +468,7 @@ def environment(opts: Options) -> dict[str, Any]:
         "server_cpu": opts.server_cpu,
         "viewer_cpu": opts.viewer_cpu,
         "keyframe_interval": opts.keyframe_interval,
+        "fast_start_frames": opts.fast_start_frames,
         "keyframe_min_gap": opts.keyframe_min_gap,
         "data_channel": opts.data_channel,
         "answer_delay_s": opts.answer_delay,
@@ -566,6 +570,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--keyframe-min-gap", type=float,
                         help="AVATAR_GATEWAY_KEYFRAME_MIN_GAP for the gateway (default: its own): "
                              "how far apart forced keyframes (joins, PLI) may be")
+    parser.add_argument("--fast-start-frames", type=int,
+                        help="AVATAR_GATEWAY_FAST_START_FRAMES for the gateway (default: its "
+                             "own; 0: every join waits for a keyframe of its own)")
     parser.add_argument("--server-cpu", type=cpu_list, default="0",
                         help="CPUs of the gateway and its workers, e.g. 0 or 0,1 (default 0)")
     parser.add_argument("--viewer-cpu", type=cpu_list, default="1",
@@ -613,6 +620,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         designs=args.designs, viewers=tuple(sorted(set(viewers))), quality=args.quality,
         warmup=warmup, measure=measure, collapse_fps=args.collapse_fps,
         keyframe_interval=args.keyframe_interval, keyframe_min_gap=args.keyframe_min_gap,
+        fast_start_frames=args.fast_start_frames,
         server_cpu=args.server_cpu,
         viewer_cpu=args.viewer_cpu, batch=args.batch, all_at_once=args.all_at_once,
         workers=tuple(args.workers), stop_below=args.stop_below,

@@ -107,6 +107,10 @@ class Settings:
     keyframe_join_gap: float = 0.2
     """Keyframes for joining viewers come sooner: at most one per this many seconds (a join
     storm costs a few keyframes; a joining viewer waits less for its first picture)."""
+    fast_start_frames: int = 8
+    """A video viewer that connects within this many frames of a keyframe starts at once on a
+    replay of that keyframe and the frames since, instead of waiting for a keyframe of its own
+    (which every viewer would pay for). 0: every join waits for its own keyframe."""
     viewer_connect_timeout: float = 30.0
     """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
     stats_interval: float = 5.0
@@ -285,6 +289,8 @@ class Settings:
                      "max_session_duration"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not 0 <= self.fast_start_frames <= 60:
+            raise ConfigError("fast_start_frames must be 0 (off) to 60")
         if self.rate_limit < 0:
             raise ConfigError("rate_limit must be 0 (off) or positive")
         if self.max_connections < 0:

@@ -116,6 +116,10 @@ class Metrics:
         self.keyframe_requests = Counter(f"{NS}_keyframe_requests_total",
                                          "Keyframe requests before coalescing.",
                                          ["reason"], registry=r)
+        self.fast_starts = Counter(f"{NS}_video_fast_starts_total",
+                                   "Video viewers started on a replay of the frames since a "
+                                   "recent keyframe, with no keyframe of their own.",
+                                   registry=r)
         self.encode_duration = Histogram(f"{NS}_video_encode_duration_seconds",
                                          "Per-frame encode time of the shared encoder.",
                                          ["codec"], buckets=_ENCODE_BUCKETS, registry=r)

@@ -82,6 +82,7 @@ class Session:
                 keyframe_interval=settings.keyframe_interval,
                 keyframe_min_gap=settings.keyframe_min_gap,
                 keyframe_join_gap=settings.keyframe_join_gap,
+                fast_start_frames=settings.fast_start_frames,
             ),
             metrics,
             naive=settings.media_design == "naive",

@@ -296,7 +296,8 @@ async def test_a_stream_writes_only_its_own_headers() -> None:
 
 
 async def test_a_late_stream_starts_on_the_keyframe_its_join_asked_for() -> None:
-    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0,
+                   fast_start_frames=4)  # the join comes 5 frames after the keyframe
     early = attach(hub)
     await encode(hub, 0, 5)
     wire = Wire()
@@ -306,6 +307,31 @@ async def test_a_late_stream_starts_on_the_keyframe_its_join_asked_for() -> None
     first_of_late = early.frames[5]
     assert first_of_late.keyframe  # the join's keyframe, and the late viewer's first packets
     assert wire.packets()[0].payload == first_of_late.payloads[0]
+    await hub.close()
+
+
+async def test_a_stream_joining_soon_after_a_keyframe_starts_on_it_at_once() -> None:
+    """Fast start: the keyframe and the frames since, at once and as the others got them;
+    no keyframe for the join, so nobody else pays for it."""
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0,
+                   fast_start_frames=8)
+    early = attach(hub)
+    await encode(hub, 0, 3)  # the start's keyframe and two more
+    requests = hub.stats.keyframe_requests
+    wire = Wire()
+    late = stream(hub, wire)
+    replayed = wire.packets()  # before any new frame is encoded
+    sent = [(p.payload, p.timestamp - late._origin & 0xFFFFFFFF) for p in replayed]
+    assert sent == [(payload, f.timestamp) for f in early.frames for payload in f.payloads]
+    assert hub.stats.keyframe_requests == requests
+    assert hub.metrics.fast_starts._value.get() == 1
+    await encode(hub, 3, 3)
+    assert sum(f.keyframe for f in early.frames) == 1  # still only the start's
+    assert len(wire.packets()) == sum(len(f.payloads) for f in early.frames)
+    # Past fast_start_frames since the keyframe, a join asks for its own again.
+    await encode(hub, 6, 4)
+    stream(hub, Wire())
+    assert hub.stats.keyframe_requests == requests + 1
     await hub.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from aiortc.sdp import SessionDescription
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
 from gateway.media.hub import Hub
+from gateway.media.rtp import RtpFrame
 from gateway.sessions import SessionRegistry
 from gateway.workers.pool import RemoteViewer, WorkerPool, default_worker_count
+from gateway.workers.process import MetricsRelay, SessionFeed
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import ToneTrack, WhepViewer
@@ -232,3 +235,46 @@ def test_the_default_worker_count_follows_affinity_and_a_cgroup_quota(tmp_path: 
     assert default_worker_count(cpu_max) == 1
     cpu_max.write_text(f"{cores * 300000} 100000\n")  # more quota than cores: the cores
     assert default_worker_count(cpu_max) == cores
+
+
+class _Recorded:
+    """A worker's control socket and metrics, as a :class:`SessionFeed` uses them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+        self.control = self
+        self.metrics = MetricsRelay()
+
+    def send(self, *message: Any) -> None:
+        self.sent.append(message)
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    kind: str = "video"
+    codec: str = "vp8"
+    frames: list[RtpFrame] = field(default_factory=list)
+
+    def deliver(self, frame: RtpFrame) -> None:
+        self.frames.append(frame)
+
+
+def test_a_second_viewer_in_a_worker_starts_on_its_recent_frames() -> None:
+    """Fast start in a worker: its feed keeps the frames since the last keyframe it relayed,
+    so a viewer joining soon after needs no keyframe from the owner."""
+    worker = _Recorded()
+    feed = SessionFeed(worker, "s1", 8)  # type: ignore[arg-type]
+    first, second, third = _Subscriber(), _Subscriber(), _Subscriber()
+    assert feed.attach(first)
+    assert worker.sent == [("subscribe", "s1", "video/vp8")]
+    frames = [RtpFrame((bytes([i]),), i * 3000, i == 0, 0) for i in range(3)]
+    for frame in frames:
+        feed.deliver("video/vp8", frame)
+    assert feed.attach(second)
+    assert second.frames == frames and first.frames == frames
+    assert worker.sent == [("subscribe", "s1", "video/vp8")]  # no keyframe asked for
+    assert ("fast_starts", (), "inc", 1) in worker.metrics.pending
+    for i in range(3, 12):  # past 8 frames since the keyframe
+        feed.deliver("video/vp8", RtpFrame((bytes([i]),), i * 3000, False, 0))
+    assert feed.attach(third)
+    assert third.frames == [] and worker.sent[-1] == ("keyframe", "s1", "vp8", "join")

@@ -16,7 +16,8 @@ requests are coalesced to one per ``keyframe_min_gap`` seconds (``keyframe_join_
 joins: a new viewer sees nothing until its keyframe, while a repair keyframe only shortens a
 glitch, and a PLI storm must not turn into a keyframe storm for everyone), and a periodic
 keyframe every ``keyframe_interval`` seconds bounds recovery for a viewer whose request got
-lost.
+lost. A viewer that joins within ``fast_start_frames`` of a keyframe asks for none: it starts
+at once on a replay of that keyframe and the frames since (:class:`FastStart`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class HubConfig:
     keyframe_interval: float = 4.0
     keyframe_min_gap: float = 0.5
     keyframe_join_gap: float = 0.2
+    fast_start_frames: int = 8
 
 
 @dataclass(slots=True)
@@ -95,6 +97,35 @@ def deliver_all(frame: RtpFrame, subscribers: set[Subscriber]) -> None:
             subscribers.discard(subscriber)
 
 
+class FastStart:
+    """A lane's frames since its last keyframe, while they are few (at most ``limit``).
+
+    A joining viewer waited for a keyframe of its own: up to ``keyframe_join_gap`` for the
+    request, then the encode, and every viewer paid for that keyframe's bytes. Within ``limit``
+    frames of a keyframe it now gets the keyframe and the frames since at once, as they were
+    sent to the others (same RTP timestamps: its player starts at most ``limit`` frames behind
+    and catches up), and nobody else gets anything."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._frames: list[RtpFrame] = []
+
+    def add(self, frame: RtpFrame) -> None:
+        if frame.keyframe:
+            self._frames = [frame] if self._limit else []
+        elif self._frames:
+            if len(self._frames) < self._limit:
+                self._frames.append(frame)
+            else:
+                self._frames = []  # too far behind to replay: the next joiner asks for one
+
+    def replay(self, subscriber: Subscriber) -> bool:
+        """Start ``subscriber`` on the recent frames; False if there are none to start on."""
+        for frame in self._frames:
+            subscriber.deliver(frame)
+        return bool(self._frames)
+
+
 class VideoLane:
     """One video codec's encoder, its viewers and its keyframe policy.
 
@@ -107,6 +138,7 @@ class VideoLane:
         self.codec = encoder.codec
         self._owns_frames = owns_frames
         self.subscribers: set[Subscriber] = set()
+        self.fast_start = FastStart(hub.config.fast_start_frames)
         self._packetizer = Packetizer(encoder.codec)
         self._hub = hub
         self._config = hub.config
@@ -186,8 +218,9 @@ class VideoLane:
                     self._keyframe_reason = None
                     self._stats.keyframes += 1
                     self._metrics.keyframes.labels(reason or "encoder").inc()
-                self._hub.fan_out(self._packetizer.frame(packet), self.subscribers,
-                                  self._sent_bytes, packet.size)
+                rtp = self._packetizer.frame(packet)
+                self.fast_start.add(rtp)
+                self._hub.fan_out(rtp, self.subscribers, self._sent_bytes, packet.size)
 
     async def close(self) -> None:
         self._task.cancel()
@@ -242,8 +275,8 @@ class Hub:
 
     def attach(self, subscriber: Subscriber) -> bool:
         """Join the fan-out: called once the viewer's DTLS is up, so nothing is encoded or sent
-        for a handshake in progress. Video starts at a keyframe requested here. False once
-        the hub is closed."""
+        for a handshake in progress. Video starts on a recent keyframe's replay, or at a
+        keyframe requested here. False once the hub is closed."""
         if self._closed:
             return False
         if subscriber.kind == "video":
@@ -253,7 +286,10 @@ class Hub:
                 encoder = VIDEO_ENCODERS[codec](self.config.bitrate, self.config.fps)
                 lane = self._lanes[codec] = VideoLane(self, encoder, not self._lanes)
             lane.subscribers.add(subscriber)
-            self.request_keyframe("join", codec)
+            if lane.fast_start.replay(subscriber):
+                self.metrics.fast_starts.inc()
+            else:
+                self.request_keyframe("join", codec)
         else:
             self._audio.add(subscriber)
         return True

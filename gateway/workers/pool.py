@@ -31,6 +31,7 @@ from typing import Any
 
 import av
 import numpy as np
+from prometheus_client import Gauge
 
 from ..config import Settings
 from ..errors import GatewayError, ServiceUnavailable
@@ -187,12 +188,11 @@ class RemoteViewer:
                 return
 
     def on_closed(self, reason: str | None, metrics: Metrics | None = None) -> None:
-        """The worker closed it (or died: then ``metrics`` gets back the gauge it held)."""
+        """The worker closed it (or died: then ``metrics`` counts the disconnect the worker
+        cannot; the gauges it held are given back by :meth:`Worker.lost`)."""
         if self._closed.is_set():
             return
         if metrics is not None:
-            if self._state in ("connecting", "connected"):
-                metrics.viewers.labels(self._state).dec()
             metrics.viewer_disconnects.labels(reason or "closed").inc()
         self._state = "closed"
         if self.close_reason is None:
@@ -214,6 +214,7 @@ class Worker:
         self.process: asyncio.subprocess.Process | None = None
         self.viewers: dict[str, RemoteViewer] = {}
         self.links: dict[tuple[str, str], WorkerLink] = {}
+        self.gauges_held: dict[tuple[str, tuple[str, ...]], float] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self.alive = False
@@ -286,7 +287,7 @@ class Worker:
             elif op == "microphone":
                 self._microphone(*message[1:])
             elif op == "metrics":
-                apply_metric_ops(metrics, message[1])
+                apply_metric_ops(metrics, message[1], self.gauges_held)
 
     def _subscribe(self, session_id: str, key: str) -> None:
         hub = self._pool.hub_of(session_id)
@@ -323,6 +324,14 @@ class Worker:
         for viewer in tuple(self.viewers.values()):
             viewer.on_closed("worker_died", self._pool.metrics)
         self.viewers.clear()
+        # What its reports added to gauges, exactly: the owner's idea of its viewers' states
+        # can be ahead of the last metrics batch that arrived (states are sent at once,
+        # metrics every METRICS_FLUSH), and a guess left "connected" one short.
+        for (name, labels), amount in self.gauges_held.items():
+            if amount:
+                gauge = getattr(self._pool.metrics, name)
+                (gauge.labels(*labels) if labels else gauge).dec(amount)
+        self.gauges_held.clear()
         self.media.close()
 
 
@@ -337,6 +346,7 @@ class WorkerPool:
             "ice_servers": settings.ice_servers, "ice_username": settings.ice_username,
             "ice_credential": settings.ice_credential.reveal(),
             "ice_host_addresses": settings.ice_host_addresses,
+            "fast_start_frames": settings.fast_start_frames,
             # The owner's level (a CLI flag, not a setting) and format.
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             "log_format": settings.log_format,
@@ -416,8 +426,10 @@ class WorkerPool:
         self.metrics.workers.set(0)
 
 
-def apply_metric_ops(metrics: Metrics, ops: list[tuple[str, tuple[str, ...], str, float]]) -> None:
-    """A worker's metric operations, on the owner's registry (unknown names are ignored)."""
+def apply_metric_ops(metrics: Metrics, ops: list[tuple[str, tuple[str, ...], str, float]],
+                     gauges_held: dict[tuple[str, tuple[str, ...]], float]) -> None:
+    """A worker's metric operations, on the owner's registry (unknown names are ignored);
+    what they add to gauges is summed in ``gauges_held``, to be given back if it dies."""
     for name, labels, op, amount in ops:
         metric = getattr(metrics, name, None)
         if metric is None or op not in METRIC_OPS or name.startswith("_"):
@@ -427,3 +439,7 @@ def apply_metric_ops(metrics: Metrics, ops: list[tuple[str, tuple[str, ...], str
             getattr(target, op)(amount)
         except (AttributeError, ValueError, TypeError):
             logger.debug("worker metric %s %s %s refused", name, labels, op)
+            continue
+        if isinstance(metric, Gauge) and op in ("inc", "dec"):
+            key = (name, labels)
+            gauges_held[key] = gauges_held.get(key, 0.0) + (amount if op == "inc" else -amount)

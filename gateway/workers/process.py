@@ -28,7 +28,7 @@ import av
 
 from ..errors import GatewayError, NotFound
 from ..logs import configure as configure_logging
-from ..media.hub import Hub, Subscriber, deliver_all
+from ..media.hub import FastStart, Hub, Subscriber, deliver_all
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
 from ..runtime import freeze_heap
@@ -84,12 +84,15 @@ class _RelayedMetric:
 class SessionFeed:
     """One session's viewers in this worker: the :class:`~gateway.media.hub.Fanout` their
     streams attach to. The first stream of a kind/codec subscribes this worker at the owner
-    (whose hub then asks for a keyframe); later ones ask for their own keyframe."""
+    (whose hub starts it on a recent keyframe or asks for one); later video streams start on
+    this feed's own recent frames, or ask for their own keyframe."""
 
-    def __init__(self, worker: Worker, session_id: str) -> None:
+    def __init__(self, worker: Worker, session_id: str, fast_start_frames: int) -> None:
         self._worker = worker
         self.session_id = session_id
         self.subscribers: dict[str, set[Subscriber]] = defaultdict(set)
+        self._fast_start_frames = fast_start_frames
+        self._fast_starts: dict[str, FastStart] = {}
         self.closed = False
 
     @staticmethod
@@ -107,9 +110,14 @@ class SessionFeed:
         subscribers = self.subscribers[key]
         subscribers.add(subscriber)
         if len(subscribers) == 1:
+            self._fast_starts.pop(key, None)  # frames from an earlier subscription: stale
             self._worker.control.send("subscribe", self.session_id, key)
         elif subscriber.kind == "video":
-            self.request_keyframe("join", subscriber.codec)
+            fast_start = self._fast_starts.get(key)
+            if fast_start is not None and fast_start.replay(subscriber):
+                self._worker.metrics.fast_starts.inc()
+            else:
+                self.request_keyframe("join", subscriber.codec)
         return True
 
     def detach(self, subscriber: Subscriber) -> None:
@@ -133,6 +141,11 @@ class SessionFeed:
     def deliver(self, key: str, frame: RtpFrame) -> None:
         subscribers = self.subscribers.get(key)
         if subscribers:
+            if key.startswith("video/"):
+                fast_start = self._fast_starts.get(key)
+                if fast_start is None:
+                    fast_start = self._fast_starts[key] = FastStart(self._fast_start_frames)
+                fast_start.add(frame)
             deliver_all(frame, subscribers)
 
 
@@ -175,7 +188,8 @@ class Worker:
     def _feed(self, session_id: str) -> SessionFeed:
         feed = self._feeds.get(session_id)
         if feed is None:
-            feed = self._feeds[session_id] = SessionFeed(self, session_id)
+            feed = self._feeds[session_id] = SessionFeed(
+                self, session_id, self._settings["fast_start_frames"])
         return feed
 
     def _new_viewer(self, session_id: str, viewer_id: str, client: str) -> Viewer:
