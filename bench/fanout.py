@@ -117,6 +117,7 @@ class Options:
     keyframe_interval: float | None
     keyframe_min_gap: float | None
     fast_start_frames: int | None
+    audio_packet_ms: int | None
     server_cpu: str
     """CPU list for ``taskset -c`` (``0`` or ``0,1``); the gateway's workers inherit it."""
     viewer_cpu: str
@@ -200,6 +201,8 @@ async def gateway(opts: Options, design: str, n: int, log: Path,
         env["AVATAR_GATEWAY_KEYFRAME_MIN_GAP"] = str(opts.keyframe_min_gap)
     if opts.fast_start_frames is not None:
         env["AVATAR_GATEWAY_FAST_START_FRAMES"] = str(opts.fast_start_frames)
+    if opts.audio_packet_ms is not None:
+        env["AVATAR_GATEWAY_AUDIO_PACKET_MS"] = str(opts.audio_packet_ms)
     with log.open("w", encoding="utf-8") as log_file:
         process = await asyncio.create_subprocess_exec(
             "taskset", "-c", str(opts.server_cpu), sys.executable, "-m", "gateway", "serve",
@@ -469,6 +472,7 @@ def environment(opts: Options) -> dict[str, Any]:
         "viewer_cpu": opts.viewer_cpu,
         "keyframe_interval": opts.keyframe_interval,
         "fast_start_frames": opts.fast_start_frames,
+        "audio_packet_ms": opts.audio_packet_ms,
         "keyframe_min_gap": opts.keyframe_min_gap,
         "data_channel": opts.data_channel,
         "answer_delay_s": opts.answer_delay,
@@ -573,6 +577,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--fast-start-frames", type=int,
                         help="AVATAR_GATEWAY_FAST_START_FRAMES for the gateway (default: its "
                              "own; 0: every join waits for a keyframe of its own)")
+    parser.add_argument("--audio-packet-ms", type=int, choices=(20, 40, 60),
+                        help="AVATAR_GATEWAY_AUDIO_PACKET_MS for the gateway (default: its own)")
     parser.add_argument("--server-cpu", type=cpu_list, default="0",
                         help="CPUs of the gateway and its workers, e.g. 0 or 0,1 (default 0)")
     parser.add_argument("--viewer-cpu", type=cpu_list, default="1",
@@ -620,7 +626,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         designs=args.designs, viewers=tuple(sorted(set(viewers))), quality=args.quality,
         warmup=warmup, measure=measure, collapse_fps=args.collapse_fps,
         keyframe_interval=args.keyframe_interval, keyframe_min_gap=args.keyframe_min_gap,
-        fast_start_frames=args.fast_start_frames,
+        fast_start_frames=args.fast_start_frames, audio_packet_ms=args.audio_packet_ms,
         server_cpu=args.server_cpu,
         viewer_cpu=args.viewer_cpu, batch=args.batch, all_at_once=args.all_at_once,
         workers=tuple(args.workers), stop_below=args.stop_below,

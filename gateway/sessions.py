@@ -83,6 +83,7 @@ class Session:
                 keyframe_min_gap=settings.keyframe_min_gap,
                 keyframe_join_gap=settings.keyframe_join_gap,
                 fast_start_frames=settings.fast_start_frames,
+                audio_packet_ms=settings.audio_packet_ms,
             ),
             metrics,
             naive=settings.media_design == "naive",

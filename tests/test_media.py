@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import av
 import numpy as np
+import pytest
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import (
     RTCP_PSFB_PLI,
@@ -252,7 +253,7 @@ async def test_nobody_watching_costs_no_encode() -> None:
 
 
 async def test_audio_is_encoded_once_to_opus() -> None:
-    hub = make_hub()
+    hub = make_hub(audio_packet_ms=20)
     a, b = attach(hub, "audio"), attach(hub, "audio")
     for index in range(10):
         hub.push_audio(audio_frame(index))
@@ -263,6 +264,23 @@ async def test_audio_is_encoded_once_to_opus() -> None:
     hub.detach(a)
     hub.push_audio(audio_frame(10))
     assert len(b.frames) == len(a.frames) + 1
+    await hub.close()
+
+
+@pytest.mark.parametrize("packet_ms", [40, 60])
+async def test_longer_audio_packets_are_fewer(packet_ms: int) -> None:
+    hub = make_hub(audio_packet_ms=packet_ms)
+    listener = attach(hub, "audio")
+    for index in range(30):  # 0.6 s of 20 ms frames
+        hub.push_audio(audio_frame(index))
+    samples = packet_ms * 48
+    assert 600 // packet_ms - 1 <= len(listener.frames) <= 600 // packet_ms
+    steps = {q.timestamp - p.timestamp for p, q in itertools.pairwise(listener.frames)}
+    assert steps == {samples}
+    decoder = av.CodecContext.create("opus", "r")
+    decoded = [f for frame in listener.frames
+               for f in decoder.decode(av.Packet(frame.payloads[0]))]
+    assert {f.samples for f in decoded} == {samples}
     await hub.close()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from gateway.workers.process import MetricsRelay, SessionFeed
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import ToneTrack, WhepViewer
+from .test_media import Recorder
 
 Client = TestClient[Any, Any]
 
@@ -249,22 +249,12 @@ class _Recorded:
         self.sent.append(message)
 
 
-@dataclass(eq=False)
-class _Subscriber:
-    kind: str = "video"
-    codec: str = "vp8"
-    frames: list[RtpFrame] = field(default_factory=list)
-
-    def deliver(self, frame: RtpFrame) -> None:
-        self.frames.append(frame)
-
-
 def test_a_second_viewer_in_a_worker_starts_on_its_recent_frames() -> None:
     """Fast start in a worker: its feed keeps the frames since the last keyframe it relayed,
     so a viewer joining soon after needs no keyframe from the owner."""
     worker = _Recorded()
     feed = SessionFeed(worker, "s1", 8)  # type: ignore[arg-type]
-    first, second, third = _Subscriber(), _Subscriber(), _Subscriber()
+    first, second, third = Recorder(), Recorder(), Recorder()
     assert feed.attach(first)
     assert worker.sent == [("subscribe", "s1", "video/vp8")]
     frames = [RtpFrame((bytes([i]),), i * 3000, i == 0, 0) for i in range(3)]

@@ -23,7 +23,6 @@ Packet: TypeAlias = "av.Packet[Any]"
 VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
 AUDIO_RATE = 48_000
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
-OPUS_FRAME_SAMPLES = 960  # 20 ms, what browsers and aiortc use
 
 
 class VideoEncoder(abc.ABC):
@@ -134,11 +133,11 @@ VIDEO_ENCODERS: dict[str, type[VideoEncoder]] = {"vp8": Vp8Encoder, "h264": H264
 
 
 class AudioEncoder:
-    """Opus (libopus), mono 48 kHz, 20 ms packets, tuned for speech."""
+    """Opus (libopus), mono 48 kHz, ``packet_ms`` (20, 40 or 60) ms packets, tuned for speech."""
 
     codec = "opus"
 
-    def __init__(self, bitrate: int = 64_000) -> None:
+    def __init__(self, bitrate: int = 64_000, packet_ms: int = 40) -> None:
         ctx = av.CodecContext.create("libopus", "w")
         assert isinstance(ctx, av.AudioCodecContext)
         ctx.bit_rate = bitrate
@@ -146,12 +145,13 @@ class AudioEncoder:
         ctx.format = "s16"
         ctx.layout = "mono"
         ctx.time_base = AUDIO_TIME_BASE
-        ctx.options = {"application": "voip"}
+        ctx.options = {"application": "voip", "frame_duration": str(packet_ms)}
         ctx.open()
         self._context = ctx
-        # Upstreams deliver 10 ms (LiveKit) or 20 ms frames, mono or stereo; libopus wants 20 ms.
+        # Upstreams deliver 10 ms (LiveKit) or 20 ms frames, mono or stereo; libopus wants
+        # exactly one packet's worth.
         self._resampler = av.AudioResampler(
-            format="s16", layout="mono", rate=AUDIO_RATE, frame_size=OPUS_FRAME_SAMPLES
+            format="s16", layout="mono", rate=AUDIO_RATE, frame_size=ctx.frame_size
         )
 
     def encode(self, frame: av.AudioFrame) -> list[Packet]:

@@ -47,6 +47,7 @@ class HubConfig:
     keyframe_min_gap: float = 0.5
     keyframe_join_gap: float = 0.2
     fast_start_frames: int = 8
+    audio_packet_ms: int = 40
 
 
 @dataclass(slots=True)
@@ -246,7 +247,7 @@ class Hub:
         self.metrics = metrics
         self.stats = HubStats()
         self._lanes: dict[str, VideoLane] = {}
-        self._audio_encoder = AudioEncoder()
+        self._audio_encoder = AudioEncoder(packet_ms=config.audio_packet_ms)
         self._audio_packetizer = Packetizer(AudioEncoder.codec)
         self._audio: set[Subscriber] = set()
         self._closed = False
