@@ -54,6 +54,8 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
         ({"AVATAR_GATEWAY_DEFAULT_QUALITY": "ultra"}, "default_quality"),
         ({"AVATAR_GATEWAY_ICE_SERVERS": "http://x"}, "stun:"),
         ({"AVATAR_GATEWAY_ICE_HOST_ADDRESSES": "eth0"}, "not an IP"),
+        ({"AVATAR_GATEWAY_AUDIO_PACKET_MS": "30"}, "20, 40 or 60"),
+        ({"AVATAR_GATEWAY_FAST_START_FRAMES": "-1"}, "fast_start_frames"),
         ({"AVATAR_GATEWAY_ALLOW_INSECURE": "maybe"}, "ALLOW_INSECURE"),
         ({"AVATAR_GATEWAY_API_TOKEN_FILE": "/nonexistent/token"}, "cannot read"),
     ],
