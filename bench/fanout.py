@@ -195,14 +195,12 @@ async def gateway(opts: Options, design: str, n: int, log: Path,
         "AVATAR_GATEWAY_WORKERS": str(workers),
         "PYTHONUNBUFFERED": "1",
     })
-    if opts.keyframe_interval is not None:
-        env["AVATAR_GATEWAY_KEYFRAME_INTERVAL"] = str(opts.keyframe_interval)
-    if opts.keyframe_min_gap is not None:
-        env["AVATAR_GATEWAY_KEYFRAME_MIN_GAP"] = str(opts.keyframe_min_gap)
-    if opts.fast_start_frames is not None:
-        env["AVATAR_GATEWAY_FAST_START_FRAMES"] = str(opts.fast_start_frames)
-    if opts.audio_packet_ms is not None:
-        env["AVATAR_GATEWAY_AUDIO_PACKET_MS"] = str(opts.audio_packet_ms)
+    for name, value in (("KEYFRAME_INTERVAL", opts.keyframe_interval),
+                        ("KEYFRAME_MIN_GAP", opts.keyframe_min_gap),
+                        ("FAST_START_FRAMES", opts.fast_start_frames),
+                        ("AUDIO_PACKET_MS", opts.audio_packet_ms)):
+        if value is not None:
+            env[f"AVATAR_GATEWAY_{name}"] = str(value)
     with log.open("w", encoding="utf-8") as log_file:
         process = await asyncio.create_subprocess_exec(
             "taskset", "-c", str(opts.server_cpu), sys.executable, "-m", "gateway", "serve",
@@ -382,8 +380,8 @@ def fill_row(row: Row, result: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def profiler(opts: Options, gw: Gateway, out: Path) -> AsyncIterator[None]:
-    """With ``--profile``: py-spy samples the gateway and its workers
-    while the load client runs (without pausing them); collapsed stacks, one file per data point."""
+    """With ``--profile``: py-spy samples the gateway and its workers while the load client
+    runs (without pausing them); collapsed stacks, one file per data point."""
     if opts.profile is None:
         yield
         return
@@ -573,7 +571,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         help="AVATAR_GATEWAY_KEYFRAME_INTERVAL for the gateway (default: its own)")
     parser.add_argument("--keyframe-min-gap", type=float,
                         help="AVATAR_GATEWAY_KEYFRAME_MIN_GAP for the gateway (default: its own): "
-                             "how far apart forced keyframes (joins, PLI) may be")
+                             "how far apart repair keyframes (PLI/FIR, overflow) may be")
     parser.add_argument("--fast-start-frames", type=int,
                         help="AVATAR_GATEWAY_FAST_START_FRAMES for the gateway (default: its "
                              "own; 0: every join waits for a keyframe of its own)")

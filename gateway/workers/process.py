@@ -110,7 +110,8 @@ class SessionFeed:
         subscribers = self.subscribers[key]
         subscribers.add(subscriber)
         if len(subscribers) == 1:
-            self._fast_starts.pop(key, None)  # frames from an earlier subscription: stale
+            if subscriber.kind == "video":  # anew: an earlier subscription's frames are stale
+                self._fast_starts[key] = FastStart(self._fast_start_frames)
             self._worker.control.send("subscribe", self.session_id, key)
         elif subscriber.kind == "video":
             fast_start = self._fast_starts.get(key)
@@ -141,10 +142,8 @@ class SessionFeed:
     def deliver(self, key: str, frame: RtpFrame) -> None:
         subscribers = self.subscribers.get(key)
         if subscribers:
-            if key.startswith("video/"):
-                fast_start = self._fast_starts.get(key)
-                if fast_start is None:
-                    fast_start = self._fast_starts[key] = FastStart(self._fast_start_frames)
+            fast_start = self._fast_starts.get(key)  # video only
+            if fast_start is not None:
                 fast_start.add(frame)
             deliver_all(frame, subscribers)
 
