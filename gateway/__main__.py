@@ -95,6 +95,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         AcceptErrorLog,
         ConnectionGuard,
         ConnectionLimits,
+        accept_batch,
         connection_cap,
         raise_fd_limit,
     )
@@ -103,9 +104,11 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     log = logging.getLogger("gateway")
     before, fd_limit = raise_fd_limit()
     cap = connection_cap(settings.max_connections, fd_limit)
-    log.info("file descriptors: limit %d%s; at most %d HTTP connections, %d per client address",
-             fd_limit, f" (raised from {before})" if fd_limit != before else "", cap,
-             settings.max_connections_per_client)
+    backlog = accept_batch(fd_limit, cap)
+    log.info("file descriptors: limit %d%s; at most %d HTTP connections, %d per client "
+             "address; accepting %d at a time", fd_limit,
+             f" (raised from {before})" if fd_limit != before else "", cap,
+             settings.max_connections_per_client, backlog)
     if cap >= fd_limit:
         log.warning("max_connections %d is not below the descriptor limit %d: the listener can "
                     "run out of descriptors", cap, fd_limit)
@@ -125,7 +128,8 @@ async def _serve(app: web.Application, settings: Settings) -> None:
             header_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
         ), app[METRICS])
         AcceptErrorLog(loop, metrics=app[METRICS], connections=lambda: guard.open).install(loop)
-        server = await loop.create_server(guard, settings.host, settings.port)
+        server = await loop.create_server(guard, settings.host, settings.port,
+                                           backlog=backlog)
         await stop.wait()
     finally:
         if server is not None:

@@ -27,6 +27,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import re
 import resource
 import time
@@ -97,6 +98,14 @@ def connection_cap(configured: int, fd_limit: int) -> int:
     return configured if configured > 0 else max(16, fd_limit * 3 // 4)
 
 
+def accept_batch(fd_limit: int, cap: int) -> int:
+    """The listener's ``backlog``: asyncio accepts up to that many sockets per readiness event
+    and only then runs the protocol factory, where the guard refuses (and closes) those over
+    the cap. So a burst holds ``cap + backlog`` descriptors for a moment; keep it within a
+    quarter of what the cap leaves, and at asyncio's default of 100 where that is plenty."""
+    return max(8, min(100, (fd_limit - cap) // 4))
+
+
 class ConnectionGuard:
     """A protocol factory: ``loop.create_server(ConnectionGuard(runner.server, ...), ...)``."""
 
@@ -149,6 +158,21 @@ class ConnectionGuard:
             self._metrics.connections_timed_out.labels(phase).inc()
 
 
+def _discard_received(transport: asyncio.Transport, most: int = _MAX_HEAD) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    left = most
+    while left > 0:
+        try:
+            data = os.read(sock.fileno(), left)
+        except OSError:  # nothing more (EAGAIN), or the peer is gone
+            return
+        if not data:
+            return
+        left -= len(data)
+
+
 class _GuardedProtocol(asyncio.Protocol):
     """Stands in front of one aiohttp ``RequestHandler``: every event is passed on, after the
     guard's bookkeeping. A refused connection never gets a handler at all."""
@@ -173,7 +197,9 @@ class _GuardedProtocol(asyncio.Protocol):
         self._address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         refusal = self._guard._admit(self._address)
         if refusal is not None:
-            # Answered before a byte is read: nothing of the request is parsed or buffered.
+            # Answered before a byte is parsed. What already arrived is read and dropped: a
+            # socket closed with unread data sends a reset, and the client loses the answer.
+            _discard_received(transport)
             transport.write(refusal)
             transport.close()
             return
