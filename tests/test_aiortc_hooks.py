@@ -26,7 +26,7 @@ from gateway.sessions import Session
 from gateway.viewers import aiortc_hooks
 from gateway.viewers.peer import Viewer
 
-from .conftest import ClientFactory, make_settings
+from .conftest import IN_NETNS, ClientFactory, make_settings
 from .rtc_client import WhepViewer
 
 Client = TestClient[Any, Any]
@@ -125,6 +125,40 @@ async def test_viewers_share_one_certificate_and_each_connects(
         fingerprints = [re.findall(r"^a=fingerprint:.*$", v.answer_sdp, re.MULTILINE)
                         for v in (first, second)]
         assert fingerprints[0] and fingerprints[0] == fingerprints[1]
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+
+@pytest.mark.skipif(not IN_NETNS, reason="unpinned gathering uses the host's interfaces")
+async def test_unpinned_joins_share_one_walk_of_the_interfaces(
+        aiohttp_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aioice lists every interface for every join; unpinned, the gateway lists them once per
+    ``HOST_ADDRESSES_TTL`` and its answers offer exactly those addresses."""
+    walk = aiortc_hooks._every_interface
+    walks: list[list[str]] = []
+
+    def counted(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        walks.append(walk(use_ipv4, use_ipv6))
+        return walks[-1]
+
+    monkeypatch.setattr(aiortc_hooks, "_every_interface", counted)
+    client = await aiohttp_client(create_app(make_settings()))  # unpinned: no ice_host_addresses
+    session, first, _video, _receiver = await watching(client)
+    second = WhepViewer(client, session.id)
+    try:
+        await second.connect()
+        async with asyncio.timeout(20):
+            await second.first_frame.wait()
+        assert len(walks) == 1, walks  # both joins (and the test's own two peers) shared it
+        for viewer in (first, second):
+            offered = set(re.findall(r"^a=candidate:\S+ 1 udp \d+ (\S+) ", viewer.answer_sdp,
+                                     re.MULTILINE))
+            assert offered and offered <= set(walks[0]), (offered, walks[0])
+        monkeypatch.setattr(aiortc_hooks, "HOST_ADDRESSES_TTL", 0.0)
+        await first.close()
+        first = WhepViewer(client, session.id)
+        await first.connect()
+        assert len(walks) > 1  # past the interval, a join walks them again
     finally:
         await asyncio.gather(first.close(), second.close())
 

@@ -15,6 +15,8 @@ real peers, real packets).
 2. :meth:`DtlsOutput.backlog` — bytes asyncio holds for the nominated pair's socket (what the
    kernel refused); aioice ignores ``pause_writing``, so this is the only sign of a full uplink.
 3. :func:`configure_ice_host_addresses` — aioice gathers on a module function, not a setting.
+   Unpinned, the interface list is read once per ``HOST_ADDRESSES_TTL`` instead of per join
+   (``ifaddr`` walks every interface: ~0.5 ms of each join, more on hosts with many).
 4. The non-STUN datagram queue of ``aioice.ice.Connection`` is bounded (a flood of a pending
    viewer's port would otherwise grow without limit).
 5. aioice's per-check INFO logging is lowered to WARNING.
@@ -289,14 +291,32 @@ aiortc.rtcrtpreceiver.RemoteBitrateEstimator = _EstimatorOnFirstUse  # type: ign
 
 # -- 3. host addresses ----------------------------------------------------------------------
 
-_default_host_addresses = aioice.ice.get_host_addresses
+_every_interface = aioice.ice.get_host_addresses
+
+HOST_ADDRESSES_TTL = 5.0
+"""Seconds an unpinned host's interface list is reused: an address that appears is gathered
+on by joins after that, one that goes away is dropped as quickly (ICE restarts re-gather)."""
+
+
+class _RecentHostAddresses:
+    """aioice's own interface walk, remembered for ``HOST_ADDRESSES_TTL``."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[bool, bool], tuple[float, list[str]]] = {}
+
+    def __call__(self, use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        now = time.monotonic()
+        seen = self._seen.get((use_ipv4, use_ipv6))
+        if seen is None or now - seen[0] >= HOST_ADDRESSES_TTL:
+            seen = self._seen[use_ipv4, use_ipv6] = (now, _every_interface(use_ipv4, use_ipv6))
+        return list(seen[1])
 
 
 def configure_ice_host_addresses(addresses: Sequence[str]) -> None:
     """Pin the host addresses aiortc gathers ICE candidates on, process-wide.
 
     Pinning is what containers, 1:1 NAT hosts and loopback-only rigs need. Empty restores
-    aioice's default (every interface except loopback).
+    aioice's default (every interface except loopback), read at most every few seconds.
     """
     if addresses:
         pinned = list(addresses)
@@ -306,7 +326,7 @@ def configure_ice_host_addresses(addresses: Sequence[str]) -> None:
 
         aioice.ice.get_host_addresses = pinned_addresses
     else:
-        aioice.ice.get_host_addresses = _default_host_addresses
+        aioice.ice.get_host_addresses = _RecentHostAddresses()
 
 
 # -- 4. bounded datagram queue --------------------------------------------------------------
