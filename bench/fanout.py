@@ -68,13 +68,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import cpu_budget
 from fanout_report import Row, add_slopes, progress_line, report
 
 BENCH = Path(__file__).resolve().parent
@@ -132,6 +133,8 @@ class Options:
     answer_delay: float
     profile: float | None
     """Seconds py-spy samples from the client's start (``--profile``); 0: the whole data point."""
+    worker_share: float | None
+    """Each fan-out worker limited to this share of a core (``--worker-cpu-share``)."""
     out: Path
 
 
@@ -420,9 +423,11 @@ async def run_point(opts: Options, design: str, n: int, client: str, workers: in
             speaker = Speaker(http, f"{gw.base_url}/v1/sessions/{session['id']}/speak")
             speaking = asyncio.get_running_loop().create_task(speaker.run())
             try:
-                async with profiler(opts, gw, opts.out.parent / f"{name}.profile.txt"):
-                    result = await run_viewers(opts, gw, session, n, row.codec, client,
-                                               logs / f"{name}.viewers.log")
+                with worker_budgets(opts, gw, workers, name) as groups:
+                    async with profiler(opts, gw, opts.out.parent / f"{name}.profile.txt"):
+                        result = await run_viewers(opts, gw, session, n, row.codec, client,
+                                                   logs / f"{name}.viewers.log")
+                    row.worker_throttled_s = [round(cpu_budget.throttled_s(g), 1) for g in groups]
             finally:
                 speaking.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -444,6 +449,22 @@ async def run_point(opts: Options, design: str, n: int, client: str, workers: in
         row.status = "collapsed"
     row.elapsed_s = round(time.monotonic() - started, 1)
     return row
+
+
+@contextlib.contextmanager
+def worker_budgets(opts: Options, gw: Gateway, workers: int,
+                   name: str) -> Iterator[list[Path]]:
+    """With ``--worker-cpu-share``: each of the gateway's fan-out workers in a CPU budget of
+    its own for the data point (see ``cpu_budget.py``)."""
+    if opts.worker_share is None or workers == 0:
+        yield []
+        return
+    pids = [pid for pid in cpu_budget.children(gw.process.pid)
+            if b"gateway.workers.process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    if len(pids) != workers:
+        raise RuntimeError(f"expected {workers} fan-out workers, found {len(pids)}: {pids}")
+    with cpu_budget.per_process_budget(pids, opts.worker_share, name) as groups:
+        yield groups
 
 
 def environment(opts: Options) -> dict[str, Any]:
@@ -476,6 +497,7 @@ def environment(opts: Options) -> dict[str, Any]:
         "answer_delay_s": opts.answer_delay,
         "clients": list(opts.clients),
         "workers": opts.workers,
+        "worker_cpu_share": opts.worker_share,
         "all_at_once": opts.all_at_once,
         **({"pion": pion_version()} if "pion" in opts.clients else {}),
     }
@@ -606,6 +628,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         help="py-spy (pip install py-spy) samples the gateway and its workers "
                              "during each data point, or its first SECONDS (e.g. a join storm): "
                              "collapsed stacks next to --out")
+    parser.add_argument("--worker-cpu-share", type=float, metavar="FRACTION",
+                        help="limit each fan-out worker to this share of one core (a cgroup CPU "
+                             "budget; needs root): compares 1 and 2 workers at the same budget "
+                             "per worker on a machine too small to give each its own core")
     parser.add_argument("--out", type=Path, default=BENCH / "out" / "fanout.jsonl")
     args = parser.parse_args(argv)
     viewers, warmup, measure = args.viewers, args.warmup, args.measure
@@ -616,6 +642,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         for cpu in map(int, cpus.split(",")):
             if cpu not in allowed:
                 parser.error(f"CPU {cpu} is not available (allowed: {sorted(allowed)})")
+    if args.worker_cpu_share is not None:
+        if not 0.05 <= args.worker_cpu_share <= 8:
+            parser.error("--worker-cpu-share: a fraction of one core, 0.05 to 8")
+        try:
+            cpu_budget.check_available()
+        except RuntimeError as exc:
+            parser.error(f"--worker-cpu-share: {exc}")
     if set(args.server_cpu.split(",")) & set(args.viewer_cpu.split(",")):
         print(f"note: the gateway (CPUs {args.server_cpu}) and the load client (CPUs "
               f"{args.viewer_cpu}) share CPUs: the client's work competes with the gateway's",
@@ -631,7 +664,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         clients=CLIENTS if args.client in (None, "both") else (args.client,),
         client_named=args.client is not None,
         data_channel=args.data_channel, answer_delay=args.answer_delay, profile=args.profile,
-        out=args.out)
+        worker_share=args.worker_cpu_share, out=args.out)
 
 
 def cpu_list(text: str) -> str:

@@ -64,6 +64,8 @@ class Row:
     elapsed_s: float = 0.0
     client: str = "aiortc"
     workers: int = 0
+    worker_throttled_s: list[float] = field(default_factory=list)
+    """Per worker, seconds its CPU budget held it back (``--worker-cpu-share``)."""
     """Fan-out worker processes the gateway ran (0: viewers in its one process)."""
     """The load client: ``aiortc`` (fanout_viewers.py) or ``pion`` (whepload)."""
     ttff_p95_ms: float | None = None
@@ -131,6 +133,12 @@ def status_text(row: Row) -> str:
     return text
 
 
+def throttled_text(row: Row) -> str:
+    if not row.worker_throttled_s:
+        return ""
+    return f"  workers held back by their CPU budget {'/'.join(map(str, row.worker_throttled_s))} s"
+
+
 def progress_line(row: Row) -> str:
     if not row.measured:
         return (f"{row.design:>17} {row.client:>6} N={row.n:<3} {status_text(row)}  "
@@ -144,7 +152,7 @@ def progress_line(row: Row) -> str:
             f"join backlog max {fmt(row.join_backlog_max_ms, 0)} ms  "
             f"RSS {rss_text(row)} MB  {fmt(row.video_kbps_median, 0)} kbps  "
             f"kf {fmt(row.keyframes)}  dropped {fmt(row.packets_dropped)}  "
-            f"probes {','.join(row.probe_sizes)}{encode}  {status_text(row)}  "
+            f"probes {','.join(row.probe_sizes)}{encode}{throttled_text(row)}  {status_text(row)}  "
             f"[{row.elapsed_s:.0f} s]")
 
 
@@ -312,7 +320,9 @@ def report(rows: Sequence[Row], env: dict[str, Any], stream: TextIO) -> None:
           "browser-like Pion peers, none decoding)"
           + ("; every viewer POSTs at once" if env.get("all_at_once") else "")
           + f"; warm-up {env['warmup_s']:g} s, window {env['measure_s']:g} s"
-          + f"; fan-out workers: {', '.join(map(str, env.get('workers', ['?'])))}. "
+          + f"; fan-out workers: {', '.join(map(str, env.get('workers', ['?'])))}"
+          + (f", each limited to {env['worker_cpu_share']:g} of a core (cgroup CPU budget)"
+             if env.get("worker_cpu_share") else "") + ". "
           "CPU % is utime+stime of the gateway process and its workers over the window "
           "(100 = one core). "
           "TTFF: WHEP POST to first decodable frame at the viewer. Keyframes: encoded by the "
