@@ -325,7 +325,10 @@ async def run_viewers(opts: Options, gw: Gateway, session: dict[str, Any], n: in
         await stop_process(process, 2)
     if process.returncode != 0 or not stdout.strip():
         raise RuntimeError(f"viewer process failed (rc={process.returncode}): {tail(log)}")
-    result: dict[str, Any] = json.loads(stdout)
+    try:
+        result: dict[str, Any] = json.loads(stdout)
+    except ValueError as exc:
+        raise RuntimeError(f"viewer process wrote no JSON ({exc}): {stdout[:300]!r}") from None
     return result
 
 

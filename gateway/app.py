@@ -30,6 +30,7 @@ from .api.persona import SEED_SESSIONS, SeedSessions
 from .auth import OPEN, bearer, check, required_role
 from .config import Settings
 from .errors import GatewayError, RateLimited
+from .loop_load import LoopLoad
 from .ratelimit import RateLimiter, retry_after
 from .services import Services
 from .viewers.aiortc_hooks import configure_ice_host_addresses
@@ -225,8 +226,12 @@ async def _drain(app: web.Application) -> None:
 
 
 async def _loop_lag_monitor(app: web.Application) -> AsyncIterator[None]:
+    """The loop's timer lateness, and its busy share (measured from start-up, so admission
+    control has a history by the first viewer)."""
     histogram = app[METRICS].loop_lag
+    busy = app[METRICS].loop_busy.labels("main")
     period = 0.25
+    load = LoopLoad.install(asyncio.get_running_loop())
 
     async def measure() -> None:
         loop = asyncio.get_running_loop()
@@ -234,6 +239,8 @@ async def _loop_lag_monitor(app: web.Application) -> AsyncIterator[None]:
             started = loop.time()
             await asyncio.sleep(period)
             histogram.observe(max(0.0, loop.time() - started - period))
+            if load is not None:
+                busy.set(round(load.busy(), 3))
 
     task = asyncio.get_running_loop().create_task(measure(), name="loop-lag-monitor")
     yield

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 import av
 
 from .config import Settings
-from .errors import CapacityError, NotFound
+from .errors import CapacityError, NotFound, Saturated
+from .loop_load import LoopLoad
 from .media.hub import Hub
 from .media.naive import NaiveHub
 from .metrics import Metrics
@@ -119,10 +120,20 @@ class Audience:
         if self._workers is not None:
             viewer = self._workers.new_viewer(session_id, client, self._viewer_closed)
         else:
+            self._require_room_here()
             viewer = Viewer(self._hub, self._rtc, self._metrics, self._viewer_closed,
                             client=client)
         self._viewers[viewer.id] = viewer
         return viewer
+
+    def _require_room_here(self) -> None:
+        """Without workers, viewers live on this process's loop: none is added while it is
+        saturated (workers are checked the same way when one is picked)."""
+        limit = self._settings.max_viewer_load
+        load = LoopLoad.install(asyncio.get_running_loop())
+        if limit < 1 and load is not None and (busy := load.busy()) >= limit:
+            raise Saturated(f"the gateway is saturated (busy {busy:.0%} of the time lately); "
+                            "try again shortly")
 
     def _viewer_closed(self, viewer: AnyViewer) -> None:
         self._viewers.pop(viewer.id, None)

@@ -136,6 +136,10 @@ class Settings:
     """Viewers of a session that have offered but not connected yet (ICE/DTLS pending); they
     hold a place among ``max_viewers_per_session`` only up to this share, so offers that never
     connect cannot lock a session. More is a 429 with Retry-After."""
+    max_viewer_load: float = 0.9
+    """A new viewer is refused (503, Retry-After) while the process that would carry it (a
+    fan-out worker, or the main process without workers) has spent more than this share of
+    the last few seconds busy: past it, everyone's video stalls together. 1 turns it off."""
     max_pending_viewers_per_client: int = 8
     """Unconnected viewers one client (its address and its token together) may hold in a
     session at once; more is a 429 with Retry-After."""
@@ -295,6 +299,8 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if self.audio_packet_ms not in (20, 40, 60):
             raise ConfigError(f"audio_packet_ms must be 20, 40 or 60, got {self.audio_packet_ms}")
+        if not 0.1 <= self.max_viewer_load <= 1:
+            raise ConfigError("max_viewer_load must be a share of the time from 0.1 to 1 (off)")
         if not 0 <= self.fast_start_frames <= 60:
             raise ConfigError("fast_start_frames must be 0 (off) to 60")
         if self.rate_limit < 0:

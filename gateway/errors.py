@@ -17,6 +17,7 @@
     ├── CapacityError                 429  session / viewer limit reached (Retry-After)
     │   └── RateLimited               429  too many requests from one client (Retry-After)
     ├── ServiceUnavailable            503  a fan-out worker is restarting (Retry-After)
+    │   └── Saturated                 503  no process has room for another viewer (Retry-After)
     └── UpstreamError                 502  the avatar upstream failed
         ├── UpstreamAuthError         502  the provider refused the gateway's API key
         ├── UpstreamSessionGone       502  the provider no longer knows the session
@@ -104,6 +105,13 @@ class RateLimited(CapacityError):
 class ServiceUnavailable(GatewayError):
     status = 503
     code = "service_unavailable"
+
+
+class Saturated(ServiceUnavailable):
+    code = "saturated"
+
+    def __init__(self, message: str, *, retry_after: float | None = 5.0) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class UpstreamError(GatewayError):

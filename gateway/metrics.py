@@ -169,6 +169,10 @@ class Metrics:
                                   "ICE consent checks and stall media).",
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
                                   registry=r)
+        self.loop_busy = Gauge(f"{NS}_event_loop_busy_ratio",
+                               "Share of recent time an event loop spent working (main: the "
+                               "owner; worker-N: a fan-out worker); new viewers are refused "
+                               "at max_viewer_load.", ["process"], registry=r)
 
         # chat
         self.chat_requests = Counter(f"{NS}_chat_requests_total", "Chat answers, by outcome.",

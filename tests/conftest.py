@@ -134,12 +134,13 @@ def _network_rule() -> None:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    # No rate limit and no cap on unconnected viewers unless a test is about them: the suite's
-    # own bursts (one process, one address, one token) are not what they guard against.
+    # No rate limit, no cap on unconnected viewers and no refusal of viewers by load unless a
+    # test is about them: the suite's own bursts (one process, one address, one token, a busy
+    # machine) are not what they guard against.
     # Viewers stay in the test's process (tests look at their streams) unless a test is about
     # the fan-out workers.
     base: dict[str, Any] = {"default_quality": "low", "keyframe_interval": 2.0, "rate_limit": 0.0,
-                            "workers": 0,
+                            "workers": 0, "max_viewer_load": 1.0,
                             "max_pending_viewers_per_client": 1000,
                             "max_pending_viewers_per_session": 1000,
                             "state_dir": tempfile.mkdtemp(prefix="avatar-gateway-test-")}

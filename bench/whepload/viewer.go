@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/pion/ice/v2"
 	"github.com/pion/interceptor"
+	"github.com/pion/logging"
 	"github.com/pion/rtcp"
 	"github.com/pion/rtp"
 	// Debian ships sdp v3 and webrtc v3 in GOPATH without a /v3 directory: in GOPATH mode the
@@ -147,6 +149,10 @@ func (v *viewer) newAPI(iceAddresses []net.IP) (*webrtc.API, error) {
 		return nil, err
 	}
 	s := webrtc.SettingEngine{}
+	// Pion logs to stdout by default, where our JSON result goes: its messages go to stderr.
+	logs := logging.NewDefaultLoggerFactory()
+	logs.Writer = os.Stderr
+	s.LoggerFactory = logs
 	s.SetNetworkTypes([]webrtc.NetworkType{webrtc.NetworkTypeUDP4})
 	s.SetICEMulticastDNSMode(ice.MulticastDNSModeDisabled) // no multicast out of the namespace
 	if len(iceAddresses) > 0 {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..auth import Role
-from ..errors import BadRequest, PreconditionFailed, UnsupportedMediaType
+from ..errors import BadRequest, PreconditionFailed, Saturated, UnsupportedMediaType
 from ..viewers.whep import SDP_TYPE, SDPFRAG_TYPE, link_headers, parse_sdpfrag
 from .common import METRICS, SESSIONS, SETTINGS, client_key, principal
 
@@ -35,6 +35,9 @@ async def create_viewer(request: web.Request) -> web.Response:
             offer, microphone=principal(request).role >= Role.CONTROLLER, client=client_key(request))
     except BadRequest:
         metrics.viewer_sessions.labels("bad_sdp").inc()
+        raise
+    except Saturated:
+        metrics.viewer_sessions.labels("saturated").inc()
         raise
     metrics.viewer_sessions.labels("created").inc()
     settings = request.app[SETTINGS]

@@ -34,7 +34,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from ..config import Settings
-from ..errors import GatewayError, ServiceUnavailable
+from ..errors import GatewayError, Saturated, ServiceUnavailable
 from ..media.hub import Hub
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
@@ -215,6 +215,8 @@ class Worker:
         self.viewers: dict[str, RemoteViewer] = {}
         self.links: dict[tuple[str, str], WorkerLink] = {}
         self.gauges_held: dict[tuple[str, tuple[str, ...]], float] = {}
+        self.load = 0.0
+        """How busy the worker's loop has been lately, as it last said (0 to 1)."""
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self.alive = False
@@ -231,6 +233,7 @@ class Worker:
             worker_control.close()
             worker_media.close()
         self.media = owner_media
+        self.load = 0.0
         self.control = await Control.open(owner_control)
         self.control.send("settings", self._pool.worker_settings)
         self.alive = True
@@ -288,6 +291,9 @@ class Worker:
                 self._microphone(*message[1:])
             elif op == "metrics":
                 apply_metric_ops(metrics, message[1], self.gauges_held)
+            elif op == "load":
+                self.load = float(message[1])
+                metrics.loop_busy.labels(f"worker-{self.index}").set(self.load)
 
     def _subscribe(self, session_id: str, key: str) -> None:
         hub = self._pool.hub_of(session_id)
@@ -342,6 +348,7 @@ class WorkerPool:
                  hub_of: Callable[[str], Hub | None]) -> None:
         self.metrics = metrics
         self.hub_of = hub_of
+        self._max_load = settings.max_viewer_load
         self.worker_settings = {
             "ice_servers": settings.ice_servers, "ice_username": settings.ice_username,
             "ice_credential": settings.ice_credential.reveal(),
@@ -386,10 +393,15 @@ class WorkerPool:
         self.metrics.workers.set(sum(w.alive for w in self.workers))
 
     def pick(self) -> Worker:
+        """The running worker with the fewest viewers among those that are not saturated."""
         alive = [w for w in self.workers if w.alive]
         if not alive:
             raise ServiceUnavailable("no fan-out worker is running; try again", retry_after=1)
-        return min(alive, key=lambda w: len(w.viewers))
+        free = [w for w in alive if w.load < self._max_load] if self._max_load < 1 else alive
+        if not free:
+            raise Saturated(f"every fan-out worker is saturated (busy {max(w.load for w in alive):.0%}"
+                            " of the time); try again shortly")
+        return min(free, key=lambda w: len(w.viewers))
 
     def new_viewer(self, session_id: str, client: str,
                    on_closed: Callable[[RemoteViewer], None]) -> RemoteViewer:

@@ -28,6 +28,7 @@ import av
 
 from ..errors import GatewayError, NotFound
 from ..logs import configure as configure_logging
+from ..loop_load import LoopLoad
 from ..media.hub import FastStart, Hub, Subscriber, deliver_all
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
@@ -161,6 +162,7 @@ class Worker:
         self._feeds: dict[str, SessionFeed] = {}
         self._buffer = bytearray(MAX_MEDIA_MESSAGE)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._load: LoopLoad | None = None
 
     # -- media ------------------------------------------------------------------------------
 
@@ -285,11 +287,15 @@ class Worker:
                 feed.closed = True
 
     async def _flush_metrics(self) -> None:
+        """Metric operations, and how busy this worker's loop is (the owner places new
+        viewers by it)."""
         while True:
             await asyncio.sleep(METRICS_FLUSH)
             if self.metrics.pending:
                 batch, self.metrics.pending = self.metrics.pending, []
                 self.control.send("metrics", batch)
+            if self._load is not None:
+                self.control.send("load", round(self._load.busy(), 3))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -312,6 +318,7 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._load = LoopLoad.install(loop)
         self._media.setblocking(False)
         loop.add_reader(self._media.fileno(), self._on_media)
         flusher = loop.create_task(self._flush_metrics(), name="worker-metrics")
