@@ -56,6 +56,7 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
         ({"AVATAR_GATEWAY_ICE_HOST_ADDRESSES": "eth0"}, "not an IP"),
         ({"AVATAR_GATEWAY_AUDIO_PACKET_MS": "30"}, "20, 40 or 60"),
         ({"AVATAR_GATEWAY_FAST_START_FRAMES": "-1"}, "fast_start_frames"),
+        ({"AVATAR_GATEWAY_MAX_VIEWER_LOAD": "0"}, "max_viewer_load must be a share"),
         ({"AVATAR_GATEWAY_ALLOW_INSECURE": "maybe"}, "ALLOW_INSECURE"),
         ({"AVATAR_GATEWAY_API_TOKEN_FILE": "/nonexistent/token"}, "cannot read"),
     ],
