@@ -17,7 +17,7 @@ from typing import Any
 import aiortc.rtcdtlstransport
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc import RTCRtpReceiver
+from aiortc import RTCRtpReceiver, RTCSessionDescription
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
@@ -161,6 +161,35 @@ async def test_unpinned_joins_share_one_walk_of_the_interfaces(
         assert len(walks) > 1  # past the interval, a join walks them again
     finally:
         await asyncio.gather(first.close(), second.close())
+
+
+@pytest.mark.parametrize(("offered", "answered"), [("actpass", "passive"),
+                                                   ("passive", "active")])
+async def test_the_gateway_is_dtls_server_unless_the_offer_wants_to_be(
+        aiohttp_client: ClientFactory, offered: str, answered: str) -> None:
+    """To an ``actpass`` offer the gateway answers ``passive`` (DTLS server: it starts media on
+    the viewer's last flight); an offer that insists on being the server gets ``active``. The
+    viewer decodes either way, so the roles on the wire are the ones the SDP says."""
+    client = await aiohttp_client(create_app(make_settings()))
+    created = await (await client.post("/v1/sessions")).json()
+    viewer = WhepViewer(client, created["id"])
+    try:
+        offer = (await viewer.offer_sdp()).replace("a=setup:actpass", f"a=setup:{offered}")
+        response = await client.post(f"/v1/sessions/{created['id']}/whep", data=offer,
+                                     headers={"Content-Type": "application/sdp"})
+        answer = await response.text()
+        assert response.status == 201, answer
+        assert set(re.findall(r"^a=setup:(\w+)", answer, re.MULTILINE)) == {answered}
+        await viewer.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        async with asyncio.timeout(20):
+            await viewer.first_frame.wait()
+        session = client.app[SESSIONS].get(created["id"])
+        (server,) = session.audience.viewers()
+        assert isinstance(server, Viewer)
+        (transport,) = {t.receiver.transport for t in server._pc.getTransceivers()}
+        assert transport._role == ("server" if answered == "passive" else "client")
+    finally:
+        await viewer.close()
 
 
 def estimator_of(receiver: RTCRtpReceiver) -> Any:

@@ -26,6 +26,13 @@ real peers, real packets).
 7. Every video ``RTCRtpReceiver`` builds a receive-side bandwidth estimator (~1.2 ms of
    allocations) even when it never receives: a viewer's transceivers only send. It is now
    built on the first packet that needs it.
+8. :func:`answer_as_dtls_server` — to an ``actpass`` offer aiortc always answers
+   ``setup:active`` (DTLS client). A WHEP answer travels over HTTP before ICE starts, so the
+   parallelism RFC 5763 recommends ``active`` for does not exist here, while the client role
+   costs round trips: the viewer's server may ask for a cookie (Pion does: HelloVerifyRequest),
+   and the gateway may only send media after the viewer's last flight reaches it. As DTLS
+   server the gateway finishes on the viewer's Finished and sends its own with the first frame
+   right behind it: one inbound flight fewer (two with a cookie) per join on a busy loop.
 """
 
 from __future__ import annotations
@@ -268,6 +275,20 @@ def new_peer_connection(configuration: RTCConfiguration) -> RTCPeerConnection:
         return RTCPeerConnection(configuration)
     finally:
         RTCCertificate.generateCertificate = original  # type: ignore[method-assign]
+
+
+# -- 8. DTLS server for actpass offers -------------------------------------------------------
+
+
+def answer_as_dtls_server(pc: RTCPeerConnection) -> None:
+    """Between applying an ``actpass`` offer and creating the answer: the peer connection's
+    transports take the server role, so the answer says ``setup:passive``. Only for such
+    offers: to one that names its own role aiortc already answers the opposite."""
+    transports = {t.receiver.transport for t in pc.getTransceivers()}
+    if pc.sctp is not None:
+        transports.add(pc.sctp.transport)
+    for transport in transports:
+        transport._set_role("server")
 
 
 # -- 7. estimators built when needed ---------------------------------------------------------

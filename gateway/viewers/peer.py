@@ -28,7 +28,12 @@ from ..media.hub import Fanout
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
-from .aiortc_hooks import DtlsOutput, new_peer_connection, take_over_sender
+from .aiortc_hooks import (
+    DtlsOutput,
+    answer_as_dtls_server,
+    new_peer_connection,
+    take_over_sender,
+)
 from .whep import MAX_REMOTE_CANDIDATES, Offer, SdpFragment, count_candidates, parse_answer
 
 logger = logging.getLogger(__name__)
@@ -124,6 +129,8 @@ class Viewer:
         ])
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            if offer.dtls_actpass:
+                answer_as_dtls_server(pc)
             await pc.setLocalDescription(await pc.createAnswer())
         except OperationError as exc:
             raise UnsupportedCodec(f"the offer cannot be used: {exc}") from None

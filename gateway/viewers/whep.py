@@ -95,6 +95,8 @@ class Offer:
     ice_ufrag: str
     sends_audio: bool = False
     """The player offers its microphone (audio ``sendrecv``): a controller doing voice chat."""
+    dtls_actpass: bool = True
+    """Every m-line says ``a=setup:actpass`` (JSEP's offer): the DTLS role is ours to pick."""
 
 
 def parse_offer(text: str) -> Offer:
@@ -132,6 +134,7 @@ def parse_offer(text: str) -> Offer:
         has_data_channel=any(m.kind == "application" for m in parsed.media),
         ice_ufrag=ufrag,
         sends_audio=bool(audios) and audios[0].direction == "sendrecv",
+        dtls_actpass=all(m.dtls is not None and m.dtls.role == "auto" for m in parsed.media),
     )
 
 
