@@ -119,6 +119,7 @@ class Options:
     keyframe_min_gap: float | None
     fast_start_frames: int | None
     audio_packet_ms: int | None
+    max_viewer_load: float | None
     server_cpu: str
     """CPU list for ``taskset -c`` (``0`` or ``0,1``); the gateway's workers inherit it."""
     viewer_cpu: str
@@ -201,7 +202,8 @@ async def gateway(opts: Options, design: str, n: int, log: Path,
     for name, value in (("KEYFRAME_INTERVAL", opts.keyframe_interval),
                         ("KEYFRAME_MIN_GAP", opts.keyframe_min_gap),
                         ("FAST_START_FRAMES", opts.fast_start_frames),
-                        ("AUDIO_PACKET_MS", opts.audio_packet_ms)):
+                        ("AUDIO_PACKET_MS", opts.audio_packet_ms),
+                        ("MAX_VIEWER_LOAD", opts.max_viewer_load)):
         if value is not None:
             env[f"AVATAR_GATEWAY_{name}"] = str(value)
     with log.open("w", encoding="utf-8") as log_file:
@@ -495,6 +497,7 @@ def environment(opts: Options) -> dict[str, Any]:
         "keyframe_interval": opts.keyframe_interval,
         "fast_start_frames": opts.fast_start_frames,
         "audio_packet_ms": opts.audio_packet_ms,
+        "max_viewer_load": opts.max_viewer_load,
         "keyframe_min_gap": opts.keyframe_min_gap,
         "data_channel": opts.data_channel,
         "answer_delay_s": opts.answer_delay,
@@ -602,6 +605,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                              "own; 0: every join waits for a keyframe of its own)")
     parser.add_argument("--audio-packet-ms", type=int, choices=(20, 40, 60),
                         help="AVATAR_GATEWAY_AUDIO_PACKET_MS for the gateway (default: its own)")
+    parser.add_argument("--max-viewer-load", type=float,
+                        help="AVATAR_GATEWAY_MAX_VIEWER_LOAD for the gateway (default: its own; "
+                             "1: admit every viewer)")
     parser.add_argument("--server-cpu", type=cpu_list, default="0",
                         help="CPUs of the gateway and its workers, e.g. 0 or 0,1 (default 0)")
     parser.add_argument("--viewer-cpu", type=cpu_list, default="1",
@@ -661,6 +667,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         warmup=warmup, measure=measure, collapse_fps=args.collapse_fps,
         keyframe_interval=args.keyframe_interval, keyframe_min_gap=args.keyframe_min_gap,
         fast_start_frames=args.fast_start_frames, audio_packet_ms=args.audio_packet_ms,
+        max_viewer_load=args.max_viewer_load,
         server_cpu=args.server_cpu,
         viewer_cpu=args.viewer_cpu, batch=args.batch, all_at_once=args.all_at_once,
         workers=tuple(args.workers), stop_below=args.stop_below,

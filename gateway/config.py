@@ -136,7 +136,7 @@ class Settings:
     """Viewers of a session that have offered but not connected yet (ICE/DTLS pending); they
     hold a place among ``max_viewers_per_session`` only up to this share, so offers that never
     connect cannot lock a session. More is a 429 with Retry-After."""
-    max_viewer_load: float = 0.9
+    max_viewer_load: float = 0.95
     """A new viewer is refused (503, Retry-After) while the process that would carry it (a
     fan-out worker, or the main process without workers) has spent more than this share of
     the last few seconds busy: past it, everyone's video stalls together. 1 turns it off."""
