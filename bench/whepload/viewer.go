@@ -107,7 +107,7 @@ func (v *viewer) newAPI(iceAddresses []net.IP) (*webrtc.API, error) {
 	if v.codec == "h264" {
 		video = []webrtc.RTPCodecParameters{h264, vp8}
 	}
-	for _, c := range video {
+	for _, c := range append(video, chromiumVideoDecoys()...) {
 		if err := m.RegisterCodec(c, webrtc.RTPCodecTypeVideo); err != nil {
 			return nil, err
 		}
@@ -119,8 +119,10 @@ func (v *viewer) newAPI(iceAddresses []net.IP) (*webrtc.API, error) {
 		},
 		PayloadType: 111,
 	}
-	if err := m.RegisterCodec(opus, webrtc.RTPCodecTypeAudio); err != nil {
-		return nil, err
+	for _, c := range append([]webrtc.RTPCodecParameters{opus}, chromiumAudioDecoys()...) {
+		if err := m.RegisterCodec(c, webrtc.RTPCodecTypeAudio); err != nil {
+			return nil, err
+		}
 	}
 	// Chromium offers these (and more that aiortc ignores); transport-cc is registered again by
 	// RegisterDefaultInterceptors below, which is harmless.
@@ -388,4 +390,68 @@ func codecOK(wanted, answered string) bool {
 		return answered == "h264;packetization-mode=1;profile-level-id="+h264Profile
 	}
 	return answered == wanted
+}
+
+// chromiumVideoDecoys are the rest of what Chromium 156 offers for video: codecs the gateway
+// never sends (VP9, AV1, H.264 profiles and modes it does not encode, red, FEC), each
+// retransmittable, with Chromium's feedback lines. The gateway answers none of them, but it
+// parses and matches them on every join, and a browser's offer is ~200 lines because of them.
+func chromiumVideoDecoys() []webrtc.RTPCodecParameters {
+	feedback := []webrtc.RTCPFeedback{{Type: "goog-remb"}, {Type: "transport-cc"},
+		{Type: "ccm", Parameter: "fir"}, {Type: "nack"}, {Type: "nack", Parameter: "pli"}}
+	type decoy struct {
+		pt, rtx webrtc.PayloadType
+		mime    string
+		fmtp    string
+	}
+	decoys := []decoy{
+		{98, 99, webrtc.MimeTypeVP9, "profile-id=0"},
+		{100, 101, webrtc.MimeTypeVP9, "profile-id=2"},
+		{35, 36, webrtc.MimeTypeVP9, "profile-id=1"},
+		{37, 38, webrtc.MimeTypeVP9, "profile-id=3"},
+		{104, 107, webrtc.MimeTypeH264, "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42001f"},
+		{114, 115, webrtc.MimeTypeH264, "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f"},
+		{116, 117, webrtc.MimeTypeH264, "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=4d001f"},
+		{39, 40, webrtc.MimeTypeH264, "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=4d001f"},
+		{41, 42, webrtc.MimeTypeH264, "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=f4001f"},
+		{43, 44, webrtc.MimeTypeH264, "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=f4001f"},
+		{45, 46, webrtc.MimeTypeAV1, "level-idx=5;profile=0;tier=0"},
+		{47, 48, webrtc.MimeTypeAV1, "level-idx=5;profile=1;tier=0"},
+		{118, 119, "video/red", ""},
+	}
+	var codecs []webrtc.RTPCodecParameters
+	for _, d := range decoys {
+		codecs = append(codecs,
+			webrtc.RTPCodecParameters{RTPCodecCapability: webrtc.RTPCodecCapability{
+				MimeType: d.mime, ClockRate: 90000, SDPFmtpLine: d.fmtp, RTCPFeedback: feedback,
+			}, PayloadType: d.pt},
+			webrtc.RTPCodecParameters{RTPCodecCapability: webrtc.RTPCodecCapability{
+				MimeType: "video/rtx", ClockRate: 90000, SDPFmtpLine: fmt.Sprintf("apt=%d", d.pt),
+			}, PayloadType: d.rtx})
+	}
+	return append(codecs,
+		webrtc.RTPCodecParameters{RTPCodecCapability: webrtc.RTPCodecCapability{
+			MimeType: "video/ulpfec", ClockRate: 90000}, PayloadType: 120},
+		webrtc.RTPCodecParameters{RTPCodecCapability: webrtc.RTPCodecCapability{
+			MimeType: "video/flexfec-03", ClockRate: 90000, SDPFmtpLine: "repair-window=10000000"},
+			PayloadType: 49})
+}
+
+// chromiumAudioDecoys: the same for audio.
+func chromiumAudioDecoys() []webrtc.RTPCodecParameters {
+	decoys := []webrtc.RTPCodecCapability{
+		{MimeType: "audio/red", ClockRate: 48000, Channels: 2, SDPFmtpLine: "111/111"},
+		{MimeType: webrtc.MimeTypeG722, ClockRate: 8000},
+		{MimeType: webrtc.MimeTypePCMU, ClockRate: 8000},
+		{MimeType: webrtc.MimeTypePCMA, ClockRate: 8000},
+		{MimeType: "audio/CN", ClockRate: 8000},
+		{MimeType: "audio/telephone-event", ClockRate: 48000},
+		{MimeType: "audio/telephone-event", ClockRate: 8000},
+	}
+	types := []webrtc.PayloadType{63, 9, 0, 8, 13, 110, 126}
+	codecs := make([]webrtc.RTPCodecParameters, len(decoys))
+	for i, d := range decoys {
+		codecs[i] = webrtc.RTPCodecParameters{RTPCodecCapability: d, PayloadType: types[i]}
+	}
+	return codecs
 }

@@ -15,6 +15,7 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
+    RTCIceCandidate,
     RTCIceServer,
     RTCRtpSender,
     RTCRtpTransceiver,
@@ -86,6 +87,8 @@ class Viewer:
         self._closing: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._microphone: asyncio.Task[None] | None = None
+        self._resolving: asyncio.Task[None] | None = None
+        """Adds the viewer's mDNS candidates as aioice resolves them, after the answer."""
         self.close_reason: str | None = None
         self.video_codec = ""
         """The codec this viewer's video is encoded with (``vp8`` or ``h264``), once negotiated."""
@@ -137,7 +140,8 @@ class Viewer:
         except (ValueError, AttributeError, TypeError, StopIteration) as exc:
             raise BadSDP(f"the offer cannot be used: {str(exc) or type(exc).__name__}") from None
         self._remote_ufrag = offer.ice_ufrag
-        self._remote_candidates = count_candidates(offer.sdp)
+        self._remote_candidates = count_candidates(offer.sdp) + len(offer.mdns_candidates)
+        self._add_later(offer.mdns_candidates, offer.end_of_candidates)
         return pc.localDescription.sdp
 
     async def offer(
@@ -251,12 +255,38 @@ class Viewer:
             raise BadSDP(f"too many candidates: at most {MAX_REMOTE_CANDIDATES} per viewer "
                          f"(this one has sent {self._remote_candidates})")
         self._remote_candidates = total
+        mdns = []
         for candidate in fragment.candidates:
             if candidate.sdpMid is None:
                 candidate.sdpMid = self._pc.getTransceivers()[0].mid
-            await self._pc.addIceCandidate(candidate)
-        if fragment.end_of_candidates:
+            if candidate.ip.endswith(".local"):
+                mdns.append(candidate)
+            else:
+                await self._pc.addIceCandidate(candidate)
+        if mdns or (self._resolving is not None and not self._resolving.done()):
+            self._add_later(mdns, fragment.end_of_candidates)
+        elif fragment.end_of_candidates:
             await self._pc.addIceCandidate(None)
+
+    def _add_later(self, mdns: Sequence[RTCIceCandidate], end_of_candidates: bool) -> None:
+        """Add mDNS candidates while aioice resolves them (up to a second each, in parallel),
+        then end-of-candidates if it came: it must follow every candidate, even one that
+        arrived earlier and is still being resolved."""
+        if not mdns and not end_of_candidates:
+            return
+        before = self._resolving
+
+        async def add() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            try:
+                await asyncio.gather(*(self._pc.addIceCandidate(c) for c in mdns))
+                if end_of_candidates:
+                    await self._pc.addIceCandidate(None)
+            except (ValueError, OSError) as exc:  # e.g. no mDNS socket on this host
+                logger.info("viewer %s: remote mDNS candidates not added: %s", self.id, exc)
+
+        self._resolving = asyncio.get_running_loop().create_task(add(), name="viewer-mdns")
 
     async def sample_stats(self) -> None:
         """Add this viewer's RTP counts since the last sample to the metrics, and its RTT
@@ -313,7 +343,7 @@ class Viewer:
         if self.close_reason is not None:
             return
         self.close_reason = reason
-        for task in (self._watchdog, self._microphone):
+        for task in (self._watchdog, self._microphone, self._resolving):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         with contextlib.suppress(Exception):  # the last seconds' counts; never fail a close

@@ -13,7 +13,7 @@ from typing import Any
 from aiortc import RTCIceCandidate, RTCRtpCodecParameters
 from aiortc.codecs import CODECS
 from aiortc.rtcpeerconnection import is_codec_compatible
-from aiortc.sdp import SessionDescription, candidate_from_sdp
+from aiortc.sdp import SessionDescription, candidate_from_sdp, parameters_from_sdp
 
 from ..errors import BadSDP, UnsupportedCodec
 
@@ -72,6 +72,11 @@ def _require_mids(parsed: SessionDescription) -> None:
 _VIDEO_CODECS = [c for c in CODECS["video"] if c.mimeType.lower() in ("video/vp8", "video/h264")]
 
 
+_SENDABLE = {"video": _VIDEO_CODECS,
+             "audio": [c for c in CODECS["audio"] if c.mimeType.lower() == "audio/opus"]}
+"""By kind, what the hub sends, as aiortc describes it: what an offer's codecs are matched to."""
+
+
 def preferred_video_codec(offered: Iterable[RTCRtpCodecParameters]) -> RTCRtpCodecParameters | None:
     """The first codec in the player's own order that the hub can encode, as our codec.
 
@@ -97,11 +102,119 @@ class Offer:
     """The player offers its microphone (audio ``sendrecv``): a controller doing voice chat."""
     dtls_actpass: bool = True
     """Every m-line says ``a=setup:actpass`` (JSEP's offer): the DTLS role is ours to pick."""
+    mdns_candidates: tuple[RTCIceCandidate, ...] = ()
+    """Candidates named by an mDNS host name, left out of :attr:`sdp`: resolving one takes
+    aioice up to a second (always, when the browser is not on the gateway's own network),
+    and the answer must not wait for it."""
+    end_of_candidates: bool = False
+    """The offer said ``a=end-of-candidates`` but :attr:`mdns_candidates` are still to come."""
+
+
+
+
+def _trim(lines: list[str]) -> tuple[list[str], list[tuple[int, str, str]], bool]:
+    """The offer without what aiortc would parse, match and answer for nothing.
+
+    Browsers offer ~40 payload types (VP9, AV1, H.265, H.264 in profiles and modes we do
+    not encode, red, ulpfec, G.711, comfort noise, DTMF, each with its retransmission type),
+    200-odd lines: parsing and matching them was half the CPU of a WHEP POST, and the hub
+    sends one of VP8 or H.264 (constrained) baseline, and Opus. What is left for video is the
+    player's favourite of those (see :func:`preferred_video_codec`) and its retransmission
+    type. Payload types this cannot tell (no ``a=rtpmap``) stay, so aiortc still judges
+    malformed offers.
+
+    Also takes out the candidates with an mDNS host name, as (m-line index, mid, line), and
+    with them ``a=end-of-candidates`` (returned as the flag), which must follow them.
+    """
+    start = next((i for i, line in enumerate(lines) if line.startswith("m=")), len(lines))
+    kept = lines[:start]
+    mdns: list[tuple[int, str, str]] = []
+    index = -1
+    while start < len(lines):
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")),
+                   len(lines))
+        index += 1
+        mid = next((line[6:] for line in lines[start:end] if line.startswith("a=mid:")), "")
+        section = []
+        for line in lines[start:end]:
+            if line.startswith("a=candidate:") and _names_mdns_host(line):
+                mdns.append((index, mid, line))
+            else:
+                section.append(line)
+        kept.extend(_trim_codecs(section))
+        start = end
+    ended = False
+    if mdns:
+        ended = "a=end-of-candidates" in kept
+        kept = [line for line in kept if line != "a=end-of-candidates"]
+    return kept, mdns, ended
+
+
+def _names_mdns_host(candidate_line: str) -> bool:
+    fields = candidate_line.split(" ", 5)  # foundation component transport priority host ...
+    return len(fields) > 4 and fields[4].endswith(".local")
+
+
+def _trim_codecs(section: list[str]) -> list[str]:
+    fields = section[0].split(" ")
+    ours = _SENDABLE.get(fields[0][2:])
+    if ours is None or len(fields) < 4:
+        return section
+    encodings: dict[str, str] = {}
+    formats: dict[str, str] = {}
+    for line in section:
+        if line.startswith("a=rtpmap:"):
+            pt, _, encodings[pt] = line[9:].partition(" ")
+        elif line.startswith("a=fmtp:"):
+            pt, _, formats[pt] = line[7:].partition(" ")
+    listed = fields[3:]
+    try:
+        usable = _usable_payload_types(ours, fields[0][2:], listed, encodings, formats)
+    except ValueError:  # e.g. apt=x: aiortc's parser reports it
+        return section
+    dropped = {pt for pt, use in usable.items() if not use}
+    if not dropped or dropped == set(listed):
+        return section  # nothing to trim, or nothing usable: aiortc and the checks say why
+    head = " ".join(fields[:3] + [pt for pt in listed if pt not in dropped])
+    return [head] + [line for line in section[1:] if not _names_payload_type(line, dropped)]
+
+
+def _usable_payload_types(ours: list[RTCRtpCodecParameters], kind: str, listed: list[str],
+                          encodings: dict[str, str], formats: dict[str, str]) -> dict[str, bool]:
+    """Whether the hub could send each payload type (absent: cannot tell)."""
+    usable: dict[str, bool] = {}
+    for pt in listed:
+        name, _, clock = encodings.get(pt, "").partition("/")
+        if name.lower() == "rtx" or not clock.partition("/")[0].isdigit():
+            continue
+        remote = RTCRtpCodecParameters(
+            mimeType=f"{kind}/{name}", clockRate=int(clock.partition("/")[0]),
+            parameters=parameters_from_sdp(formats.get(pt, "")))
+        usable[pt] = any(is_codec_compatible(codec, remote) for codec in ours)
+    if kind == "video":  # one video codec is sent: the player's favourite, as it is picked
+        favourite = next((pt for pt in listed if usable.get(pt)), None)
+        usable = {pt: pt == favourite for pt in usable}
+    for pt in listed:
+        if encodings.get(pt, "").lower().startswith("rtx/"):
+            repaired = parameters_from_sdp(formats.get(pt, "")).get("apt")
+            if str(repaired) in usable:
+                usable[pt] = usable[str(repaired)]
+    return usable
+
+
+def _names_payload_type(line: str, payload_types: set[str]) -> bool:
+    for prefix in ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"):
+        if line.startswith(prefix):
+            return line[len(prefix):].partition(" ")[0] in payload_types
+    return False
 
 
 def parse_offer(text: str) -> Offer:
-    """Check a viewer's offer before aiortc sees it, with errors a person can act on."""
-    sdp = text.replace("\r\n", "\n").strip()
+    """Check a viewer's offer before aiortc sees it, with errors a person can act on, and
+    trim it to what the gateway can use (see :func:`_trim`)."""
+    full = text.replace("\r\n", "\n").strip()
+    lines, mdns, ended = _trim(full.split("\n"))
+    sdp = "\n".join(lines)
     parsed = _parse(sdp, "offer")
     videos = [m for m in parsed.media if m.kind == "video"]
     audios = [m for m in parsed.media if m.kind == "audio"]
@@ -111,7 +224,8 @@ def parse_offer(text: str) -> Offer:
         raise BadSDP("the offer must have at most one video and one audio m-line")
     video_codec = preferred_video_codec(videos[0].rtp.codecs)
     if video_codec is None:
-        offered = sorted({c.mimeType for c in videos[0].rtp.codecs}) or ["none"]
+        untrimmed = next(m for m in _parse(full, "offer").media if m.kind == "video")
+        offered = sorted({c.mimeType for c in untrimmed.rtp.codecs}) or ["none"]
         raise UnsupportedCodec("the offer accepts neither VP8 nor H.264 (constrained baseline, "
                                f"packetization-mode 1) video (offered: {', '.join(offered)})")
     if audios and not any(c.mimeType.lower() == "audio/opus" for c in audios[0].rtp.codecs):
@@ -122,10 +236,11 @@ def parse_offer(text: str) -> Offer:
     _require_transport(parsed, "offer")
     _require_mids(parsed)
     candidates = [c for m in parsed.media for c in m.ice_candidates]
-    if len(candidates) > MAX_REMOTE_CANDIDATES:
+    if len(candidates) + len(mdns) > MAX_REMOTE_CANDIDATES:
         raise BadSDP(f"too many candidates: at most {MAX_REMOTE_CANDIDATES} per viewer")
     for candidate in candidates:
         _check_address(candidate.ip)
+    deferred = tuple(_mdns_candidate(line, index, mid) for index, mid, line in mdns)
     ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None) or ""
     return Offer(
         sdp=sdp.replace("\n", "\r\n") + "\r\n",
@@ -135,7 +250,19 @@ def parse_offer(text: str) -> Offer:
         ice_ufrag=ufrag,
         sends_audio=bool(audios) and audios[0].direction == "sendrecv",
         dtls_actpass=all(m.dtls is not None and m.dtls.role == "auto" for m in parsed.media),
+        mdns_candidates=deferred,
+        end_of_candidates=ended,
     )
+
+
+def _mdns_candidate(line: str, index: int, mid: str) -> RTCIceCandidate:
+    try:
+        candidate = candidate_from_sdp(line[12:])
+    except (ValueError, IndexError, AssertionError) as exc:
+        raise BadSDP(f"malformed candidate line {line!r}: {exc}") from None
+    candidate.sdpMid = mid or None
+    candidate.sdpMLineIndex = index
+    return candidate
 
 
 def parse_answer(text: str) -> str:
