@@ -117,7 +117,7 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> SlowResolver:
 
 
 def remote_candidates(viewer: Viewer) -> list[str]:
-    pc: RTCPeerConnection = viewer._pc  # noqa: SLF001 - what aiortc was given
+    pc: RTCPeerConnection = viewer._pc  # what aiortc was given
     ice = pc.getTransceivers()[0].sender.transport.transport
     return [c.ip for c in ice.getRemoteCandidates()]
 
@@ -146,9 +146,9 @@ async def test_the_answer_does_not_wait_for_mdns(client: Client, session_id: str
         while remote_candidates(viewer) != [MDNS.split(" ")[4]]:  # resolved to 127.0.0.1
             await asyncio.sleep(0.01)
     # end-of-candidates came after it, as in the offer (aioice refuses candidates after it).
-    ice = viewer._pc.getTransceivers()[0].sender.transport.transport  # noqa: SLF001
+    ice = viewer._pc.getTransceivers()[0].sender.transport.transport
     async with asyncio.timeout(10):
-        while not ice._connection._remote_candidates_end:  # noqa: SLF001
+        while not ice._connection._remote_candidates_end:
             await asyncio.sleep(0.01)
     assert (await client.delete(response.headers["Location"])).status == 200
 
@@ -171,7 +171,7 @@ async def test_trickled_mdns_candidates_and_a_close_while_resolving(
     assert len(resolver.asked) == 1
     viewer = client.app[SESSIONS].get(session_id).viewers()[0]
     assert isinstance(viewer, Viewer)
-    pending = viewer._resolving  # noqa: SLF001
+    pending = viewer._resolving
     assert pending is not None and not pending.done()
     # Closing while aioice resolves: nothing is left waiting.
     assert (await client.delete(location)).status == 200
