@@ -5,6 +5,7 @@ offer validation, trickle-ICE SDP fragments (RFC 8840), ETags and ICE-server ``L
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -126,23 +127,18 @@ def _trim(lines: list[str]) -> tuple[list[str], list[tuple[int, str, str]], bool
     Also takes out the candidates with an mDNS host name, as (m-line index, mid, line), and
     with them ``a=end-of-candidates`` (returned as the flag), which must follow them.
     """
-    start = next((i for i, line in enumerate(lines) if line.startswith("m=")), len(lines))
-    kept = lines[:start]
+    starts = [i for i, line in enumerate(lines) if line.startswith("m=")] + [len(lines)]
+    kept = lines[:starts[0]]
     mdns: list[tuple[int, str, str]] = []
-    index = -1
-    while start < len(lines):
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")),
-                   len(lines))
-        index += 1
-        mid = next((line[6:] for line in lines[start:end] if line.startswith("a=mid:")), "")
-        section = []
-        for line in lines[start:end]:
-            if line.startswith("a=candidate:") and _names_mdns_host(line):
-                mdns.append((index, mid, line))
-            else:
-                section.append(line)
+    for index, (start, end) in enumerate(itertools.pairwise(starts)):
+        section = lines[start:end]
+        if any(line.startswith("a=candidate:") and _names_mdns_host(line) for line in section):
+            mid = next((line[6:] for line in section if line.startswith("a=mid:")), "")
+            mdns += [(index, mid, line) for line in section
+                     if line.startswith("a=candidate:") and _names_mdns_host(line)]
+            section = [line for line in section
+                       if not (line.startswith("a=candidate:") and _names_mdns_host(line))]
         kept.extend(_trim_codecs(section))
-        start = end
     ended = False
     if mdns:
         ended = "a=end-of-candidates" in kept
@@ -157,8 +153,8 @@ def _names_mdns_host(candidate_line: str) -> bool:
 
 def _trim_codecs(section: list[str]) -> list[str]:
     fields = section[0].split(" ")
-    ours = _SENDABLE.get(fields[0][2:])
-    if ours is None or len(fields) < 4:
+    kind = fields[0][2:]
+    if kind not in ("video", "audio") or len(fields) < 4:
         return section
     encodings: dict[str, str] = {}
     formats: dict[str, str] = {}
@@ -169,44 +165,46 @@ def _trim_codecs(section: list[str]) -> list[str]:
             pt, _, formats[pt] = line[7:].partition(" ")
     listed = fields[3:]
     try:
-        usable = _usable_payload_types(ours, fields[0][2:], listed, encodings, formats)
+        usable = _usable_payload_types(kind, listed, encodings, formats)
     except ValueError:  # e.g. apt=x: aiortc's parser reports it
         return section
     dropped = {pt for pt, use in usable.items() if not use}
     if not dropped or dropped == set(listed):
         return section  # nothing to trim, or nothing usable: aiortc and the checks say why
     head = " ".join(fields[:3] + [pt for pt in listed if pt not in dropped])
-    return [head] + [line for line in section[1:] if not _names_payload_type(line, dropped)]
+    return [head] + [line for line in section[1:]
+                     if not (line.startswith(_PAYLOAD_ATTRIBUTES)
+                             and line[line.index(":") + 1:].partition(" ")[0] in dropped)]
 
 
-def _usable_payload_types(ours: list[RTCRtpCodecParameters], kind: str, listed: list[str],
-                          encodings: dict[str, str], formats: dict[str, str]) -> dict[str, bool]:
-    """Whether the hub could send each payload type (absent: cannot tell)."""
+_PAYLOAD_ATTRIBUTES = ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")
+
+
+def _usable_payload_types(kind: str, listed: list[str], encodings: dict[str, str],
+                          formats: dict[str, str]) -> dict[str, bool]:
+    """Whether the hub would send each payload type (absent: cannot tell). For video, only
+    the player's favourite of those it could send (one video codec is sent)."""
+    ours = _SENDABLE[kind]
+    names = {codec.name.lower() for codec in ours}
     usable: dict[str, bool] = {}
+    found = False
     for pt in listed:
         name, _, clock = encodings.get(pt, "").partition("/")
-        if name.lower() == "rtx" or not clock.partition("/")[0].isdigit():
+        rate = clock.partition("/")[0]
+        if name.lower() == "rtx" or not rate.isdigit():
             continue
-        remote = RTCRtpCodecParameters(
-            mimeType=f"{kind}/{name}", clockRate=int(clock.partition("/")[0]),
-            parameters=parameters_from_sdp(formats.get(pt, "")))
-        usable[pt] = any(is_codec_compatible(codec, remote) for codec in ours)
-    if kind == "video":  # one video codec is sent: the player's favourite, as it is picked
-        favourite = next((pt for pt in listed if usable.get(pt)), None)
-        usable = {pt: pt == favourite for pt in usable}
+        use = False
+        if name.lower() in names and not (kind == "video" and found):
+            remote = RTCRtpCodecParameters(mimeType=f"{kind}/{name}", clockRate=int(rate),
+                                           parameters=parameters_from_sdp(formats.get(pt, "")))
+            use = found = any(is_codec_compatible(codec, remote) for codec in ours)
+        usable[pt] = use
     for pt in listed:
         if encodings.get(pt, "").lower().startswith("rtx/"):
             repaired = parameters_from_sdp(formats.get(pt, "")).get("apt")
             if str(repaired) in usable:
                 usable[pt] = usable[str(repaired)]
     return usable
-
-
-def _names_payload_type(line: str, payload_types: set[str]) -> bool:
-    for prefix in ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"):
-        if line.startswith(prefix):
-            return line[len(prefix):].partition(" ")[0] in payload_types
-    return False
 
 
 def parse_offer(text: str) -> Offer:
