@@ -48,7 +48,7 @@ test: lint pytest
 bench: $(STAMP)
 	$(PY) bench/render.py
 	@if command -v go >/dev/null && [ -d /usr/share/gocode/src/github.com/pion/webrtc ]; then \
-	  GO111MODULE=off GOPATH=/usr/share/gocode go build -o bench/out/whepload ./bench/whepload; \
+	  $(PY) -c "import sys; sys.path[:0] = ['bench']; import fanout; sys.exit(fanout.build_whepload())"; \
 	else echo "note: apt-get install golang-go golang-github-pion-webrtc.v3-dev for the Pion load client (skipped)"; fi
 	tests/netns.sh $(PY) bench/fanout.py
 

@@ -100,6 +100,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         raise_fd_limit,
     )
     from .runtime import freeze_heap
+    from .viewers.aiortc_hooks import prepare_peer_connections
 
     log = logging.getLogger("gateway")
     before, fd_limit = raise_fd_limit()
@@ -121,6 +122,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     server: asyncio.Server | None = None
     try:
         await runner.setup()  # startup hooks (orphan reaping) run before the port opens
+        await prepare_peer_connections()
         freeze_heap()
         assert runner.server is not None
         guard = ConnectionGuard(runner.server, ConnectionLimits(

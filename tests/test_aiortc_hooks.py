@@ -17,7 +17,8 @@ from typing import Any
 import aiortc.rtcdtlstransport
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc import RTCRtpReceiver, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCRtpReceiver, RTCSessionDescription
+from OpenSSL import SSL
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
@@ -127,6 +128,39 @@ async def test_viewers_share_one_certificate_and_each_connects(
         assert fingerprints[0] and fingerprints[0] == fingerprints[1]
     finally:
         await asyncio.gather(first.close(), second.close())
+
+
+async def test_the_first_viewer_finds_certificate_and_dtls_context_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``gateway serve`` and each worker do before they take viewers: afterwards a peer
+    connection gets the process's certificate, and its DTLS context exists already."""
+    monkeypatch.setattr(aiortc_hooks, "_certificate", None)  # as in a fresh process
+    await aiortc_hooks.prepare_peer_connections()
+    prepared = aiortc_hooks._certificate
+    assert prepared is not None
+    made: list[str] = []
+
+    def counting(name: str, make: Any) -> Any:
+        def counted(*args: Any) -> Any:
+            made.append(name)
+            return make(*args)
+        return counted
+
+    dtls = aiortc.rtcdtlstransport
+    monkeypatch.setattr(dtls, "generate_certificate",
+                        counting("certificate", dtls.generate_certificate))
+    monkeypatch.setattr(SSL, "Context", counting("DTLS context", SSL.Context))
+    pc = aiortc_hooks.new_peer_connection(RTCConfiguration(iceServers=[]))
+    try:
+        certificate = pc._RTCPeerConnection__certificates[0]  # type: ignore[attr-defined]
+        assert certificate is prepared[1]
+        context = certificate._create_ssl_context(
+            srtp_profiles=aiortc.rtcdtlstransport.SRTP_PROFILES)
+        assert context is certificate._create_ssl_context(
+            srtp_profiles=aiortc.rtcdtlstransport.SRTP_PROFILES)
+        assert made == []
+    finally:
+        await pc.close()
 
 
 @pytest.mark.skipif(not IN_NETNS, reason="unpinned gathering uses the host's interfaces")

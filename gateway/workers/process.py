@@ -33,7 +33,7 @@ from ..media.hub import FastStart, Hub, Subscriber, deliver_all
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
 from ..runtime import freeze_heap
-from ..viewers.aiortc_hooks import configure_ice_host_addresses
+from ..viewers.aiortc_hooks import configure_ice_host_addresses, prepare_peer_connections
 from ..viewers.peer import Viewer, rtc_configuration
 from ..viewers.whep import Offer, SdpFragment
 from .wire import MAX_MEDIA_MESSAGE, Control, parse_media
@@ -349,6 +349,7 @@ async def main(control_fd: int, media_fd: int) -> None:
     settings: dict[str, Any] = hello[1]
     configure_logging(settings["log_level"], settings["log_format"])
     configure_ice_host_addresses(settings["ice_host_addresses"])
+    await prepare_peer_connections()
     freeze_heap()
     started = time.monotonic()
     logger.info("fan-out worker %d ready", os.getpid())
