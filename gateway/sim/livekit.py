@@ -105,10 +105,12 @@ class LiveKitServer:
 
     def token(self, identity: str, room: str, *, name: str | None = None,
               ttl: timedelta = timedelta(hours=24), can_publish: bool = True,
-              can_subscribe: bool = True, can_publish_data: bool = True) -> str:
+              can_subscribe: bool = True, can_publish_data: bool = True,
+              hidden: bool = False) -> str:
         """A LiveKit access token for ``room`` (a negative ``ttl`` makes an expired one)."""
         grants = api.VideoGrants(room_join=True, room=room, can_publish=can_publish,
-                                 can_subscribe=can_subscribe, can_publish_data=can_publish_data)
+                                 can_subscribe=can_subscribe, can_publish_data=can_publish_data,
+                                 hidden=hidden)
         return (api.AccessToken(self._api_key, self._api_secret)
                 .with_identity(identity).with_name(name or identity)
                 .with_ttl(ttl).with_grants(grants).to_jwt())
@@ -126,7 +128,7 @@ class LiveKitServer:
             return None
         return Grant(identity=claims.identity, room=video.room, name=claims.name or claims.identity,
                      can_publish=video.can_publish, can_subscribe=video.can_subscribe,
-                     can_publish_data=video.can_publish_data)
+                     can_publish_data=video.can_publish_data, hidden=bool(video.hidden))
 
     # -- handlers ----------------------------------------------------------------------------------
 

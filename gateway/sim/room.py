@@ -10,7 +10,6 @@ packets reach :attr:`Room.on_data`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -29,7 +28,7 @@ from ..errors import Conflict
 from ..media.vad import EnergyVad, Voice, pcm_level
 from ..upstream.base import AvatarEvent, EventType, SpeakResult
 from ..upstream.local import LocalUpstream
-from .media import FeedTrack
+from .media import Publication, TrackFanout
 
 if TYPE_CHECKING:
     from .signaling import ClientConnection
@@ -135,7 +134,8 @@ class AvatarParticipant:
         self.joined_at = time.time()
         self._room = room
         self._upstream: LocalUpstream | None = None
-        self._feeds: list[tuple[FeedTrack, FeedTrack]] = []
+        self._video = TrackFanout("video", VIDEO_QUEUE)
+        self._audio = TrackFanout("audio", AUDIO_QUEUE)
         self._talking: set[str] = set()
         self._queued: set[str] = set()
         self._version = 1
@@ -153,10 +153,8 @@ class AvatarParticipant:
 
     async def _stop(self) -> None:
         self._gone = True
-        for video, audio in self._feeds:
-            video.stop()
-            audio.stop()
-        self._feeds.clear()
+        self._video.stop()
+        self._audio.stop()
         self._talking.clear()
         self._queued.clear()
         if self._upstream is not None:
@@ -169,19 +167,23 @@ class AvatarParticipant:
 
     # -- what clients see --------------------------------------------------------------------------
 
+    def publications(self) -> list[Publication]:
+        quality = self.spec.quality
+        video = models.TrackInfo(
+            sid=self.video_sid, type=models.VIDEO, name="avatar_video", source=models.CAMERA,
+            mime_type=f"video/{self.spec.video_codec}", width=quality.width, height=quality.height,
+            layers=[models.VideoLayer(quality=models.HIGH, width=quality.width,
+                                      height=quality.height, bitrate=quality.bitrate)])
+        audio = models.TrackInfo(
+            sid=self.audio_sid, type=models.AUDIO, name="avatar_audio", source=models.MICROPHONE,
+            mime_type="audio/opus")
+        return [Publication(self.sid, video, self.spec.video_codec, self._video),
+                Publication(self.sid, audio, "opus", self._audio)]
+
     def info(self, state: State = models.ParticipantInfo.ACTIVE) -> models.ParticipantInfo:
         self._version += 1
-        quality = self.spec.quality
         tracks = [] if state == models.ParticipantInfo.DISCONNECTED else [
-            models.TrackInfo(
-                sid=self.video_sid, type=models.VIDEO, name="avatar_video", source=models.CAMERA,
-                mime_type=f"video/{self.spec.video_codec}", width=quality.width, height=quality.height,
-                layers=[models.VideoLayer(quality=models.HIGH, width=quality.width,
-                                          height=quality.height, bitrate=quality.bitrate)]),
-            models.TrackInfo(
-                sid=self.audio_sid, type=models.AUDIO, name="avatar_audio", source=models.MICROPHONE,
-                mime_type="audio/opus"),
-        ]
+            p.info for p in self.publications()]
         return models.ParticipantInfo(
             sid=self.sid, identity=self.identity, name=self.identity, state=state, tracks=tracks,
             joined_at=int(self.joined_at), joined_at_ms=int(self.joined_at * 1000),
@@ -189,35 +191,17 @@ class AvatarParticipant:
             permission=models.ParticipantPermission(can_subscribe=True, can_publish=True,
                                                     can_publish_data=True))
 
-    def subscribe(self) -> tuple[FeedTrack, FeedTrack]:
-        """A (video, audio) pair of tracks for one more client's peer connection."""
-        pair = (FeedTrack("video", VIDEO_QUEUE), FeedTrack("audio", AUDIO_QUEUE))
-        if self._gone:
-            pair[0].stop()
-            pair[1].stop()
-        else:
-            self._feeds.append(pair)
-        return pair
-
-    def unsubscribe(self, pair: tuple[FeedTrack, FeedTrack]) -> None:
-        pair[0].stop()
-        pair[1].stop()
-        with contextlib.suppress(ValueError):
-            self._feeds.remove(pair)
-
     # -- MediaSink (called by LocalUpstream on the loop) ------------------------------------------
 
     @property
     def video_wanted(self) -> bool:
-        return bool(self._feeds)
+        return self._video.wanted
 
     def on_video_frame(self, frame: av.VideoFrame) -> None:
-        for video, _ in self._feeds:
-            video.push(frame)
+        self._video.push(frame)
 
     def on_audio_frame(self, frame: av.AudioFrame) -> None:
-        for _, audio in self._feeds:
-            audio.push(frame)
+        self._audio.push(frame)
 
     def on_event(self, event: AvatarEvent) -> None:
         if event.task_id is not None:
@@ -348,41 +332,62 @@ class Room:
             num_publishers=int(self._avatar is not None))
 
     def participants(self, exclude: ClientConnection | None = None) -> list[models.ParticipantInfo]:
-        """Everyone a client sees: the avatar and the other clients (without their tracks:
-        the simulator does not forward client media between clients)."""
+        """Everyone a client sees: the avatar, the agents and the other clients that are not
+        hidden, with the tracks they publish."""
         out = [self._avatar.info()] if self._avatar is not None else []
         out += [a.info() for a in self._agents.values()]
-        out += [c.info() for c in self._connections.values() if c is not exclude]
+        out += [c.info() for c in self._connections.values() if c is not exclude and not c.hidden]
         return out
+
+    def publications(self, exclude: ClientConnection | None = None) -> list[Publication]:
+        """Every track a client can subscribe to: the avatar's and the other clients'. Like
+        LiveKit's SFU, the room forwards what anyone publishes to everyone else (here by
+        decoding it once and encoding it per subscriber)."""
+        out = self._avatar.publications() if self._avatar is not None else []
+        for connection in self._connections.values():
+            if connection is not exclude:
+                out += connection.publications()
+        return out
+
+    def tracks_changed(self, connection: ClientConnection) -> None:
+        """A client published or unpublished a track: the others learn it, then get offers."""
+        info = connection.info()
+        for other in self._connections.values():
+            if other is not connection:
+                other.update_tracks([] if connection.hidden else [info])
 
     # -- clients (called by the signaling connections) ----------------------------------------------
 
-    def attach(self, connection: ClientConnection) -> AvatarParticipant | None:
-        """Register a client that is about to receive its JoinResponse; returns the avatar it
-        will subscribe to. Like LiveKit, a second client with the same identity replaces the
-        first one, which is sent away with DUPLICATE_IDENTITY."""
+    def attach(self, connection: ClientConnection) -> None:
+        """Register a client that is about to receive its JoinResponse. Like LiveKit, a second
+        client with the same identity replaces the first one, which is sent away with
+        DUPLICATE_IDENTITY."""
         if self._closed:
             raise Conflict(f"room {self.name} is closed")
         previous = self._connections.get(connection.identity)
         self._connections[connection.identity] = connection
         if previous is not None:
             self._spawn(previous.leave(models.DUPLICATE_IDENTITY), "sim-duplicate-leave")
-        info = connection.info()
-        for other in self._connections.values():
-            if other is not connection:
-                other.announce([info])
+        if not connection.hidden:
+            info = connection.info()
+            for other in self._connections.values():
+                if other is not connection:
+                    other.announce([info])
         if previous is None:
             _guarded("on_client", self.on_client, connection.identity, True)
-        return self._avatar
 
     def detach(self, connection: ClientConnection) -> None:
         if self._connections.get(connection.identity) is not connection:
             return  # replaced by a newer connection with the same identity
         del self._connections[connection.identity]
         self._vads.pop(connection.identity, None)
-        gone = connection.info(models.ParticipantInfo.DISCONNECTED)
+        gone = [] if connection.hidden else [connection.info(models.ParticipantInfo.DISCONNECTED)]
+        published = bool(connection.publications())
         for other in self._connections.values():
-            other.announce([gone])
+            if published:
+                other.update_tracks(gone)
+            elif gone:
+                other.announce(gone)
         _guarded("on_client", self.on_client, connection.identity, False)
 
     def receive_data(self, connection: ClientConnection, packet: models.DataPacket, reliable: bool) -> None:
@@ -410,8 +415,10 @@ class Room:
             if other is not connection and (not destination or other.identity in destination):
                 other.send_data(data, reliable)
 
-    async def read_microphone(self, identity: str, track: MediaStreamTrack) -> None:
-        """Decode one client's published audio until it ends: count, measure, detect voice."""
+    async def read_microphone(self, identity: str, track: MediaStreamTrack,
+                              forward: TrackFanout | None = None) -> None:
+        """Decode one client's published audio until it ends: count, measure, detect voice,
+        and hand each frame to ``forward`` (the other clients' copies)."""
         while True:
             try:
                 async with asyncio.timeout(MIC_SILENCE_TICK):
@@ -422,6 +429,8 @@ class Room:
             except MediaStreamError:
                 break
             assert isinstance(frame, av.AudioFrame)
+            if forward is not None:
+                forward.push(frame)
             rms, peak = pcm_level(frame)
             self.mic_frames += 1
             self.mic_peak = max(self.mic_peak, peak)
@@ -491,8 +500,9 @@ class Room:
             await avatar._stop()
             raise Conflict(f"room {self.name} closed while the avatar was starting")
         self._avatar = avatar
+        info = avatar.info()
         for connection in self._connections.values():
-            connection.adopt_avatar(avatar)
+            connection.update_tracks([info])
         logger.info("room %s: avatar %s joined (%s %dx%d)", self.name, avatar.sid,
                     spec.video_codec, spec.quality.width, spec.quality.height)
         return avatar
@@ -503,7 +513,7 @@ class Room:
         self._avatar = None
         gone = avatar.info(models.ParticipantInfo.DISCONNECTED)
         for connection in self._connections.values():
-            connection.drop_avatar(avatar, gone)
+            connection.update_tracks([gone])
         await avatar._stop()
         logger.info("room %s: avatar %s left", self.name, avatar.sid)
 

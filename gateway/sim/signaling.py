@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import av
 from aiohttp import WSMsgType, web
 from aiortc import (
     MediaStreamTrack,
@@ -40,11 +41,11 @@ from google.protobuf.message import DecodeError
 from livekit.protocol import models
 from livekit.protocol import rtc as signal
 
-from .media import FeedTrack
-from .room import State, new_sid
+from .media import FeedTrack, Publication, TrackFanout
+from .room import AUDIO_QUEUE, VIDEO_QUEUE, State, new_sid
 
 if TYPE_CHECKING:
-    from .room import AvatarParticipant, Room
+    from .room import Room
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Grant:
     can_publish: bool = True
     can_subscribe: bool = True
     can_publish_data: bool = True
+    hidden: bool = False
+    """Not shown to the other participants (LiveKit's ``hidden`` grant: recorders, relays)."""
 
 
 class ClientConnection:
@@ -111,10 +114,14 @@ class ClientConnection:
         self._publisher: RTCPeerConnection | None = None
         self._channels: dict[bool, RTCDataChannel] = {}
         self._backlog: collections.deque[tuple[bytes, bool]] = collections.deque(maxlen=DATA_BACKLOG)
-        self._avatar: AvatarParticipant | None = None
-        self._senders: dict[AvatarParticipant, tuple[tuple[FeedTrack, FeedTrack],
-                                                     tuple[RTCRtpTransceiver, ...]]] = {}
+        self._senders: dict[str, tuple[Publication, FeedTrack, RTCRtpTransceiver]] = {}
+        """By track sid: what this client is sent of the others' tracks."""
         self._published: dict[str, models.TrackInfo] = {}
+        """By the client's track id (``cid``): tracks announced, their media still to come."""
+        self._publications: dict[str, Publication] = {}
+        """By track sid: tracks whose media arrives, forwarded to the other clients."""
+        self._forwarding: dict[MediaStreamTrack, asyncio.Task[None]] = {}
+        """The task forwarding each received track, cancelled when the client unpublishes it."""
         # Held by every operation on a peer connection: closing one while another task is
         # inside setLocalDescription (gathering) would leave the sockets gathered after the
         # close open forever.
@@ -134,14 +141,23 @@ class ClientConnection:
         return f"<ClientConnection {self.identity} {self.sid} room={self._room.name}>"
 
     @property
+    def hidden(self) -> bool:
+        return self._grant.hidden
+
+    def publications(self) -> list[Publication]:
+        return list(self._publications.values())
+
+    @property
     def peer_connections(self) -> list[RTCPeerConnection]:
         return [pc for pc in (self._subscriber, self._publisher) if pc is not None]
 
     def info(self, state: State = models.ParticipantInfo.ACTIVE) -> models.ParticipantInfo:
         self._version += 1
         grant = self._grant
+        tracks = [] if state == models.ParticipantInfo.DISCONNECTED else [
+            p.info for p in self._publications.values()]
         return models.ParticipantInfo(
-            sid=self.sid, identity=self.identity, name=grant.name, state=state,
+            sid=self.sid, identity=self.identity, name=grant.name, state=state, tracks=tracks,
             joined_at=int(self.joined_at), joined_at_ms=int(self.joined_at * 1000),
             version=self._version, is_publisher=bool(self._published),
             kind=models.ParticipantInfo.STANDARD,
@@ -154,7 +170,7 @@ class ClientConnection:
     async def run(self) -> None:
         """Join, then serve the client's requests until its socket closes; then clean up."""
         try:
-            avatar = self._room.attach(self)
+            self._room.attach(self)
             self._post(signal.SignalResponse(join=signal.JoinResponse(
                 room=self._room.info(),
                 participant=self.info(models.ParticipantInfo.JOINED),
@@ -164,11 +180,11 @@ class ClientConnection:
                                               protocol=SERVER_PROTOCOL, node_id="sim"),
                 subscriber_primary=True, ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
                 ice_servers=[])))
-            # The avatar is in other_participants, so its tracks may ride the first offer.
-            self._avatar = avatar
-            # Tracks before data channels: aiortc (max-bundle) stops the shared transport if
-            # the data channel's transport came first but its m-line comes after the media's.
-            self._sync_avatar_tracks()
+            # The publishers are in other_participants, so their tracks may ride the first
+            # offer. Tracks before data channels: aiortc (max-bundle) stops the shared
+            # transport if the data channel's transport came first but its m-line comes after
+            # the media's.
+            self._sync_tracks()
             self._open_data_channels()
             self._spawn(self._write_loop(), "sim-signal-writer")
             # Offers wait for answers: never inside the read loop, which must keep reading.
@@ -213,9 +229,12 @@ class ClientConnection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for avatar, (pair, _) in self._senders.items():
-                avatar.unsubscribe(pair)
+            for publication, feed, _ in self._senders.values():
+                publication.frames.unsubscribe(feed)
             self._senders.clear()
+            for publication in self._publications.values():
+                publication.frames.stop()
+            self._publications.clear()
             self._backlog.clear()
             async with self._peer_lock:
                 await self._subscriber.close()
@@ -355,11 +374,14 @@ class ClientConnection:
             logger.warning("%s may not publish; ignoring track %r", repr(self), request.name)
             return
         audio = request.type == models.AUDIO
+        codec = "opus" if audio else "VP8"
+        if not audio and request.simulcast_codecs:
+            codec = request.simulcast_codecs[0].codec.upper() or codec
         info = models.TrackInfo(
             sid=new_sid("TR_"), type=request.type, name=request.name, source=request.source,
             muted=request.muted, width=request.width, height=request.height,
             disable_dtx=request.disable_dtx, stereo=request.stereo, layers=request.layers,
-            mime_type="audio/opus" if audio else "video/VP8")
+            mime_type=f"{'audio' if audio else 'video'}/{codec}")
         # The cid is the msid track id of this track in the coming publisher offer.
         self._published[request.cid] = info
         self._post(signal.SignalResponse(
@@ -380,6 +402,7 @@ class ClientConnection:
             except PeerError as exc:
                 logger.warning("%s: unusable publisher offer: %s", repr(self), exc)
                 return False
+            self._end_unpublished(pc)
         self._post(signal.SignalResponse(answer=signal.SessionDescription(
             type="answer", sdp=pc.localDescription.sdp, id=offer.id)))
         return True
@@ -387,13 +410,49 @@ class ClientConnection:
     # -- what the client publishes -----------------------------------------------------------------
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        info = self._published.get(track.id)
-        logger.info("%s publishes %s track %s", repr(self), track.kind, info.sid if info else track.id)
-        if track.kind == "audio":
-            self._spawn(self._room.read_microphone(self.identity, track), "sim-microphone")
-        else:
-            # Nobody watches client video, but aiortc queues decoded frames without bound.
-            self._spawn(_drain(track), "sim-drain-video")
+        info = self._published.pop(track.id, None)
+        if info is None:  # a cid the SDK did not carry into the SDP: the oldest of its kind
+            kind = models.AUDIO if track.kind == "audio" else models.VIDEO
+            cid = next((c for c, i in self._published.items() if i.type == kind), None)
+            info = self._published.pop(cid) if cid is not None else None
+        if info is None:
+            logger.warning("%s sends a %s track it did not announce; ignored", repr(self), track.kind)
+            self._spawn(_drain(track), "sim-drain")
+            return
+        logger.info("%s publishes %s track %s", repr(self), track.kind, info.sid)
+        audio = track.kind == "audio"
+        frames = TrackFanout(track.kind, AUDIO_QUEUE if audio else VIDEO_QUEUE)
+        publication = Publication(self.sid, info, info.mime_type.partition("/")[2], frames)
+        self._publications[info.sid] = publication
+        self._room.tracks_changed(self)
+        pump = (self._room.read_microphone(self.identity, track, frames) if audio
+                else _forward(track, frames))
+        self._spawn(self._publish(track, publication, pump), f"sim-publish-{track.kind}")
+
+    def _end_unpublished(self, pc: RTCPeerConnection) -> None:
+        """A LiveKit client unpublishes by renegotiating its m-line to stop sending (aiortc
+        keeps the receiving track alive): such tracks stop being forwarded."""
+        for transceiver in pc.getTransceivers():
+            track = transceiver.receiver.track
+            if track is not None and transceiver._offerDirection in ("sendonly", "inactive"):
+                task = self._forwarding.pop(track, None)
+                if task is not None:
+                    task.cancel()
+
+    async def _publish(self, track: MediaStreamTrack, publication: Publication,
+                       pump: Coroutine[Any, Any, None]) -> None:
+        """Forward a published track until it ends or is unpublished."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._forwarding[track] = task
+        try:
+            await pump
+        finally:
+            self._forwarding.pop(track, None)
+            publication.frames.stop()
+            if self._publications.pop(publication.info.sid, None) is not None \
+                    and not self._closing:
+                self._room.tracks_changed(self)
 
     def _on_client_channel(self, channel: RTCDataChannel) -> None:
         if channel.label in ("_reliable", "_lossy"):
@@ -421,17 +480,11 @@ class ClientConnection:
     def announce(self, participants: list[models.ParticipantInfo]) -> None:
         self._post(signal.SignalResponse(update=signal.ParticipantUpdate(participants=participants)))
 
-    def adopt_avatar(self, avatar: AvatarParticipant) -> None:
-        """The avatar joined: describe it first, then offer its tracks (the SDKs drop a track
+    def update_tracks(self, participants: list[models.ParticipantInfo]) -> None:
+        """Someone's tracks changed: describe them first, then offer (the SDKs drop a track
         whose participant or TrackInfo they do not know yet)."""
-        self.announce([avatar.info()])
-        self._avatar = avatar
-        self._offer_needed.set()
-
-    def drop_avatar(self, avatar: AvatarParticipant, gone: models.ParticipantInfo) -> None:
-        self.announce([gone])
-        if self._avatar is avatar:
-            self._avatar = None
+        if participants:
+            self.announce(participants)
         self._offer_needed.set()
 
     def send_data(self, data: bytes, reliable: bool) -> None:
@@ -464,14 +517,14 @@ class ClientConnection:
             self.send_data(data, reliable)
 
     async def _negotiate_loop(self) -> None:
-        """Offer the subscriber connection whenever the avatar's tracks change; one offer at
+        """Offer the subscriber connection whenever the room's tracks change; one offer at
         a time, each answered before the next (changes meanwhile coalesce into one offer)."""
         pc = self._subscriber
         while True:
             await self._offer_needed.wait()
             self._offer_needed.clear()
             async with self._peer_lock:
-                self._sync_avatar_tracks()
+                self._sync_tracks()
                 await pc.setLocalDescription(await pc.createOffer())
             self._offer_id += 1
             self._answered.clear()
@@ -486,32 +539,39 @@ class ClientConnection:
                 self._hang_up()
                 return
 
-    def _sync_avatar_tracks(self) -> None:
+    def _sync_tracks(self) -> None:
+        """Make the subscriber connection carry exactly the room's other tracks."""
         pc = self._subscriber
-        wanted = self._avatar if self._grant.can_subscribe else None
-        for avatar, (pair, transceivers) in list(self._senders.items()):
-            if avatar is not wanted:
+        wanted = {p.info.sid: p for p in self._room.publications(exclude=self)} \
+            if self._grant.can_subscribe else {}
+        for sid, (publication, feed, transceiver) in list(self._senders.items()):
+            if sid not in wanted or wanted[sid].frames is not publication.frames:
                 # aiortc cannot remove a transceiver: its track ends and it goes inactive.
-                avatar.unsubscribe(pair)
-                for transceiver in transceivers:
-                    transceiver.direction = "inactive"
-                del self._senders[avatar]
-        if wanted is None or wanted in self._senders:
-            return
-        pair = wanted.subscribe()
-        video = pc.addTransceiver(pair[0], direction="sendonly")
-        video.setCodecPreferences(_codecs("video", wanted.spec.video_codec))
-        audio = pc.addTransceiver(pair[1], direction="sendonly")
-        audio.setCodecPreferences(_codecs("audio", "opus"))
-        # msid "<participant sid>|<track sid>" is how the SDKs map a track to its TrackInfo.
-        # aiortc has no API for it, but createOffer writes these two sender attributes.
-        for transceiver, track_sid in ((video, wanted.video_sid), (audio, wanted.audio_sid)):
-            transceiver.sender._stream_id = f"{wanted.sid}|{track_sid}"
-            transceiver.sender._track_id = track_sid
-        self._senders[wanted] = (pair, (video, audio))
+                publication.frames.unsubscribe(feed)
+                transceiver.direction = "inactive"
+                del self._senders[sid]
+        for sid, publication in wanted.items():
+            if sid in self._senders:
+                continue
+            feed = publication.frames.subscribe()
+            transceiver = pc.addTransceiver(feed, direction="sendonly")
+            transceiver.setCodecPreferences(_codecs(feed.kind, publication.codec))
+            # msid "<participant sid>|<track sid>" is how the SDKs map a track to its
+            # TrackInfo. aiortc has no API for it, but createOffer writes these attributes.
+            transceiver.sender._stream_id = f"{publication.participant_sid}|{sid}"
+            transceiver.sender._track_id = sid
+            self._senders[sid] = (publication, feed, transceiver)
 
 
 async def _drain(track: MediaStreamTrack) -> None:
     with contextlib.suppress(MediaStreamError):
         while True:
             await track.recv()
+
+
+async def _forward(track: MediaStreamTrack, frames: TrackFanout) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            assert isinstance(frame, av.VideoFrame)  # aiortc's receivers decode
+            frames.push(frame)

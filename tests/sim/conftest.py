@@ -62,9 +62,10 @@ async def sdk_client(livekit: LiveKitRig) -> AsyncIterator[SdkFactory]:
 
     async def connect(identity: str = "gateway", room: str = "room-1", *,
                       single_peer_connection: bool | None = False, can_publish: bool = True,
-                      can_subscribe: bool = True, can_publish_data: bool = True) -> SdkClient:
+                      can_subscribe: bool = True, can_publish_data: bool = True,
+                      hidden: bool = False) -> SdkClient:
         token = livekit.server.token(identity, room, can_publish=can_publish, can_subscribe=can_subscribe,
-                                     can_publish_data=can_publish_data)
+                                     can_publish_data=can_publish_data, hidden=hidden)
         client = SdkClient(livekit.url, token, single_peer_connection=single_peer_connection)
         clients.append(client)
         await client.connect()
