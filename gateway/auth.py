@@ -159,6 +159,7 @@ VIEWER_ROUTES = frozenset({
     ("POST", "/v1/sessions/{session_id}/whep"),
     ("PATCH", "/v1/sessions/{session_id}/whep/{viewer_id}"),
     ("DELETE", "/v1/sessions/{session_id}/whep/{viewer_id}"),
+    ("POST", "/v1/sessions/{session_id}/livekit-token"),
 })
 """What a viewer token may call, for its own session only. Every other API route needs a
 controller (minting a controller token: an admin, checked by the handler)."""

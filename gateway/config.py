@@ -208,6 +208,20 @@ class Settings:
     """``full``: LiveAvatar's own voice, language model and ears. ``lite``: the avatar only
     lip-syncs what the gateway says: the gateway's speech (``tts``) over the session's
     websocket, and ``talk`` answered by the gateway's chat (the persona)."""
+    distribution: str = "whep"
+    """How viewers get a session that does not say: ``whep`` (the gateway's own peer
+    connections) or ``livekit`` (also published into a room of the operator's LiveKit, for
+    audiences larger than one machine; needs ``livekit_url``, ``livekit_api_key`` and
+    ``livekit_api_secret``)."""
+    livekit_url: str = ""
+    """The operator's LiveKit server or LiveKit Cloud project (``wss://...``); empty: the
+    ``livekit`` distribution is unavailable."""
+    livekit_api_key: str = ""
+    """API key of the operator's LiveKit: the gateway mints its own and its viewers' tokens."""
+    livekit_api_secret: Secret = Secret("")
+    """The key's secret. Never sent to a browser (viewers get short-lived tokens)."""
+    livekit_room_prefix: str = "avatar-"
+    """A session's room in the operator's LiveKit is this plus the session id."""
     upstream_timeout: float = 15.0
     """Seconds for one provider REST call."""
     upstream_reconcile_interval: float = 5.0
@@ -284,6 +298,20 @@ class Settings:
         if self.liveavatar_mode not in ("full", "lite"):
             raise ConfigError(f"liveavatar_mode must be 'full' or 'lite', "
                               f"got {self.liveavatar_mode!r}")
+        if self.distribution not in ("whep", "livekit"):
+            raise ConfigError(f"distribution must be 'whep' or 'livekit', "
+                              f"got {self.distribution!r}")
+        livekit = (self.livekit_url, self.livekit_api_key, self.livekit_api_secret.reveal())
+        if any(livekit) and not all(livekit):
+            raise ConfigError(f"the operator's LiveKit needs all of {ENV_PREFIX}LIVEKIT_URL, "
+                              f"{ENV_PREFIX}LIVEKIT_API_KEY and {ENV_PREFIX}LIVEKIT_API_SECRET")
+        if self.livekit_url and not self.livekit_url.startswith(("ws://", "wss://", "http://",
+                                                                 "https://")):
+            raise ConfigError(f"livekit_url must be a ws(s):// or http(s):// URL, "
+                              f"got {self.livekit_url!r}")
+        if self.distribution == "livekit" and not self.livekit_url:
+            raise ConfigError(f"distribution=livekit needs the operator's LiveKit: set "
+                              f"{ENV_PREFIX}LIVEKIT_URL, _API_KEY and _API_SECRET")
         if self.tts not in ("espeak", "openai"):
             raise ConfigError(f"tts must be 'espeak' or 'openai', got {self.tts!r}")
         if self.tts == "openai" and not self.openai_api_key:

@@ -36,6 +36,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .events import EventLog
+from .livekit_out import RoomPublisher
 from .media.hub import Hub, HubConfig
 from .media.naive import make_hub
 from .metrics import Metrics
@@ -64,8 +65,12 @@ class Session:
         on_closed: Callable[[Session], None],
         answerer: Answerer,
         workers: WorkerPool | None = None,
+        distribution: str = "whep",
     ) -> None:
         self.id = secrets.token_hex(12)
+        self.distribution = distribution
+        """``whep`` or ``livekit`` (also published into the operator's LiveKit room)."""
+        self.livekit: RoomPublisher | None = None
         self.upstream = upstream
         self.quality = quality
         self.created_at = time.time()
@@ -150,7 +155,10 @@ class Session:
                 self._metrics.upstream_reconnects.labels(self.upstream.kind, "ok").inc()
         self.conversation.on_event(event)
         self.events.publish(event)
-        self.audience.broadcast(event.to_json())
+        payload = event.to_json()
+        self.audience.broadcast(payload)
+        if self.livekit is not None:
+            self.livekit.send_event(payload)
 
     def on_upstream_ended(self, reason: str) -> None:
         if self._reconnecting:
@@ -194,6 +202,11 @@ class Session:
             raise
         self._metrics.upstream_starts.labels(kind, "ok").inc()
         self._metrics.upstream_start_duration.labels(kind).observe(time.monotonic() - began)
+        if self.distribution == "livekit" and isinstance(self.hub, Hub):
+            publisher = RoomPublisher(self._settings, self.id, self.hub, self.quality.width,
+                                      self.quality.height)
+            await publisher.start()
+            self.livekit = publisher
         self._set_state(SessionState.LIVE)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"session-{self.id[:8]}-supervisor")
@@ -204,8 +217,10 @@ class Session:
 
     @property
     def in_use(self) -> bool:
-        """Someone watches (a viewer, an event stream) or controlled it within the idle grace."""
-        if len(self.audience) or self.events.subscribers:
+        """Someone watches (a viewer, an event stream, someone in its LiveKit room) or
+        controlled it within the idle grace."""
+        watchers = len(self.audience) + (self.livekit.audience if self.livekit else 0)
+        if watchers or self.events.subscribers:
             self._last_activity = time.monotonic()
             return True
         return time.monotonic() - self._last_activity < self._settings.idle_grace
@@ -263,6 +278,8 @@ class Session:
         self.conversation.close()
         try:
             await self.audience.close("session_closed")
+            if self.livekit is not None:
+                await self.livekit.close()
             await self.hub.close()
             try:
                 await self.upstream.stop()
@@ -323,10 +340,19 @@ class SessionRegistry:
 
     async def create(
         self, upstream: str | None = None, quality: str | None = None, voice: str | None = None,
-        avatar_id: str | None = None,
+        avatar_id: str | None = None, distribution: str | None = None,
     ) -> Session:
         if not self._accepting:
             raise Conflict("the gateway is shutting down")
+        distribution = distribution or self._settings.distribution
+        if distribution not in ("whep", "livekit"):
+            raise BadRequest(f"distribution must be 'whep' or 'livekit', not {distribution!r}")
+        if distribution == "livekit" and not self._settings.livekit_url:
+            raise BadRequest("distribution 'livekit' needs the operator's LiveKit: the gateway "
+                             "has no AVATAR_GATEWAY_LIVEKIT_URL, _API_KEY and _API_SECRET")
+        if distribution == "livekit" and self._settings.media_design == "naive":
+            raise BadRequest("distribution 'livekit' publishes the encode-once hub's packets; "
+                             "the naive benchmark design has none")
         kind = upstream or self._settings.default_upstream
         tier_name = quality or self._settings.default_quality
         if tier_name not in QUALITY_TIERS:
@@ -337,7 +363,7 @@ class SessionRegistry:
         # Checked again with no await before the registration: concurrent creates can't overshoot.
         self._check_limits(kind)
         session = Session(source, tier, self._settings, self._metrics, self._forget, self._answerer,
-                          self.workers)
+                          self.workers, distribution)
         self._sessions[session.id] = session
         try:
             await session.start()

@@ -112,15 +112,29 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "ice_servers": {"type": "array", "items": _ref("IceServer"), "description": (
                 "For the player's RTCPeerConnection (the same servers as the WHEP Link headers, "
                 "which arrive only after the offer).")},
+            "distribution": _str(enum=["whep", "livekit"]),
+            "livekit": _obj({"url": _str(), "room": _str(), "token_url": _str()},
+                            ("url", "room", "token_url"), description=(
+                "With the `livekit` distribution: the operator's LiveKit room the session is "
+                "published into, and where a viewer gets a token for it.")),
         }, ("id", "upstream", "state", "quality", "width", "height", "viewers", "created_at",
-            "whep_url", "events_url", "ice_servers")),
+            "whep_url", "events_url", "ice_servers", "distribution")),
         "SessionCreate": _obj({
             "upstream": _str(enum=["local", "heygen", "liveavatar"],
                              description="Default: AVATAR_GATEWAY_DEFAULT_UPSTREAM."),
             "quality": _str(enum=list(QUALITY_TIERS)),
             "voice": _str(description="eSpeak voice (local) or provider voice id."),
             "avatar_id": _str(),
+            "distribution": _str(enum=["whep", "livekit"], description=(
+                "`livekit`: also published into a room of the operator's LiveKit (needs "
+                "AVATAR_GATEWAY_LIVEKIT_URL, _API_KEY, _API_SECRET). Default: "
+                "AVATAR_GATEWAY_DISTRIBUTION.")),
         }),
+        "LiveKitGrant": _obj({
+            "url": _str(), "room": _str(), "identity": _str(), "token": _str(),
+            "expires_at": {"type": "number"}, "expires_in": {"type": "number"},
+            "events_topic": _str(description="Data topic of the session's events (JSON)."),
+        }, ("url", "room", "identity", "token", "expires_at", "expires_in", "events_topic")),
         "Speak": _obj({
             "text": text,
             "task_type": _str(enum=[t.value for t in TaskType], default="repeat"),
@@ -342,6 +356,12 @@ def _gateway_paths(settings: Settings) -> dict[str, Schema]:
                      "schema": _str(pattern="^[0-9]+$")},
                     {"name": "last_event_id", "in": "query", "required": False,
                      "schema": _str(pattern="^[0-9]+$")}])},
+        f"{base}/livekit-token": {"parameters": [SESSION_ID], "post": _op(
+            "Mint a LiveKit viewer token", "sessions", {"201": _json(_ref("LiveKitGrant"),
+                                                                     "Created")},
+            description=("For a session with the `livekit` distribution (409 otherwise): a "
+                         "subscribe-only token for its room in the operator's LiveKit (no "
+                         "tracks, no data). A viewer token of the session may ask."))},
         f"{base}/whep": {"parameters": [SESSION_ID], "post": _op(
             "Create a WHEP viewer", "whep",
             {"201": {"description": "The SDP answer (RFC 9725).", "content": sdp, "headers": {

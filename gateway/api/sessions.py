@@ -45,6 +45,10 @@ def session_json(session: Session, settings: Settings) -> dict[str, Any]:
         # What a player's peer connection needs before it offers (TURN behind NAT).
         "ice_servers": browser_ice_servers(settings.ice_servers, settings.ice_username,
                                            settings.ice_credential.reveal()),
+        "distribution": session.distribution,
+        **({"livekit": {"url": settings.livekit_url, "room": session.livekit.room,
+                        "token_url": f"/v1/sessions/{session.id}/livekit-token"}}
+           if session.livekit is not None else {}),
     }
 
 
@@ -56,6 +60,7 @@ async def create_session(request: web.Request) -> web.Response:
         quality=optional_str(data, "quality"),
         voice=optional_str(data, "voice"),
         avatar_id=optional_str(data, "avatar_id"),
+        distribution=optional_str(data, "distribution"),
     )
     return web.json_response(session_json(session, request.app[SETTINGS]), status=201,
                              headers={"Location": f"/v1/sessions/{session.id}"})

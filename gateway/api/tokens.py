@@ -1,13 +1,21 @@
 """``POST /v1/tokens``: the gateway's own create_token. A backend holding a controller (or
 admin) token mints what a browser gets: a viewer token for one session (a share link), or,
-with the admin token, a short-lived controller token. Never a vendor key."""
+with the admin token, a short-lived controller token. Never a vendor key.
+
+``POST /v1/sessions/{id}/livekit-token``: what a viewer needs to watch through the operator's
+LiveKit instead (the ``livekit`` distribution)."""
 
 from __future__ import annotations
 
+import secrets
+import time
+from datetime import timedelta
+
 from aiohttp import web
 
+from .. import livekit_out
 from ..auth import Role
-from ..errors import BadRequest, Forbidden
+from ..errors import BadRequest, Conflict, Forbidden
 from .common import SESSIONS, SETTINGS, TOKENS, optional_str, principal, read_json
 
 routes = web.RouteTableDef()
@@ -40,3 +48,21 @@ async def mint_token(request: web.Request) -> web.Response:
         # In the fragment: it never reaches a server log or a Referer header.
         body["watch_url"] = f"/web/viewer.html?session={session_id}#token={token}"
     return web.json_response(body, status=201)
+
+
+@routes.post("/v1/sessions/{session_id}/livekit-token")
+async def mint_livekit_token(request: web.Request) -> web.Response:
+    """Watch a ``livekit``-distributed session through the operator's LiveKit: a
+    subscribe-only token for its room (no tracks, no data), for livekit-client or any SDK."""
+    settings = request.app[SETTINGS]
+    session = request.app[SESSIONS].get(request.match_info["session_id"])
+    if session.livekit is None:
+        raise Conflict(f"session {session.id} is not published to LiveKit (its distribution "
+                       f"is {session.distribution!r}): watch it over WHEP")
+    ttl = min(settings.viewer_token_ttl, settings.max_token_ttl)
+    identity = f"viewer-{secrets.token_hex(6)}"
+    token = livekit_out.viewer_token(settings, session.id, identity, timedelta(seconds=ttl))
+    return web.json_response({
+        "url": settings.livekit_url, "room": session.livekit.room, "identity": identity,
+        "token": token, "expires_at": round(time.time() + ttl, 3), "expires_in": ttl,
+        "events_topic": livekit_out.EVENTS_TOPIC}, status=201)

@@ -73,6 +73,16 @@ class Subscriber(Protocol):
     def deliver(self, frame: RtpFrame) -> None: ...
 
 
+class Tap(Protocol):
+    """Whole encoded video frames and the raw audio, as they pass through the hub: what a
+    republisher needs (the LiveKit distribution, :mod:`gateway.livekit_out`), which carries
+    its own packetizing and its own Opus encoder. Called on the loop; must not block."""
+
+    def video_packet(self, packet: Packet) -> None: ...
+
+    def audio_frame(self, frame: av.AudioFrame) -> None: ...
+
+
 class Fanout(Feedback, Protocol):
     """What a viewer's streams need from the fan-out (besides their :class:`~.rtp.Feedback`):
     the session's :class:`Hub` in-process, or a fan-out worker's stand-in for it
@@ -139,6 +149,7 @@ class VideoLane:
         self.codec = encoder.codec
         self._owns_frames = owns_frames
         self.subscribers: set[Subscriber] = set()
+        self.taps: set[Tap] = set()
         self.fast_start = FastStart(hub.config.fast_start_frames)
         self._packetizer = Packetizer(encoder.codec)
         self._hub = hub
@@ -164,8 +175,12 @@ class VideoLane:
         if self._keyframe_reason is None or reason == "join":
             self._keyframe_reason = reason
 
+    @property
+    def wanted(self) -> bool:
+        return bool(self.subscribers or self.taps)
+
     def push(self, frame: av.VideoFrame) -> None:
-        if not self.subscribers:
+        if not self.wanted:
             return
         if self._pending_frame is not None:
             self._hub.skip("video", "encoder_busy")
@@ -219,6 +234,8 @@ class VideoLane:
                     self._keyframe_reason = None
                     self._stats.keyframes += 1
                     self._metrics.keyframes.labels(reason or "encoder").inc()
+                for tap in tuple(self.taps):
+                    tap.video_packet(packet)
                 rtp = self._packetizer.frame(packet)
                 self.fast_start.add(rtp)
                 self._hub.fan_out(rtp, self.subscribers, self._sent_bytes, packet.size)
@@ -227,6 +244,7 @@ class VideoLane:
         self._task.cancel()
         await asyncio.wait([self._task])
         self.subscribers.clear()
+        self.taps.clear()
         self._pending_frame = None
         # The worker may still be inside the encoder for this one frame; don't block the loop.
         self._executor.shutdown(wait=False)
@@ -250,6 +268,7 @@ class Hub:
         self._audio_encoder = AudioEncoder(packet_ms=config.audio_packet_ms)
         self._audio_packetizer = Packetizer(AudioEncoder.codec)
         self._audio: set[Subscriber] = set()
+        self._taps: set[Tap] = set()
         self._closed = False
         self._audio_encoded = metrics.frames_encoded.labels("audio", AudioEncoder.codec)
         self._audio_bytes = metrics.sent_bytes.labels("audio")
@@ -282,10 +301,7 @@ class Hub:
             return False
         if subscriber.kind == "video":
             codec = subscriber.codec
-            lane = self._lanes.get(codec)
-            if lane is None:
-                encoder = VIDEO_ENCODERS[codec](self.config.bitrate, self.config.fps)
-                lane = self._lanes[codec] = VideoLane(self, encoder, not self._lanes)
+            lane = self._lane(codec)
             lane.subscribers.add(subscriber)
             if lane.fast_start.replay(subscriber):
                 self.metrics.fast_starts.inc()
@@ -295,6 +311,22 @@ class Hub:
             self._audio.add(subscriber)
         return True
 
+    def add_tap(self, tap: Tap, codec: str) -> None:
+        """Feed ``tap`` the ``codec`` lane's encoded frames (the lane runs from now on, for it
+        alone if need be, starting at a keyframe) and the audio."""
+        self.check_codec(codec)
+        if self._closed:
+            return
+        lane = self._lane(codec)
+        lane.taps.add(tap)
+        self._taps.add(tap)
+        self.request_keyframe("join", codec)
+
+    def remove_tap(self, tap: Tap) -> None:
+        self._taps.discard(tap)
+        for lane in self._lanes.values():
+            lane.taps.discard(tap)
+
     def detach(self, subscriber: Subscriber) -> None:
         if subscriber.kind == "video":
             lane = self._lanes.get(subscriber.codec)
@@ -302,6 +334,13 @@ class Hub:
                 lane.subscribers.discard(subscriber)
         else:
             self._audio.discard(subscriber)
+
+    def _lane(self, codec: str) -> VideoLane:
+        lane = self._lanes.get(codec)
+        if lane is None:
+            encoder = VIDEO_ENCODERS[codec](self.config.bitrate, self.config.fps)
+            lane = self._lanes[codec] = VideoLane(self, encoder, not self._lanes)
+        return lane
 
     def request_keyframe(self, reason: str, codec: str = "vp8") -> None:
         self.stats.keyframe_requests += 1
@@ -326,7 +365,7 @@ class Hub:
 
     @property
     def video_wanted(self) -> bool:
-        return any(lane.subscribers for lane in self._lanes.values())
+        return any(lane.wanted for lane in self._lanes.values())
 
     def push_video(self, frame: av.VideoFrame) -> None:
         if self._closed:
@@ -341,6 +380,8 @@ class Hub:
     def push_audio(self, frame: av.AudioFrame) -> None:
         if self._closed:
             return
+        for tap in tuple(self._taps):
+            tap.audio_frame(frame)
         if not self._audio:
             self.skip("audio", "no_viewers")
             return
@@ -364,3 +405,4 @@ class Hub:
         for lane in self._lanes.values():
             await lane.close()
         self._audio.clear()
+        self._taps.clear()

@@ -23,6 +23,8 @@ class VideoSeen:
     frames: int = 0
     sizes: set[tuple[int, int]] = field(default_factory=set)
     first_at: float | None = None
+    timestamps_us: list[int] = field(default_factory=list)
+    """Each frame's capture time as the publisher stamped it (the stream's own clock)."""
 
 
 @dataclass
@@ -101,6 +103,7 @@ class SdkClient:
         self._streams.append(stream)
         async for event in stream:
             self.video.frames += 1
+            self.video.timestamps_us.append(event.timestamp_us)
             self.video.sizes.add((event.frame.width, event.frame.height))
             if self.video.first_at is None:
                 self.video.first_at = loop.time()
@@ -122,6 +125,13 @@ class SdkClient:
         sender = packet.participant.identity if packet.participant is not None else None
         self.data.append(DataSeen(asyncio.get_running_loop().time(), sender, packet.topic, packet.data))
         self._changed.set()
+
+    def frame_rate(self, last: int = 60) -> float:
+        """Frames per second of the stream over its ``last`` frames, by the publisher's
+        timestamps: what the publisher sent, however busy this machine is."""
+        stamps = self.video.timestamps_us[-last:]
+        span = (stamps[-1] - stamps[0]) / 1e6 if len(stamps) > 1 else 0.0
+        return (len(stamps) - 1) / span if span > 0 else 0.0
 
     def peak_rms(self, since: float = 0.0) -> float:
         return max((rms for at, rms in self.audio.rms if at >= since), default=0.0)

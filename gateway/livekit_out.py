@@ -1,0 +1,194 @@
+"""The ``livekit`` distribution: a session published into a room of the operator's LiveKit.
+
+One machine, even with every core used, ends at a few thousand viewers; a LiveKit deployment
+(self-hosted cluster or LiveKit Cloud) carries one room to many thousands across regions. The
+gateway stays the keeper of keys, lifecycle and events, and publishes what its hub already
+makes, once:
+
+* video: the hub's VP8 frames as they leave the encoder, whole (``rtc.EncodedVideoSource``,
+  no decode and no second encode); the room's keyframe requests reach the hub's encoder;
+* audio: the hub's 48 kHz mono PCM (the SDK's ``AudioSource`` takes PCM only; Opus at
+  ~0.1 ms per 20 ms is not worth a pass-through);
+* events: each session event as one reliable data packet on topic :data:`EVENTS_TOPIC`, the
+  same JSON object the WHEP data channel carries.
+
+Viewers join with tokens from :func:`viewer_token` (``POST /v1/sessions/{id}/livekit-token``):
+subscribe only, no data. The gateway's own WHEP viewers keep working alongside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import av
+from livekit import api, rtc
+from livekit.rtc.participant import PublishTrackError
+
+from .config import Settings
+from .errors import UpstreamUnavailable
+from .media.codecs import AUDIO_RATE, Packet
+from .media.hub import Hub
+from .media.mailbox import Mailbox, MailboxClosed
+
+logger = logging.getLogger(__name__)
+
+PUBLISHER_IDENTITY = "avatar"
+"""Who the avatar is in the operator's room."""
+EVENTS_TOPIC = "avatar-events"
+JOIN_TIMEOUT = 15.0
+AUDIO_BACKLOG = 25
+"""Frames (20-60 ms each) waiting for the SDK; more means the room link stalls: oldest go."""
+EVENT_BACKLOG = 256
+
+
+def room_name(settings: Settings, session_id: str) -> str:
+    return settings.livekit_room_prefix + session_id
+
+
+def _token(settings: Settings, room: str, identity: str, ttl: timedelta,
+           grants: api.VideoGrants, name: str | None = None) -> str:
+    return (api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret.reveal())
+            .with_identity(identity).with_name(name or identity).with_ttl(ttl)
+            .with_grants(grants).to_jwt())
+
+
+def viewer_token(settings: Settings, session_id: str, identity: str, ttl: timedelta) -> str:
+    """A token to watch a session's room: subscribe only (no tracks, no data)."""
+    room = room_name(settings, session_id)
+    grants = api.VideoGrants(room_join=True, room=room, can_subscribe=True, can_publish=False,
+                             can_publish_data=False, can_update_own_metadata=False)
+    return _token(settings, room, identity, ttl, grants)
+
+
+class RoomPublisher:
+    """The gateway in the operator's room as participant :data:`PUBLISHER_IDENTITY`; a
+    :class:`~gateway.media.hub.Tap` of the session's hub while it is there."""
+
+    def __init__(self, settings: Settings, session_id: str, hub: Hub, width: int,
+                 height: int) -> None:
+        self.room = room_name(settings, session_id)
+        self._settings = settings
+        self._hub = hub
+        self._size = (width, height)
+        self._room = rtc.Room()
+        self._video: rtc.EncodedVideoSource | None = None
+        self._audio: rtc.AudioSource | None = None
+        self._audio_frames: Mailbox[av.AudioFrame] = Mailbox(maxlen=AUDIO_BACKLOG)
+        self._events: Mailbox[str] = Mailbox(maxlen=EVENT_BACKLOG)
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.frames_published = 0
+        self.keyframe_requests = 0
+        self._closed = False
+
+    @property
+    def audience(self) -> int:
+        """Participants in the room besides the gateway (hidden ones are not counted)."""
+        return len(self._room.remote_participants)
+
+    async def start(self) -> None:
+        """Join and publish; raises :class:`UpstreamUnavailable` when the room cannot be
+        joined (the session does not start: its viewers could not see it)."""
+        settings = self._settings
+        grants = api.VideoGrants(room_join=True, room=self.room, can_publish=True,
+                                 can_subscribe=False, can_publish_data=True)
+        token = _token(settings, self.room, PUBLISHER_IDENTITY, timedelta(hours=24), grants)
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT):
+                await self._room.connect(settings.livekit_url, token,
+                                         rtc.RoomOptions(auto_subscribe=False))
+                width, height = self._size
+                self._video = rtc.EncodedVideoSource(width, height)
+                video = rtc.LocalVideoTrack.create_video_track("avatar_video", self._video)
+                await self._room.local_participant.publish_track(video, rtc.TrackPublishOptions(
+                    source=rtc.TrackSource.SOURCE_CAMERA, video_codec=rtc.VideoCodec.VP8,
+                    video_encoder=rtc.VideoEncoderBackend.ENCODER_BACKEND_PRE_ENCODED,
+                    simulcast=False))
+                self._audio = rtc.AudioSource(AUDIO_RATE, 1, queue_size_ms=200)
+                audio = rtc.LocalAudioTrack.create_audio_track("avatar_audio", self._audio)
+                await self._room.local_participant.publish_track(audio, rtc.TrackPublishOptions(
+                    source=rtc.TrackSource.SOURCE_MICROPHONE))
+        except (TimeoutError, rtc.ConnectError, PublishTrackError) as exc:
+            await self.close()
+            raise UpstreamUnavailable(
+                f"could not publish into room {self.room} of the operator's LiveKit "
+                f"({settings.livekit_url}): {str(exc) or type(exc).__name__}") from None
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._send_audio(), name=f"livekit-audio-{self.room}"),
+                       loop.create_task(self._send_events(), name=f"livekit-events-{self.room}")]
+        self._hub.add_tap(self, "vp8")
+        logger.info("publishing into room %s of %s", self.room, settings.livekit_url)
+
+    # -- Tap (on the loop, must not block) --------------------------------------------------------
+
+    def video_packet(self, packet: Packet) -> None:
+        source = self._video
+        if source is None or self._closed:
+            return
+        width, height = self._size
+        kind = (rtc.EncodedFrameType.ENCODED_FRAME_KEY if packet.is_keyframe
+                else rtc.EncodedFrameType.ENCODED_FRAME_DELTA)
+        if source.capture_frame(rtc.EncodedVideoFrame(
+                bytes(packet), width, height, rtc.VideoCodec.VP8, kind,
+                timestamp_us=time.monotonic_ns() // 1000)):
+            self.frames_published += 1
+        if source.take_feedback().keyframe_requested:  # a subscriber joined or lost packets
+            self.keyframe_requests += 1
+            self._hub.request_keyframe("livekit", "vp8")
+
+    def audio_frame(self, frame: av.AudioFrame) -> None:
+        if not self._closed:
+            self._audio_frames.put(frame)
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def send_event(self, payload: str) -> None:
+        """One session event (its JSON), to everyone in the room."""
+        if not self._closed:
+            self._events.put(payload)
+
+    async def _send_audio(self) -> None:
+        source = self._audio
+        assert source is not None
+        with contextlib.suppress(MailboxClosed):
+            while True:
+                frame = await self._audio_frames.get()
+                for chunk in self._resampler.resample(frame):
+                    samples = chunk.to_ndarray().reshape(-1)
+                    if samples.size:
+                        await source.capture_frame(
+                            rtc.AudioFrame(samples.tobytes(), AUDIO_RATE, 1, samples.size))
+
+    async def _send_events(self) -> None:
+        participant = self._room.local_participant
+        with contextlib.suppress(MailboxClosed):
+            while True:
+                payload = await self._events.get()
+                try:
+                    await participant.publish_data(payload, reliable=True, topic=EVENTS_TOPIC)
+                except Exception as exc:  # the SDK raises plain Exceptions
+                    logger.warning("room %s: an event was not sent: %s", self.room, exc)
+
+    async def close(self) -> None:
+        """Stop feeding, leave the room. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hub.remove_tap(self)
+        self._audio_frames.close()
+        self._events.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._room.disconnect()
+        sources: list[Any] = [self._video, self._audio]
+        for source in sources:
+            if source is not None:
+                await source.aclose()
+        logger.info("left room %s", self.room)

@@ -1,0 +1,134 @@
+"""The ``livekit`` distribution: a local-avatar session published into the operator's LiveKit
+(the simulator's LiveKit server stands in for it), watched with the real ``livekit`` SDK and a
+token from ``POST /v1/sessions/{id}/livekit-token``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from livekit import rtc
+from pytest_aiohttp import AiohttpServer
+
+from gateway.api.common import SESSIONS
+from gateway.app import create_app
+from gateway.livekit_out import EVENTS_TOPIC, PUBLISHER_IDENTITY
+from gateway.sim.livekit import LiveKitServer
+
+from .conftest import ClientFactory, make_settings
+from .sim.conftest import needs_netns
+from .sim.sdk_client import TIMEOUT, SdkClient
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def operator_livekit(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[LiveKitServer,
+                                                                                 TestServer]]:
+    server = LiveKitServer(api_key="operator-key",
+                           api_secret="operator-secret-at-least-32-characters")
+    app = web.Application()
+    server.add_routes(app)
+    yield server, await aiohttp_server(app)
+    await server.close()
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: ClientFactory,
+                  operator_livekit: tuple[LiveKitServer, TestServer]) -> Client:
+    server, http = operator_livekit
+    settings = make_settings(livekit_url=f"ws://127.0.0.1:{http.port}",
+                             livekit_api_key="operator-key",
+                             livekit_api_secret="operator-secret-at-least-32-characters")
+    return await aiohttp_client(create_app(settings))
+
+
+async def livekit_session(gateway: Client) -> dict[str, Any]:
+    response = await gateway.post("/v1/sessions", json={"upstream": "local", "quality": "low",
+                                                         "distribution": "livekit"})
+    body: dict[str, Any] = await response.json()
+    assert response.status == 201, body
+    return body
+
+
+def avatar_events(client: SdkClient) -> list[dict[str, Any]]:
+    return [json.loads(d.payload) for d in client.data
+            if d.sender == PUBLISHER_IDENTITY and d.topic == EVENTS_TOPIC]
+
+
+@needs_netns
+async def test_a_livekit_viewer_sees_hears_and_gets_the_events(
+        gateway: Client, operator_livekit: tuple[LiveKitServer, TestServer]) -> None:
+    server, _ = operator_livekit
+    session = await livekit_session(gateway)
+    assert session["distribution"] == "livekit"
+    room_name = session["livekit"]["room"]
+    room = server.room(room_name)
+    assert room is not None and room.clients == [PUBLISHER_IDENTITY]
+    async with asyncio.timeout(TIMEOUT):  # the room lists a track once its media arrives
+        while len(room.publications()) < 2:
+            await asyncio.sleep(0.05)
+    assert sorted(p.info.name for p in room.publications()) == ["avatar_audio", "avatar_video"]
+    assert [p.codec for p in room.publications() if p.frames.kind == "video"] == ["VP8"]
+
+    response = await gateway.post(session["livekit"]["token_url"])
+    grant = await response.json()
+    assert response.status == 201, grant
+    assert grant["room"] == room_name and grant["url"] == session["livekit"]["url"]
+    viewer = SdkClient(grant["url"], grant["token"])
+    await viewer.connect()
+    try:
+        assert list(viewer.room.remote_participants) == [PUBLISHER_IDENTITY]
+        await viewer.wait_for(lambda: viewer.video.frames >= 90 and viewer.audio.frames >= 50)
+        assert viewer.video.sizes == {(640, 360)}
+        assert viewer.frame_rate() >= 25, viewer.frame_rate()
+
+        spoken = await gateway.post(f"/v1/sessions/{session['id']}/speak",
+                                    json={"text": "Hello from the gateway.", "task_type": "repeat"})
+        task_id = (await spoken.json())["task_id"]
+        await viewer.wait_for(lambda: ("avatar_stop_talking", task_id) in {
+            (e["type"], e.get("task_id")) for e in avatar_events(viewer)})
+        kinds = [e["type"] for e in avatar_events(viewer) if e.get("task_id") == task_id]
+        assert kinds[0] == "avatar_start_talking" and kinds[-1] == "avatar_stop_talking"
+        assert viewer.peak_rms() > 500  # the avatar's voice, not silence
+
+        # A viewer's token neither publishes tracks nor data.
+        source = rtc.AudioSource(48_000, 1)
+        track = rtc.LocalAudioTrack.create_audio_track("microphone", source)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(5):
+                await viewer.room.local_participant.publish_track(track,
+                                                                  rtc.TrackPublishOptions())
+        assert [p.info.name for p in room.publications()
+                if p.participant_sid != room.connection(PUBLISHER_IDENTITY).sid] == []
+
+        # The session ends: the avatar leaves the room.
+        assert (await gateway.delete(f"/v1/sessions/{session['id']}")).status == 200
+        await viewer.wait_for(
+            lambda: PUBLISHER_IDENTITY in viewer.seen("participant_disconnected"))
+        assert room.publications() == []
+    finally:
+        await viewer.close()
+    async with asyncio.timeout(TIMEOUT):
+        while server.rooms and server.rooms[0].clients:
+            await asyncio.sleep(0.05)
+    # Nothing of the publisher is left running in the gateway.
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("livekit-")] == []
+
+
+async def test_livekit_distribution_needs_the_operators_livekit(client: Client,
+                                                                session_id: str) -> None:
+    response = await client.post("/v1/sessions", json={"distribution": "livekit"})
+    assert response.status == 400
+    assert "LIVEKIT_URL" in (await response.json())["error"]["message"]
+    response = await client.post("/v1/sessions", json={"distribution": "carrier-pigeon"})
+    assert response.status == 400
+    response = await client.post(f"/v1/sessions/{session_id}/livekit-token")
+    assert response.status == 409
+    assert "WHEP" in (await response.json())["error"]["message"]
+    assert client.app[SESSIONS].get(session_id).distribution == "whep"
