@@ -41,7 +41,7 @@ async def operator_livekit(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple
 @pytest.fixture
 async def gateway(aiohttp_client: ClientFactory,
                   operator_livekit: tuple[LiveKitServer, TestServer]) -> Client:
-    server, http = operator_livekit
+    _server, http = operator_livekit
     settings = make_settings(livekit_url=f"ws://127.0.0.1:{http.port}",
                              livekit_api_key="operator-key",
                              livekit_api_secret="operator-secret-at-least-32-characters")
@@ -104,8 +104,10 @@ async def test_a_livekit_viewer_sees_hears_and_gets_the_events(
             async with asyncio.timeout(5):
                 await viewer.room.local_participant.publish_track(track,
                                                                   rtc.TrackPublishOptions())
+        publisher = room.connection(PUBLISHER_IDENTITY)
+        assert publisher is not None
         assert [p.info.name for p in room.publications()
-                if p.participant_sid != room.connection(PUBLISHER_IDENTITY).sid] == []
+                if p.participant_sid != publisher.sid] == []
 
         # The session ends: the avatar leaves the room.
         assert (await gateway.delete(f"/v1/sessions/{session['id']}")).status == 200
