@@ -79,6 +79,18 @@ def bundle(name: str) -> Path:
         return out
 
 
+def installed_file(package: str, path: str) -> Path:
+    """A file of an installed package (``npm ci`` on first use), e.g. livekit-client's UMD
+    build, which a page can load as it is."""
+    with _lock:
+        work = _workdir()
+        _install(work)
+    found = work / "node_modules" / package / path
+    if not found.is_file():
+        raise ProviderJsUnavailable(f"{package} has no {path}")
+    return found
+
+
 def installed_version(package: str) -> str:
     """The version npm installed (tests assert the pin they believe in)."""
     import json

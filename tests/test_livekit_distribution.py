@@ -6,54 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from livekit import rtc
-from pytest_aiohttp import AiohttpServer
 
 from gateway.api.common import SESSIONS
-from gateway.app import create_app
 from gateway.livekit_out import EVENTS_TOPIC, PUBLISHER_IDENTITY
-from gateway.sim.livekit import LiveKitServer
 
-from .conftest import ClientFactory, make_settings
+from .livekit_rig import OperatorLiveKit, livekit_gateway, livekit_session, operator_livekit
 from .sim.conftest import needs_netns
 from .sim.sdk_client import TIMEOUT, SdkClient
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def operator_livekit(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[LiveKitServer,
-                                                                                 TestServer]]:
-    server = LiveKitServer(api_key="operator-key",
-                           api_secret="operator-secret-at-least-32-characters")
-    app = web.Application()
-    server.add_routes(app)
-    yield server, await aiohttp_server(app)
-    await server.close()
-
-
-@pytest.fixture
-async def gateway(aiohttp_client: ClientFactory,
-                  operator_livekit: tuple[LiveKitServer, TestServer]) -> Client:
-    _server, http = operator_livekit
-    settings = make_settings(livekit_url=f"ws://127.0.0.1:{http.port}",
-                             livekit_api_key="operator-key",
-                             livekit_api_secret="operator-secret-at-least-32-characters")
-    return await aiohttp_client(create_app(settings))
-
-
-async def livekit_session(gateway: Client) -> dict[str, Any]:
-    response = await gateway.post("/v1/sessions", json={"upstream": "local", "quality": "low",
-                                                         "distribution": "livekit"})
-    body: dict[str, Any] = await response.json()
-    assert response.status == 201, body
-    return body
+__all__ = ["livekit_gateway", "operator_livekit"]  # fixtures
 
 
 def avatar_events(client: SdkClient) -> list[dict[str, Any]]:
@@ -63,8 +30,8 @@ def avatar_events(client: SdkClient) -> list[dict[str, Any]]:
 
 @needs_netns
 async def test_a_livekit_viewer_sees_hears_and_gets_the_events(
-        gateway: Client, operator_livekit: tuple[LiveKitServer, TestServer]) -> None:
-    server, _ = operator_livekit
+        livekit_gateway: Client, operator_livekit: OperatorLiveKit) -> None:
+    gateway, server = livekit_gateway, operator_livekit.server
     session = await livekit_session(gateway)
     assert session["distribution"] == "livekit"
     room_name = session["livekit"]["room"]

@@ -134,7 +134,10 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "url": _str(), "room": _str(), "identity": _str(), "token": _str(),
             "expires_at": {"type": "number"}, "expires_in": {"type": "number"},
             "events_topic": _str(description="Data topic of the session's events (JSON)."),
-        }, ("url", "room", "identity", "token", "expires_at", "expires_in", "events_topic")),
+            "publisher": _str(description="The gateway's identity in the room; it leaves when "
+                                          "the session ends."),
+        }, ("url", "room", "identity", "token", "expires_at", "expires_in", "events_topic",
+            "publisher")),
         "Speak": _obj({
             "text": text,
             "task_type": _str(enum=[t.value for t in TaskType], default="repeat"),

@@ -65,4 +65,5 @@ async def mint_livekit_token(request: web.Request) -> web.Response:
     return web.json_response({
         "url": settings.livekit_url, "room": session.livekit.room, "identity": identity,
         "token": token, "expires_at": round(time.time() + ttl, 3), "expires_in": ttl,
-        "events_topic": livekit_out.EVENTS_TOPIC}, status=201)
+        "events_topic": livekit_out.EVENTS_TOPIC,
+        "publisher": livekit_out.PUBLISHER_IDENTITY}, status=201)

@@ -29,6 +29,14 @@ export interface StreamingAvatarApiConfig {
    * @remarks gateway extension
    */
   sessionId?: string;
+  /**
+   * `"whep"` (default): the gateway's own peer connection. `"livekit"`: watch through the
+   * operator's LiveKit room of a session created with `distribution: "livekit"` (newSession()
+   * asks for it); no microphone on this transport.
+   */
+  transport?: "whep" | "livekit";
+  /** With `transport: "livekit"`: the livekit-client module the page loaded (not bundled). */
+  livekit?: unknown;
 }
 
 export enum AvatarQuality {

@@ -2,6 +2,7 @@
 // SDK, talking to this gateway's REST API and WHEP endpoint instead of HeyGen and LiveKit.
 // No build step: import it as an ES module. Types: ./index.d.ts. Guide: ./README.md.
 
+import { LiveKitPlayer } from "./livekit.js";
 import { APIError, WhepPlayer } from "./whep.js";
 
 export { APIError };
@@ -58,7 +59,7 @@ const QUALITY_MAX_FROZEN_MS = 3000;
 const isNoListeningMode = (err) => err instanceof APIError && err.status === 422;
 
 class StreamingAvatar {
-  /** Always null: the gateway relays over its own peer connection, not a LiveKit room. */
+  /** Always null: with either transport the room (if any) belongs to the player. */
   room = null;
   /** @type {MediaStream | null} set when STREAM_READY is emitted */
   mediaStream = null;
@@ -69,6 +70,8 @@ class StreamingAvatar {
   #basePath;
   #iceServers;
   #preferCodec;
+  #transport;
+  #livekit;
   #events = new EventTarget();
   #sessionId = null;
   #session = null;
@@ -87,9 +90,21 @@ class StreamingAvatar {
 
   /**
    * @param {{token?: string, basePath?: string, iceServers?: RTCIceServer[],
-   *          preferCodec?: "h264" | "vp8", sessionId?: string}} [config]
+   *          preferCodec?: "h264" | "vp8", sessionId?: string,
+   *          transport?: "whep" | "livekit", livekit?: any}} [config]
+   *   `transport: "livekit"` watches through the operator's LiveKit (sessions created with
+   *   `distribution: "livekit"`); `livekit` is then the livekit-client module the page loaded.
    */
-  constructor({ token = "", basePath, iceServers = [], preferCodec, sessionId } = {}) {
+  constructor({ token = "", basePath, iceServers = [], preferCodec, sessionId,
+                transport = "whep", livekit } = {}) {
+    if (transport !== "whep" && transport !== "livekit") {
+      throw new TypeError(`transport must be "whep" or "livekit", not ${JSON.stringify(transport)}`);
+    }
+    if (transport === "livekit" && (!livekit || typeof livekit.Room !== "function")) {
+      throw new TypeError('transport "livekit" needs the livekit-client module as `livekit`');
+    }
+    this.#transport = transport;
+    this.#livekit = livekit;
     this.#token = token || "";
     this.#basePath = (basePath ?? globalThis.location?.origin ?? "").replace(/\/+$/, "");
     this.#iceServers = iceServers;
@@ -155,6 +170,7 @@ class StreamingAvatar {
     if (requestData.quality) body.quality = requestData.quality;
     if (requestData.voice?.voiceId) body.voice = requestData.voice.voiceId;
     if (requestData.avatarName) body.avatar_id = requestData.avatarName;
+    if (this.#transport === "livekit") body.distribution = "livekit";
     const session = await this.#request("POST", "/v1/sessions", body);
     this.#sessionId = session.id;
     this.#session = session;
@@ -199,13 +215,23 @@ class StreamingAvatar {
       this.#session = await this.#request("GET", `/v1/sessions/${encodeURIComponent(sessionId)}`);
       if (cancelled()) throw new Error("stopAvatar() was called while connecting");
     }
-    const player = new WhepPlayer(this.#url(this.#session.whep_url || `/v1/sessions/${sessionId}/whep`), {
-      token: this.#token,
-      // The gateway's STUN/TURN servers, unless the page chose its own.
-      iceServers: this.#iceServers.length ? this.#iceServers : (this.#session.ice_servers || []),
-      preferCodec: this.#preferCodec,
-      sendAudio: !watching,
-    });
+    let player;
+    if (this.#transport === "livekit") {
+      if (!this.#session.livekit) {
+        throw new Error(`session ${sessionId} is not published to LiveKit (distribution ` +
+          `${JSON.stringify(this.#session.distribution)}): use the WHEP transport`);
+      }
+      player = new LiveKitPlayer(this.#url(this.#session.livekit.token_url),
+        { token: this.#token, livekit: this.#livekit });
+    } else {
+      player = new WhepPlayer(this.#url(this.#session.whep_url || `/v1/sessions/${sessionId}/whep`), {
+        token: this.#token,
+        // The gateway's STUN/TURN servers, unless the page chose its own.
+        iceServers: this.#iceServers.length ? this.#iceServers : (this.#session.ice_servers || []),
+        preferCodec: this.#preferCodec,
+        sendAudio: !watching,
+      });
+    }
     this.#player = player;
     this.#disconnected = false;
     this.mediaStream = null;
@@ -234,7 +260,7 @@ class StreamingAvatar {
       throw new Error(cancelled() ? "stopAvatar() was called while connecting"
         : "the stream disconnected while connecting");
     }
-    this.#startQualityMonitor(player.pc);
+    if (player.pc) this.#startQualityMonitor(player.pc);
     return this.#session;
   }
 
