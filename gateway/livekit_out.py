@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -38,7 +40,9 @@ from .media.mailbox import Mailbox, MailboxClosed
 logger = logging.getLogger(__name__)
 
 PUBLISHER_IDENTITY = "avatar"
-"""Who the avatar is in the operator's room."""
+"""Who the avatar is in the operator's room (published by the gateway or by the provider)."""
+GATEWAY_IDENTITY = "avatar-gateway"
+"""The gateway, hidden, when the provider publishes the avatar itself."""
 EVENTS_TOPIC = "avatar-events"
 JOIN_TIMEOUT = 15.0
 AUDIO_BACKLOG = 25
@@ -65,6 +69,60 @@ def viewer_token(settings: Settings, session_id: str, identity: str, ttl: timede
     return _token(settings, room, identity, ttl, grants)
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorRoom:
+    """A session's room in the operator's LiveKit when the provider publishes into it
+    itself (LiveAvatar ``livekit_config``): the provider's token and the gateway's own."""
+
+    url: str
+    room: str
+    provider_identity: str
+    provider_token: str
+    gateway_token: str
+    """Hidden: the gateway subscribes to the avatar (for its WHEP viewers) and sends the
+    provider's commands and its own events as data, unseen by the room's viewers."""
+
+
+def operator_room(settings: Settings, session_id: str) -> OperatorRoom:
+    room = room_name(settings, session_id)
+    day = timedelta(hours=24)
+    provider = _token(settings, room, PUBLISHER_IDENTITY, day, api.VideoGrants(
+        room_join=True, room=room, can_publish=True, can_subscribe=True, can_publish_data=True))
+    gateway = _token(settings, room, GATEWAY_IDENTITY, day, api.VideoGrants(
+        room_join=True, room=room, can_publish=True, can_subscribe=True, can_publish_data=True,
+        hidden=True))
+    return OperatorRoom(settings.livekit_url, room, PUBLISHER_IDENTITY, provider, gateway)
+
+
+class EventRelay:
+    """A session's events into its LiveKit room, in order, on :data:`EVENTS_TOPIC`: bounded
+    (the oldest go when the room link stalls), never blocking the caller."""
+
+    def __init__(self, publish: Callable[[bytes, str], Awaitable[None]], room: str) -> None:
+        self._publish = publish
+        self._room = room
+        self._events: Mailbox[str] = Mailbox(maxlen=EVENT_BACKLOG)
+        self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                            name=f"livekit-events-{room}")
+
+    def send(self, payload: str) -> None:
+        self._events.put(payload)
+
+    async def _run(self) -> None:
+        with contextlib.suppress(MailboxClosed):
+            while True:
+                payload = await self._events.get()
+                try:
+                    await self._publish(payload.encode(), EVENTS_TOPIC)
+                except Exception as exc:  # the SDK raises plain Exceptions
+                    logger.warning("room %s: an event was not sent: %s", self._room, exc)
+
+    async def close(self) -> None:
+        self._events.close()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 class RoomPublisher:
     """The gateway in the operator's room as participant :data:`PUBLISHER_IDENTITY`; a
     :class:`~gateway.media.hub.Tap` of the session's hub while it is there."""
@@ -79,7 +137,7 @@ class RoomPublisher:
         self._video: rtc.EncodedVideoSource | None = None
         self._audio: rtc.AudioSource | None = None
         self._audio_frames: Mailbox[av.AudioFrame] = Mailbox(maxlen=AUDIO_BACKLOG)
-        self._events: Mailbox[str] = Mailbox(maxlen=EVENT_BACKLOG)
+        self._events: EventRelay | None = None
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
         self._tasks: list[asyncio.Task[None]] = []
         self.frames_published = 0
@@ -118,9 +176,12 @@ class RoomPublisher:
             raise UpstreamUnavailable(
                 f"could not publish into room {self.room} of the operator's LiveKit "
                 f"({settings.livekit_url}): {str(exc) or type(exc).__name__}") from None
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._send_audio(), name=f"livekit-audio-{self.room}"),
-                       loop.create_task(self._send_events(), name=f"livekit-events-{self.room}")]
+        self._tasks = [asyncio.get_running_loop().create_task(
+            self._send_audio(), name=f"livekit-audio-{self.room}")]
+        participant = self._room.local_participant
+        self._events = EventRelay(
+            lambda data, topic: participant.publish_data(data, reliable=True, topic=topic),
+            self.room)
         self._hub.add_tap(self, "vp8")
         logger.info("publishing into room %s of %s", self.room, settings.livekit_url)
 
@@ -149,8 +210,8 @@ class RoomPublisher:
 
     def send_event(self, payload: str) -> None:
         """One session event (its JSON), to everyone in the room."""
-        if not self._closed:
-            self._events.put(payload)
+        if not self._closed and self._events is not None:
+            self._events.send(payload)
 
     async def _send_audio(self) -> None:
         source = self._audio
@@ -164,16 +225,6 @@ class RoomPublisher:
                         await source.capture_frame(
                             rtc.AudioFrame(samples.tobytes(), AUDIO_RATE, 1, samples.size))
 
-    async def _send_events(self) -> None:
-        participant = self._room.local_participant
-        with contextlib.suppress(MailboxClosed):
-            while True:
-                payload = await self._events.get()
-                try:
-                    await participant.publish_data(payload, reliable=True, topic=EVENTS_TOPIC)
-                except Exception as exc:  # the SDK raises plain Exceptions
-                    logger.warning("room %s: an event was not sent: %s", self.room, exc)
-
     async def close(self) -> None:
         """Stop feeding, leave the room. Idempotent."""
         if self._closed:
@@ -181,7 +232,8 @@ class RoomPublisher:
         self._closed = True
         self._hub.remove_tap(self)
         self._audio_frames.close()
-        self._events.close()
+        if self._events is not None:
+            await self._events.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -18,6 +18,7 @@ from .avatar.looks import LOOKS
 from .config import QualityTier, Settings
 from .errors import BadRequest, UpstreamError
 from .journal import JournalEntry, SessionJournal
+from .livekit_out import OperatorRoom
 from .metrics import Metrics
 from .upstream.base import Upstream
 from .upstream.billing import BillingGuard, BillingPolicy
@@ -93,7 +94,10 @@ class Providers:
         return self._synthesizers[voice]
 
     async def make(self, kind: str, quality: QualityTier, *, voice: str | None = None,
-                   avatar_id: str | None = None) -> Upstream:
+                   avatar_id: str | None = None, room: OperatorRoom | None = None) -> Upstream:
+        """``room``: the session's room in the operator's LiveKit, for an upstream that can
+        publish into it itself (LiveAvatar); the others ignore it (the gateway republishes
+        their media, see :mod:`gateway.livekit_out`)."""
         s = self._settings
         if kind not in self.available:
             known = ", ".join(self.available)
@@ -121,9 +125,10 @@ class Providers:
             return LiveAvatarLiteUpstream(self._liveavatar, quality, self.billing,
                                           avatar_id=avatar_id or s.liveavatar_avatar_id,
                                           voice=await self.voice(voice), http=self._http,
-                                          reconnect=policy)
+                                          reconnect=policy, room=room)
         return LiveAvatarUpstream(self._liveavatar, quality, self.billing,
-                                  avatar_id=avatar_id or s.liveavatar_avatar_id, reconnect=policy)
+                                  avatar_id=avatar_id or s.liveavatar_avatar_id, reconnect=policy,
+                                  room=room)
 
     async def voice(self, name: str | None) -> Voice:
         """The gateway's own voice for LiveAvatar LITE (``tts``): eSpeak NG or OpenAI's."""

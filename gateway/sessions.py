@@ -36,15 +36,20 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .events import EventLog
-from .livekit_out import RoomPublisher
+from .livekit_out import EventRelay, RoomPublisher, operator_room, room_name
 from .media.hub import Hub, HubConfig
 from .media.naive import make_hub
 from .metrics import Metrics
 from .providers import Providers
 from .upstream.base import AvatarEvent, EventType, Upstream
+from .upstream.liveavatar import LiveAvatarUpstream
 from .workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(12)
 
 
 class SessionState(enum.StrEnum):
@@ -66,11 +71,17 @@ class Session:
         answerer: Answerer,
         workers: WorkerPool | None = None,
         distribution: str = "whep",
+        session_id: str | None = None,
     ) -> None:
-        self.id = secrets.token_hex(12)
+        self.id = session_id or new_session_id()
         self.distribution = distribution
-        """``whep`` or ``livekit`` (also published into the operator's LiveKit room)."""
+        """``whep`` or ``livekit`` (also in a room of the operator's LiveKit)."""
+        self.livekit_room: str | None = None
+        """That room's name, once the avatar is in it."""
         self.livekit: RoomPublisher | None = None
+        """The gateway's publisher in that room, unless the provider publishes there itself."""
+        self._relay: EventRelay | None = None
+        """The session's events into that room when the provider publishes there."""
         self.upstream = upstream
         self.quality = quality
         self.created_at = time.time()
@@ -159,6 +170,14 @@ class Session:
         self.audience.broadcast(payload)
         if self.livekit is not None:
             self.livekit.send_event(payload)
+        elif self._relay is not None:
+            self._relay.send(payload)
+
+    async def _send_to_room(self, payload: bytes, topic: str) -> None:
+        """The hidden gateway's data in the operator's room (the provider published there)."""
+        link = getattr(self.upstream, "link", None)
+        if link is not None and link.connected:
+            await link.send_data(payload, topic=topic)
 
     def on_upstream_ended(self, reason: str) -> None:
         if self._reconnecting:
@@ -202,11 +221,17 @@ class Session:
             raise
         self._metrics.upstream_starts.labels(kind, "ok").inc()
         self._metrics.upstream_start_duration.labels(kind).observe(time.monotonic() - began)
-        if self.distribution == "livekit" and isinstance(self.hub, Hub):
-            publisher = RoomPublisher(self._settings, self.id, self.hub, self.quality.width,
-                                      self.quality.height)
-            await publisher.start()
-            self.livekit = publisher
+        if self.distribution == "livekit":
+            upstream = self.upstream
+            if isinstance(upstream, LiveAvatarUpstream) and upstream.operator_room is not None:
+                self._relay = EventRelay(self._send_to_room, upstream.operator_room.room)
+            else:
+                assert isinstance(self.hub, Hub)
+                publisher = RoomPublisher(self._settings, self.id, self.hub,
+                                          self.quality.width, self.quality.height)
+                await publisher.start()
+                self.livekit = publisher
+            self.livekit_room = room_name(self._settings, self.id)
         self._set_state(SessionState.LIVE)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"session-{self.id[:8]}-supervisor")
@@ -280,6 +305,8 @@ class Session:
             await self.audience.close("session_closed")
             if self.livekit is not None:
                 await self.livekit.close()
+            if self._relay is not None:
+                await self._relay.close()
             await self.hub.close()
             try:
                 await self.upstream.stop()
@@ -354,16 +381,19 @@ class SessionRegistry:
             raise BadRequest("distribution 'livekit' publishes the encode-once hub's packets; "
                              "the naive benchmark design has none")
         kind = upstream or self._settings.default_upstream
+        session_id = new_session_id()
+        room = operator_room(self._settings, session_id) if distribution == "livekit" else None
         tier_name = quality or self._settings.default_quality
         if tier_name not in QUALITY_TIERS:
             raise BadRequest(f"quality must be one of {', '.join(QUALITY_TIERS)}, not {tier_name!r}")
         tier = QUALITY_TIERS[tier_name]
         self._check_limits(kind)
-        source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id)
+        source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id,
+                                           room=room)
         # Checked again with no await before the registration: concurrent creates can't overshoot.
         self._check_limits(kind)
         session = Session(source, tier, self._settings, self._metrics, self._forget, self._answerer,
-                          self.workers, distribution)
+                          self.workers, distribution, session_id)
         self._sessions[session.id] = session
         try:
             await session.start()

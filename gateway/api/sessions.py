@@ -46,9 +46,9 @@ def session_json(session: Session, settings: Settings) -> dict[str, Any]:
         "ice_servers": browser_ice_servers(settings.ice_servers, settings.ice_username,
                                            settings.ice_credential.reveal()),
         "distribution": session.distribution,
-        **({"livekit": {"url": settings.livekit_url, "room": session.livekit.room,
+        **({"livekit": {"url": settings.livekit_url, "room": session.livekit_room,
                         "token_url": f"/v1/sessions/{session.id}/livekit-token"}}
-           if session.livekit is not None else {}),
+           if session.livekit_room is not None else {}),
     }
 
 

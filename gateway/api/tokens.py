@@ -56,14 +56,14 @@ async def mint_livekit_token(request: web.Request) -> web.Response:
     subscribe-only token for its room (no tracks, no data), for livekit-client or any SDK."""
     settings = request.app[SETTINGS]
     session = request.app[SESSIONS].get(request.match_info["session_id"])
-    if session.livekit is None:
+    if session.livekit_room is None:
         raise Conflict(f"session {session.id} is not published to LiveKit (its distribution "
                        f"is {session.distribution!r}): watch it over WHEP")
     ttl = min(settings.viewer_token_ttl, settings.max_token_ttl)
     identity = f"viewer-{secrets.token_hex(6)}"
     token = livekit_out.viewer_token(settings, session.id, identity, timedelta(seconds=ttl))
     return web.json_response({
-        "url": settings.livekit_url, "room": session.livekit.room, "identity": identity,
+        "url": settings.livekit_url, "room": session.livekit_room, "identity": identity,
         "token": token, "expires_at": round(time.time() + ttl, 3), "expires_in": ttl,
         "events_topic": livekit_out.EVENTS_TOPIC,
         "publisher": livekit_out.PUBLISHER_IDENTITY}, status=201)

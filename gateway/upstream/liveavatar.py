@@ -31,6 +31,7 @@ from ..errors import (
     UpstreamQuotaExceeded,
     UpstreamSessionGone,
 )
+from ..livekit_out import OperatorRoom
 from ..metrics import Metrics
 from .base import AvatarEvent, EventType, SpeakResult, TaskType
 from .billing import BillingGuard
@@ -98,23 +99,34 @@ class LiveAvatarClient:
         return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     async def create(self, *, avatar_id: str, quality: str = "high", encoding: str = "VP8",
-                     mode: str = "FULL") -> tuple[str, str]:
-        """``sessions/token``: a session id and the token that controls it."""
+                     mode: str = "FULL", room: OperatorRoom | None = None) -> tuple[str, str]:
+        """``sessions/token``: a session id and the token that controls it. With ``room``,
+        the avatar joins that room of the operator's LiveKit (``livekit_config``)."""
+        body: dict[str, Any] = {"mode": mode, "avatar_id": avatar_id,
+                                "video_settings": {"encoding": encoding, "quality": quality}}
+        if room is not None:
+            body["livekit_config"] = {"livekit_url": room.url, "livekit_room": room.room,
+                                      "livekit_client_token": room.provider_token}
         data = await self._api.call(
             "POST", "/v1/sessions/token", endpoint="sessions.token",
             headers={"X-API-KEY": self._api_key.reveal(), "Content-Type": "application/json"},
-            body={"mode": mode, "avatar_id": avatar_id,
-                  "video_settings": {"encoding": encoding, "quality": quality}},
+            body=body,
         )
         return (_text(data, "session_id", "sessions/token"),
                 _text(data, "session_token", "sessions/token"))
 
-    async def start(self, session_id: str, session_token: str) -> LiveAvatarSession:
+    async def start(self, session_id: str, session_token: str,
+                    room: OperatorRoom | None = None) -> LiveAvatarSession:
+        """``sessions/start``; with ``room`` (the session's ``livekit_config``) LiveAvatar
+        returns no room of its own, and the gateway joins the operator's with its token."""
         data = await self._api.call("POST", "/v1/sessions/start", endpoint="sessions.start",
                                     headers=self._bearer(session_token),
                                     body={"session_id": session_id}, safe_to_retry=True)
-        url = _text(data, "livekit_url", "sessions/start")
-        token = _text(data, "livekit_client_token", "sessions/start")
+        if room is not None:
+            url, token = room.url, room.gateway_token
+        else:
+            url = _text(data, "livekit_url", "sessions/start")
+            token = _text(data, "livekit_client_token", "sessions/start")
         limit = data.get("max_session_duration")
         ws_url = data.get("ws_url")
         return LiveAvatarSession(
@@ -214,9 +226,14 @@ class LiveAvatarUpstream(RoomUpstream):
         encoding: str = "VP8",
         reconnect: ReconnectPolicy | None = None,
         words_per_minute: int = 165,
+        room: OperatorRoom | None = None,
     ) -> None:
         super().__init__(quality, billing, reconnect)
         self._client = client
+        self.operator_room = room
+        """Set: the avatar is published straight into the operator's LiveKit room."""
+        if room is not None:
+            self.avatar_identity = room.provider_identity
         self._avatar_id = avatar_id
         self._encoding = encoding
         self._token = ""
@@ -231,12 +248,12 @@ class LiveAvatarUpstream(RoomUpstream):
         # LiveAvatar names one rung more than HeyGen; our tiers map onto its lower three.
         session_id, token = await self._client.create(
             avatar_id=self._avatar_id, quality=self._quality.name, encoding=self._encoding,
-            mode=self.mode)
+            mode=self.mode, room=self.operator_room)
         self._token = token
         return ProviderSession(session_id, {"session_token": token})
 
     async def _start_session(self, session: ProviderSession) -> RoomCredentials:
-        started = await self._client.start(session.session_id, self._token)
+        started = await self._client.start(session.session_id, self._token, self.operator_room)
         # The client token, as LiveAvatar's web SDK joins: the agent token may carry the
         # provider agent's own identity, and LiveKit kicks out a duplicate identity.
         return RoomCredentials(started.livekit_url, started.client_token, started.max_duration,

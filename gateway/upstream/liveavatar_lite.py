@@ -40,6 +40,7 @@ import aiohttp
 
 from ..config import QualityTier
 from ..errors import BadRequest, CapacityError, Unprocessable, UpstreamUnavailable
+from ..livekit_out import OperatorRoom
 from .base import AvatarEvent, EventType, SpeakResult, TaskType
 from .billing import BillingGuard
 from .cloud import ProviderSession, ReconnectPolicy, RoomCredentials
@@ -231,9 +232,10 @@ class LiveAvatarLiteUpstream(LiveAvatarUpstream):
 
     def __init__(self, client: LiveAvatarClient, quality: QualityTier, billing: BillingGuard,
                  *, avatar_id: str, voice: Voice, http: aiohttp.ClientSession,
-                 encoding: str = "VP8", reconnect: ReconnectPolicy | None = None) -> None:
+                 encoding: str = "VP8", reconnect: ReconnectPolicy | None = None,
+                 room: OperatorRoom | None = None) -> None:
         super().__init__(client, quality, billing, avatar_id=avatar_id, encoding=encoding,
-                         reconnect=reconnect)
+                         reconnect=reconnect, room=room)
         self._voice = voice
         self._http = http
         self._socket: LiteSocket | None = None
