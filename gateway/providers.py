@@ -118,7 +118,8 @@ class Providers:
             assert self._heygen is not None
             return HeyGenUpstream(self._heygen, quality, self.billing,
                                   avatar_id=avatar_id or s.heygen_avatar_id,
-                                  voice_id=voice or s.heygen_voice_id or None, reconnect=policy)
+                                  voice_id=voice or s.heygen_voice_id or None, reconnect=policy,
+                                  room=room)
         assert self._liveavatar is not None
         if s.liveavatar_mode == "lite":
             assert self._http is not None

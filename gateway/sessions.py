@@ -36,13 +36,12 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .events import EventLog
-from .livekit_out import EventRelay, RoomPublisher, operator_room, room_name
+from .livekit_out import EventRelay, OperatorRoom, RoomPublisher, operator_room, room_name
 from .media.hub import Hub, HubConfig
 from .media.naive import make_hub
 from .metrics import Metrics
 from .providers import Providers
 from .upstream.base import AvatarEvent, EventType, Upstream
-from .upstream.liveavatar import LiveAvatarUpstream
 from .workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -223,8 +222,9 @@ class Session:
         self._metrics.upstream_start_duration.labels(kind).observe(time.monotonic() - began)
         if self.distribution == "livekit":
             upstream = self.upstream
-            if isinstance(upstream, LiveAvatarUpstream) and upstream.operator_room is not None:
-                self._relay = EventRelay(self._send_to_room, upstream.operator_room.room)
+            room = getattr(upstream, "operator_room", None)
+            if isinstance(room, OperatorRoom):
+                self._relay = EventRelay(self._send_to_room, room.room)
             else:
                 assert isinstance(self.hub, Hub)
                 publisher = RoomPublisher(self._settings, self.id, self.hub,

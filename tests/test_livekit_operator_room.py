@@ -1,7 +1,8 @@
 """A cloud avatar in the operator's own LiveKit room (the ``livekit`` distribution with
-LiveAvatar's ``livekit_config``): the provider publishes the avatar there itself; the gateway
+LiveAvatar's ``livekit_config`` or HeyGen's ``livekit_settings``): the provider publishes the
+avatar there itself; the gateway
 joins hidden, and still serves its WHEP viewers and events from the same media. The simulator
-plays both LiveAvatar and the operator's LiveKit."""
+plays both providers and the operator's LiveKit."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from gateway.livekit_out import EVENTS_TOPIC, GATEWAY_IDENTITY, PUBLISHER_IDENTI
 from gateway.sim.app import LIVEKIT, create_sim_app
 from gateway.sim.config import SimSettings
 from gateway.sim.ledger import Ledger
+from gateway.upstream.heygen import HeyGenUpstream
 from gateway.upstream.liveavatar import LiveAvatarUpstream
 
 from .cloud_rig import Rig, gateway_settings
@@ -45,15 +47,18 @@ async def operator_rig(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpCli
 
 
 @needs_netns
-async def test_liveavatar_publishes_into_the_operators_room(operator_rig: Rig) -> None:
+@pytest.mark.parametrize("provider", ["liveavatar", "heygen"])
+async def test_the_provider_publishes_into_the_operators_room(operator_rig: Rig,
+                                                              provider: str) -> None:
     rig = operator_rig
     response = await rig.gateway.post("/v1/sessions", json={
-        "upstream": "liveavatar", "quality": "low", "distribution": "livekit"})
+        "upstream": provider, "quality": "low", "distribution": "livekit"})
     created = await response.json()
     assert response.status == 201, created
     session = rig.session(created["id"])
     upstream = session.upstream
-    assert isinstance(upstream, LiveAvatarUpstream) and upstream.operator_room is not None
+    assert isinstance(upstream, LiveAvatarUpstream | HeyGenUpstream)
+    assert upstream.operator_room is not None
     assert session.livekit is None  # the provider publishes; the gateway does not republish
     room = rig.sim.app[LIVEKIT].room(created["livekit"]["room"])
     assert room is not None

@@ -284,11 +284,13 @@ class HeyGenApi:
         room.on_microphone = session.chat.on_microphone
         livekit = self._book.livekit
         limit = session.duration_limit
+        own = session.own_room  # else the client has its own tokens for its own room
         return ok({
             "session_id": session.id,
-            "url": livekit_url(request, self._settings),
-            "access_token": livekit.token("client", room.name, name="client"),
-            "livekit_agent_token": livekit.token("agent", room.name, name="agent"),
+            "url": livekit_url(request, self._settings) if own else None,
+            "access_token": livekit.token("client", room.name, name="client") if own else None,
+            "livekit_agent_token": livekit.token("agent", room.name, name="agent")
+            if own else None,
             "realtime_endpoint": None,
             "is_paid": True,
             "session_duration_limit": int(limit) if float(limit).is_integer() else limit,
@@ -303,9 +305,7 @@ class HeyGenApi:
             raise HeyGenError.invalid(
                 "version must be 'v2': the simulator emulates the LiveKit flow only "
                 "(raw-WebRTC v1 sessions were retired on 2025-02-28)")
-        if body.get("livekit_settings") is not None:
-            raise HeyGenError.invalid("livekit_settings (your own LiveKit server) is not "
-                                      "emulated; omit it to use the simulator's")
+        room, identity = self._livekit_settings(body.get("livekit_settings"))
         quality = _choice(body, "quality", ("low", "medium", "high"), "low")
         codec = _choice(body, "video_encoding", ("H264", "VP8"), "VP8")
         avatar = _get(body, "avatar_id", _get(body, "avatar_name", "default"))
@@ -332,7 +332,29 @@ class HeyGenApi:
             "voice": "en-us", "knowledge_base": knowledge, "mode": "v2",
             "idle_timeout": None if disable_idle else float(idle),
             "duration_limit": settings.session_duration_limit,
+            "livekit_room": room, "avatar_identity": identity,
         }
+
+    def _livekit_settings(self, value: Any) -> tuple[str | None, str | None]:
+        """(room, avatar identity) of ``livekit_settings`` (the client's own LiveKit:
+        ``{url, room, token}``, the field names of HeyGen's prototype LiveKit plugin; the
+        token is the avatar's); (None, None) without it."""
+        if value is None:
+            return None, None
+        if not isinstance(value, dict):
+            raise HeyGenError.invalid("livekit_settings must be an object {url, room, token}")
+        for field in ("url", "room", "token"):
+            if not isinstance(value.get(field), str) or not value[field]:
+                raise HeyGenError.invalid(f"livekit_settings.{field} must be a non-empty string")
+        grant = self._book.livekit.verify(value["token"])
+        if grant is None:
+            raise HeyGenError.invalid(
+                "livekit_settings.token: only this simulator's own LiveKit server is emulated; "
+                "the token must be a room-join token signed with its LiveKit key and secret")
+        if grant.room != value["room"]:
+            raise HeyGenError.invalid(f"livekit_settings.token joins room {grant.room!r}, "
+                                      f"not {value['room']!r}")
+        return grant.room, grant.identity
 
     async def start(self, request: web.Request) -> web.Response:
         session, _ = await self._session(request)

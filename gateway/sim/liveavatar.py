@@ -163,7 +163,6 @@ class LiveAvatarSession(SimSession):
     event_topic = RESPONSE_TOPIC
 
     def __init__(self, *, full: bool, max_text_chars: int, is_sandbox: bool = False,
-                 livekit_room: str | None = None, avatar_identity: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.full = full
@@ -171,10 +170,6 @@ class LiveAvatarSession(SimSession):
         self.is_sandbox = is_sandbox
         self.client_reason: str | None = None
         """What ``session.stopped`` reports; set by a client's stop request."""
-        self.avatar_identity = avatar_identity or "heygen"
-        if livekit_room is not None:
-            self.room_name = livekit_room
-            self.own_room = False
         self.ws_secret = secrets.token_urlsafe(24)
         """Authenticates the LITE websocket (it travels in ``ws_url``)."""
         self.lite: LiteLink | None = None if full else LiteLink(
@@ -191,8 +186,7 @@ class LiveAvatarSession(SimSession):
 
     def avatar_spec(self) -> AvatarSpec:
         return dataclasses.replace(
-            super().avatar_spec(), identity=self.avatar_identity,
-            event_sender=self.agent_identity if self.full else None)
+            super().avatar_spec(), event_sender=self.agent_identity if self.full else None)
 
     @property
     def counts_toward_limit(self) -> bool:

@@ -82,7 +82,8 @@ class SimSession:
 
     def __init__(self, *, session_id: str, avatar_id: str, quality: QualityTier,
                  video_codec: str, voice: str, knowledge_base: str, mode: str,
-                 idle_timeout: float | None, duration_limit: float) -> None:
+                 idle_timeout: float | None, duration_limit: float,
+                 livekit_room: str | None = None, avatar_identity: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.id = session_id
         self.avatar_id = avatar_id
@@ -101,12 +102,15 @@ class SimSession:
         self.started: float | None = None
         self.last_activity = self.created
         self.room: Room | None = None
-        self.room_name = session_id
+        self.room_name = livekit_room or session_id
         """The LiveKit room the avatar joins: the session's own, named after it, unless the
-        client brought its own room (LiveAvatar ``livekit_config``)."""
-        self.own_room = True
+        client brought its own room (LiveAvatar ``livekit_config``, HeyGen
+        ``livekit_settings``)."""
+        self.own_room = livekit_room is None
         """False for a client's room: the session ends by taking its avatar out, not by
         closing a room others are in."""
+        self.avatar_identity = avatar_identity or "heygen"
+        """The avatar's identity in the room: the one the client's token names, if any."""
         self.stop_reason: str | None = None
         self.closed = asyncio.Event()
         self.watchdog: asyncio.Task[None] | None = None
@@ -159,7 +163,8 @@ class SimSession:
 
     def avatar_spec(self) -> AvatarSpec:
         return AvatarSpec(quality=self.quality, voice=self.voice, video_codec=self.video_codec,
-                          event_topic=self.event_topic, encode_event=self._encode)
+                          event_topic=self.event_topic, encode_event=self._encode,
+                          identity=self.avatar_identity)
 
     def avatar(self) -> AvatarParticipant:
         avatar = self.room.avatar if self.room is not None else None

@@ -22,6 +22,7 @@ from ..errors import (
     UpstreamQuotaExceeded,
     UpstreamSessionGone,
 )
+from ..livekit_out import OperatorRoom
 from ..metrics import Metrics
 from .base import SpeakResult, TaskMode, TaskType
 from .billing import BillingGuard
@@ -104,13 +105,19 @@ class HeyGenClient:
         video_encoding: str = "VP8",
         knowledge_base: str | None = None,
         activity_idle_timeout: int | None = None,
+        room: OperatorRoom | None = None,
     ) -> HeyGenSession:
+        """``streaming.new``. With ``room`` the avatar joins that room of the operator's
+        LiveKit (``livekit_settings``), and HeyGen's answer carries no room of its own."""
         body: dict[str, Any] = {
             "version": "v2",
             "avatar_id": avatar_id,
             "quality": quality,
             "video_encoding": video_encoding,
         }
+        if room is not None:
+            body["livekit_settings"] = {"url": room.url, "room": room.room,
+                                        "token": room.provider_token}
         if voice_id:
             body["voice"] = {"voice_id": voice_id}
         if knowledge_base:
@@ -125,9 +132,9 @@ class HeyGenClient:
             agent = fields.get("livekit_agent_token")
             return HeyGenSession(
                 session_id=_require(session_id, "session_id", "streaming.new"),
-                url=_require(_field(data, "url"), "url", "streaming.new"),
-                access_token=_require(_field(data, "access_token"), "access_token",
-                                      "streaming.new"),
+                url=room.url if room else _require(_field(data, "url"), "url", "streaming.new"),
+                access_token=room.gateway_token if room else _require(
+                    _field(data, "access_token"), "access_token", "streaming.new"),
                 agent_token=agent if isinstance(agent, str) and agent else None,
                 duration_limit=float(limit) if isinstance(limit, int | float)
                 and not isinstance(limit, bool) and limit > 0 else None,
@@ -199,9 +206,14 @@ class HeyGenUpstream(RoomUpstream):
         video_encoding: str = "VP8",
         activity_idle_timeout: int | None = None,
         reconnect: ReconnectPolicy | None = None,
+        room: OperatorRoom | None = None,
     ) -> None:
         super().__init__(quality, billing, reconnect)
         self._client = client
+        self.operator_room = room
+        """Set: the avatar is published straight into the operator's LiveKit room."""
+        if room is not None:
+            self.avatar_identity = room.provider_identity
         self._avatar_id = avatar_id
         self._voice_id = voice_id
         self._video_encoding = video_encoding
@@ -211,7 +223,8 @@ class HeyGenUpstream(RoomUpstream):
     async def _create_session(self) -> ProviderSession:
         session = await self._client.new_session(
             avatar_id=self._avatar_id, quality=self._quality.name, voice_id=self._voice_id,
-            video_encoding=self._video_encoding, activity_idle_timeout=self._idle_timeout)
+            video_encoding=self._video_encoding, activity_idle_timeout=self._idle_timeout,
+            room=self.operator_room)
         self._heygen = session
         return ProviderSession(session.session_id, {"session_id": session.session_id})
 
