@@ -27,13 +27,14 @@ lint-web:
 	    && echo "web/: node --check and tsc --strict passed"; \
 	else echo "note: install nodejs (with npx) to check web/ (skipped)"; fi
 
-# Debian tools the tests drive: chromium (Playwright's own browser download cannot work here) and
-# prometheus + promtool (a real Prometheus scrapes the gateway; promtool checks deploy/).
-DEBIAN_TOOLS := /usr/bin/chromium /usr/bin/prometheus
+# Debian tools the tests drive: chromium (Playwright's own browser download cannot work here),
+# prometheus + promtool (a real Prometheus scrapes the gateway; promtool checks deploy/) and
+# redis-server (replicas share it).
+DEBIAN_TOOLS := /usr/bin/chromium /usr/bin/prometheus /usr/bin/redis-server
 $(DEBIAN_TOOLS):
 	@if [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus; \
-	else echo "note: 'sudo apt-get install chromium prometheus' to run the tests that need them (skipped without)"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus redis-server; \
+	else echo "note: 'sudo apt-get install chromium prometheus redis-server' to run the tests that need them (skipped without)"; fi
 
 # WebRTC tests run inside a private network namespace (see tests/netns.sh), where no package
 # registry is reachable: the providers' own clients (npm SDKs, LiveKit's plugin) come first.

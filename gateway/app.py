@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .api import catalog, ops, persona, sessions, tokens, whep
+from .api import catalog, forward, ops, persona, sessions, tokens, whep
 from .api.common import (
     CHAT,
     LIFECYCLE,
@@ -184,7 +184,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[metrics_middleware, cors_middleware, error_middleware, rate_limit_middleware,
-                     auth_middleware],
+                     auth_middleware, forward.forward_middleware],
     )
     services = Services.build(settings)
     app[SETTINGS] = settings
@@ -213,6 +213,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     # Cleaned up in reverse: the seed API forgets its sessions after they have all closed.
     app.cleanup_ctx.append(persona.sweep_seed_sessions)
     app.cleanup_ctx.append(functools.partial(_run_services, services))
+    if services.cluster is not None:
+        app.cleanup_ctx.append(forward.forward_client)
     app.cleanup_ctx.append(_loop_lag_monitor)
     app.cleanup_ctx.append(_viewer_stats_sampler)
     return app

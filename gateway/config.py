@@ -222,6 +222,15 @@ class Settings:
     """The key's secret. Never sent to a browser (viewers get short-lived tokens)."""
     livekit_room_prefix: str = "avatar-"
     """A session's room in the operator's LiveKit is this plus the session id."""
+    redis_url: Secret = Secret("")
+    """``redis://host:6379/0``: replicas of the gateway share their sessions, the paid-session
+    limit, and each other's leases there (see :mod:`gateway.cluster`). Empty: one process on
+    its own. Replicas must share ``api_token``/``token_secret`` (a token works on any)."""
+    replica_id: str = ""
+    """This replica's name in Redis; empty: ``<hostname>-<pid>``."""
+    replica_lease_ttl: float = 10.0
+    """Seconds after a replica stops refreshing its lease (it died) until another replica
+    stops its provider sessions."""
     upstream_timeout: float = 15.0
     """Seconds for one provider REST call."""
     upstream_reconcile_interval: float = 5.0
@@ -312,6 +321,9 @@ class Settings:
         if self.distribution == "livekit" and not self.livekit_url:
             raise ConfigError(f"distribution=livekit needs the operator's LiveKit: set "
                               f"{ENV_PREFIX}LIVEKIT_URL, _API_KEY and _API_SECRET")
+        if self.redis_url and not self.redis_url.reveal().startswith(("redis://", "rediss://",
+                                                                      "unix://")):
+            raise ConfigError("redis_url must be a redis://, rediss:// or unix:// URL")
         if self.tts not in ("espeak", "openai"):
             raise ConfigError(f"tts must be 'espeak' or 'openai', got {self.tts!r}")
         if self.tts == "openai" and not self.openai_api_key:
@@ -321,7 +333,7 @@ class Settings:
                      "viewer_connect_timeout",
                      "upstream_timeout", "idle_grace", "keep_alive_interval", "stats_interval",
                      "viewer_token_ttl", "max_token_ttl",
-                     "reconnect_ready_within",
+                     "reconnect_ready_within", "replica_lease_ttl",
                      "max_session_duration"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

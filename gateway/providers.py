@@ -144,6 +144,16 @@ class Providers:
         create calls it never heard back from. Returns how many sessions were stopped."""
         return await self.billing.reap()
 
+    async def stop_abandoned(self, entry: JournalEntry) -> None:
+        """Stop a provider session another replica opened and can no longer stop (it died):
+        now, and if that fails, through the billing guard's retries until it is confirmed."""
+        try:
+            await self._stop_orphan(entry)
+        except UpstreamError as exc:
+            logger.warning("%s session %s: stop failed (%s); retrying in the background",
+                           entry.provider, entry.session_id, exc.message)
+            self.billing.stop_later(entry.provider, entry.session_id, entry.stop_info)
+
     async def _stop_orphan(self, entry: JournalEntry) -> None:
         """Stop a journaled session with what its row says (no upstream object needed)."""
         if entry.provider == "heygen" and self._heygen is not None:

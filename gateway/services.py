@@ -7,23 +7,42 @@ them up; no handler and no other service constructs one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .api.sessions import session_json
 from .auth import TokenAuthority
 from .chat.llm import ChatService
 from .chat.persona import PersonaStore
+from .cluster import Cluster
 from .config import Settings
-from .journal import SessionJournal
+from .journal import JournalEntry, SessionJournal
 from .metrics import Metrics
 from .providers import Providers
 from .ratelimit import RateLimiter
 from .sessions import SessionRegistry
+from .upstream.cloud import RoomUpstream
 from .workers.pool import WorkerPool, default_worker_count
 
 logger = logging.getLogger(__name__)
+
+
+def describe_sessions(sessions: SessionRegistry,
+                      settings: Settings) -> list[tuple[dict[str, Any], JournalEntry | None]]:
+    """This replica's sessions for the others: the API's JSON, and what stops each paid one."""
+    out: list[tuple[dict[str, Any], JournalEntry | None]] = []
+    for session in sessions.list():
+        upstream = session.upstream
+        stop = None
+        if isinstance(upstream, RoomUpstream) and upstream.provider_session_id:
+            stop = JournalEntry(upstream.kind, upstream.provider_session_id, session.created_at,
+                                upstream.provider_stop_info or {})
+        out.append((session_json(session, settings), stop))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +58,8 @@ class Services:
     """The fan-out worker processes that hold the viewers' peer connections, if any."""
     personas: PersonaStore
     chat: ChatService
+    cluster: Cluster | None
+    """The other replicas (through Redis), if ``redis_url`` is set."""
     """Answers in the persona's voice: the seed API's chat, and the sessions' talk rule."""
 
     @classmethod
@@ -55,6 +76,11 @@ class Services:
         count = settings.workers if settings.workers >= 0 else default_worker_count()
         workers = WorkerPool(settings, metrics, count, sessions.hub_of) if count else None
         sessions.workers = workers
+        cluster = None
+        if settings.redis_url:
+            cluster = Cluster(settings, providers.stop_abandoned,
+                              functools.partial(describe_sessions, sessions, settings))
+            sessions.cluster = cluster
         return cls(
             settings=settings,
             metrics=metrics,
@@ -65,6 +91,7 @@ class Services:
             workers=workers,
             personas=personas,
             chat=chat,
+            cluster=cluster,
         )
 
     @contextlib.asynccontextmanager
@@ -82,6 +109,9 @@ class Services:
             if self.workers is not None:
                 await self.workers.start()
                 stack.push_async_callback(self.workers.close)
+            if self.cluster is not None:
+                await self.cluster.start()
+                stack.push_async_callback(self.cluster.close)
             stack.push_async_callback(self.sessions.close_all, "shutdown")
             orphans = await self.providers.reap_orphans()
             if orphans:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import av
 
 from .audience import AnyViewer, Audience
+from .cluster import Cluster
 from .config import QUALITY_TIERS, QualityTier, Settings
 from .conversation import Answerer, Conversation
 from .errors import (
@@ -339,12 +340,18 @@ class SessionRegistry:
         """Told the id of every session that ends (e.g. the chat forgets its conversation)."""
         self.workers: WorkerPool | None = None
         """The fan-out worker processes that hold the viewers, if there are any."""
+        self.cluster: Cluster | None = None
+        """The other replicas, through Redis, if there are any."""
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def list(self) -> list[Session]:
         return list(self._sessions.values())
+
+    def find(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
 
     def get(self, session_id: str) -> Session:
         try:
@@ -388,6 +395,20 @@ class SessionRegistry:
             raise BadRequest(f"quality must be one of {', '.join(QUALITY_TIERS)}, not {tier_name!r}")
         tier = QUALITY_TIERS[tier_name]
         self._check_limits(kind)
+        cluster = self.cluster
+        if cluster is not None and kind != "local":
+            await cluster.take_paid_place(session_id, self._settings.max_upstream_sessions)
+        try:
+            return await self._create(session_id, kind, tier, voice, avatar_id, distribution,
+                                      room)
+        except BaseException:
+            if cluster is not None and session_id not in self._sessions:
+                await cluster.withdraw(session_id)
+            raise
+
+    async def _create(self, session_id: str, kind: str, tier: QualityTier, voice: str | None,
+                      avatar_id: str | None, distribution: str,
+                      room: OperatorRoom | None) -> Session:
         source = await self.providers.make(kind, tier, voice=voice, avatar_id=avatar_id,
                                            room=room)
         # Checked again with no await before the registration: concurrent creates can't overshoot.
@@ -401,6 +422,8 @@ class SessionRegistry:
             await session.close("start_failed")
             raise
         logger.info("session %s started (%s, %s)", session.id, kind, tier.name)
+        if self.cluster is not None:
+            await self.cluster.publish()
         return session
 
     def hub_of(self, session_id: str) -> Hub | None:
@@ -410,6 +433,10 @@ class SessionRegistry:
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        if self.cluster is not None:
+            task = asyncio.get_running_loop().create_task(self.cluster.withdraw(session.id))
+            self._withdrawals.add(task)
+            task.add_done_callback(self._withdrawals.discard)
         for listener in self.on_closed:
             listener(session.id)
 

@@ -68,9 +68,11 @@ async def create_session(request: web.Request) -> web.Response:
 
 @routes.get("/v1/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    return web.json_response({"sessions": [session_json(s, settings)
-                                           for s in request.app[SESSIONS].list()]})
+    settings, registry = request.app[SETTINGS], request.app[SESSIONS]
+    listed = [session_json(s, settings) for s in registry.list()]
+    if registry.cluster is not None:  # the other replicas' too
+        listed += await registry.cluster.remote_sessions()
+    return web.json_response({"sessions": listed})
 
 
 @routes.get("/v1/sessions/{session_id}")

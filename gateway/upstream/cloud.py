@@ -124,6 +124,11 @@ class RoomUpstream(Upstream, abc.ABC):
         return self._session.session_id if self._session else None
 
     @property
+    def provider_stop_info(self) -> dict[str, Any] | None:
+        """What stops the provider session from another process (as journaled)."""
+        return dict(self._session.stop_info) if self._session else None
+
+    @property
     def duration_limit(self) -> float | None:
         return self._credentials.duration_limit if self._credentials else None
 

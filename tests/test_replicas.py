@@ -1,0 +1,227 @@
+"""Gateway replicas sharing a real Redis (Debian ``redis-server``): ``python -m gateway serve``
+processes, as an operator runs them, against the simulator's HeyGen."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from pytest_aiohttp import AiohttpServer
+
+from gateway.sim.app import create_sim_app
+from gateway.sim.config import SimSettings
+from gateway.sim.ledger import Ledger
+
+from .cloud_rig import GatewayProcess, free_port
+from .rtc_client import minimal_offer
+from .sim.conftest import needs_netns
+
+REDIS = shutil.which("redis-server")
+# CI must run them (make test installs redis-server); a developer without root may skip them.
+needs_redis = pytest.mark.skipif(REDIS is None and os.environ.get("CI") != "true",
+                                 reason="apt-get install redis-server")
+LEASE = "2"  # seconds: a dead replica is noticed quickly
+TIMEOUT = 30.0
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        assert REDIS is not None
+        self.proc = await asyncio.create_subprocess_exec(
+            REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.workdir),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        client = aioredis.from_url(self.url)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    with contextlib.suppress(OSError, aioredis.ConnectionError):
+                        if await client.ping():
+                            return
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def sim(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Any, Ledger]]:
+    ledger = Ledger(":memory:")
+    yield await aiohttp_server(create_sim_app(SimSettings.from_env({}), ledger=ledger)), ledger
+    ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def replicas(sim: Any, redis: RedisServer, tmp_path: Path,
+                   *names: str) -> AsyncIterator[list[GatewayProcess]]:
+    gateways = [GatewayProcess(sim, tmp_path / name, redis_url=redis.url, replica_id=name,
+                               replica_lease_ttl=LEASE, workers="0")
+                for name in names]
+    try:
+        await asyncio.gather(*(g.start() for g in gateways))
+        yield gateways
+    finally:
+        for gateway in gateways:
+            if gateway.proc is not None and gateway.proc.returncode is None:
+                await gateway.stop(signal.SIGTERM)
+
+
+async def call(method: str, url: str, **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async with aiohttp.ClientSession() as http, http.request(method, url, **kwargs) as response:
+        text = await response.text()
+        body: Any = text
+        if response.content_type == "application/json":
+            body = await response.json()
+        return response.status, body, response
+
+
+async def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.1)
+
+
+@needs_redis
+@needs_netns
+async def test_a_session_on_one_replica_is_served_by_the_other(
+        sim: tuple[Any, Ledger], redis_server: RedisServer, tmp_path: Path) -> None:
+    server, ledger = sim
+    async with replicas(server, redis_server, tmp_path, "a", "b") as (a, b):
+        created = await a.create_session()
+        session_id = created["id"]
+        # Listed and described by B.
+        status, listing, _ = await call("GET", b.url + "/v1/sessions")
+        assert status == 200 and [s["id"] for s in listing["sessions"]] == [session_id]
+        status, described, _ = await call("GET", f"{b.url}/v1/sessions/{session_id}")
+        assert status == 200 and described["id"] == session_id and described["state"] == "live"
+        # Spoken to through B (forwarded to A, which holds the provider session).
+        status, spoken, _ = await call("POST", f"{b.url}/v1/sessions/{session_id}/speak",
+                                       json={"text": "Hello from B.", "task_type": "repeat"})
+        assert status == 200 and spoken["task_id"], spoken
+        # WHEP through B: redirected to A, which answers.
+        offer = minimal_offer()
+        status, _, response = await call(
+            "POST", f"{b.url}/v1/sessions/{session_id}/whep", data=offer,
+            headers={"Content-Type": "application/sdp"}, allow_redirects=False)
+        assert status == 307
+        location = response.headers["Location"]
+        assert location == f"{a.url}/v1/sessions/{session_id}/whep"
+        status, answer, response = await call("POST", location, data=offer,
+                                              headers={"Content-Type": "application/sdp"})
+        assert status == 201 and answer.startswith("v=0")
+        # Deleted through B: the provider session is stopped, and both forget it.
+        status, _, _ = await call("DELETE", f"{b.url}/v1/sessions/{session_id}")
+        assert status == 200
+        assert ledger.open_count() == 0
+        for gateway in (a, b):
+            status, listing, _ = await call("GET", gateway.url + "/v1/sessions")
+            assert listing["sessions"] == []
+        status, _, _ = await call("GET", f"{b.url}/v1/sessions/{session_id}")
+        assert status == 404
+
+
+@needs_redis
+@needs_netns
+async def test_the_paid_limit_holds_across_replicas(
+        sim: tuple[Any, Ledger], redis_server: RedisServer, tmp_path: Path) -> None:
+    server, ledger = sim
+    async with replicas(server, redis_server, tmp_path, "a", "b") as gateways:
+        results = await asyncio.gather(*(
+            call("POST", gateways[i % 2].url + "/v1/sessions", json={"upstream": "heygen"})
+            for i in range(10)))
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses == [201] * 3 + [429] * 7, statuses
+        refused = next(body for status, body, _ in results if status == 429)
+        assert "across the gateway's replicas" in refused["error"]["message"] \
+            or "provider sessions are open" in refused["error"]["message"]
+        assert ledger.open_count() == 3
+        for created_status, body, _ in results:
+            if created_status == 201:
+                owner = gateways[0] if (await call(
+                    "GET", f"{gateways[0].url}/v1/sessions/{body['id']}"))[0] == 200 else gateways[1]
+                assert (await call("DELETE", f"{owner.url}/v1/sessions/{body['id']}"))[0] == 200
+        assert ledger.open_count() == 0
+
+
+@needs_redis
+@needs_netns
+async def test_a_killed_replicas_sessions_are_stopped_once_by_the_others(
+        sim: tuple[Any, Ledger], redis_server: RedisServer, tmp_path: Path) -> None:
+    server, ledger = sim
+    async with replicas(server, redis_server, tmp_path, "a", "b", "c") as (a, b, c):
+        first, second = await a.create_session(), await a.create_session()
+        assert ledger.open_count() == 2
+        assert a.proc is not None
+        a.proc.kill()  # SIGKILL: A stops nothing
+        await a.proc.wait()
+
+        async def reaped() -> bool:
+            return ledger.open_count() == 0
+
+        await wait_until(reaped)
+        client = aioredis.from_url(redis_server.url, decode_responses=True)
+        try:
+            claims = {sid: await client.get(f"avatargw:reaped:{sid}")
+                      for sid in (first["id"], second["id"])}
+        finally:
+            await client.aclose()
+        # Each session was claimed by exactly one of the two survivors.
+        assert set(claims.values()) <= {"b", "c"} and None not in claims.values(), claims
+        for gateway in (b, c):
+            _, listing, _ = await call("GET", gateway.url + "/v1/sessions")
+            assert listing["sessions"] == []
+
+
+@needs_redis
+@needs_netns
+async def test_replicas_recover_from_a_redis_restart(
+        sim: tuple[Any, Ledger], redis_server: RedisServer, tmp_path: Path) -> None:
+    server, ledger = sim
+    async with replicas(server, redis_server, tmp_path, "a", "b") as (a, b):
+        created = await a.create_session()
+        await redis_server.stop()
+        await redis_server.start()  # empty: no persistence
+
+        async def listed_again() -> bool:
+            status, listing, _ = await call("GET", b.url + "/v1/sessions")
+            return status == 200 and [s["id"] for s in listing["sessions"]] == [created["id"]]
+
+        await wait_until(listed_again)
+        # The paid place came back too: two more fit, not three.
+        results = [await call("POST", b.url + "/v1/sessions", json={"upstream": "heygen"})
+                   for _ in range(3)]
+        assert [status for status, _, _ in results] == [201, 201, 429]
+        for _, body, _ in results[:2]:
+            assert (await call("DELETE", f"{b.url}/v1/sessions/{body['id']}"))[0] == 200
+        assert (await call("DELETE", f"{b.url}/v1/sessions/{created['id']}"))[0] == 200
+        assert ledger.open_count() == 0
