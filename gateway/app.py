@@ -153,7 +153,10 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     address (behind a proxy: the proxy's; limit per client there)."""
     limiter = request.app[RATE_LIMITER]
     if limiter.enabled and required_role(request) is not None:
-        wait = limiter.take(request.remote or "unknown")
+        client = request.remote or "unknown"
+        cluster = request.app[SESSIONS].cluster  # replicas share one budget per client
+        shared = await cluster.take_rate(client, limiter.rate, limiter.burst) if cluster else None
+        wait = limiter.take(client) if shared is None else shared
         if wait > 0:
             raise RateLimited(f"too many requests: at most {limiter.rate:g} per second "
                               f"(bursts of {limiter.burst:g}) from one client",

@@ -13,6 +13,8 @@ process's). Redis holds what the others need:
 ``avatargw:paid`` (set)
     Session ids holding one of the ``max_upstream_sessions`` paid places, across every replica;
     a place is taken atomically (one script: count and add) before a provider is called.
+``avatargw:rate:<client>`` (hash with expiry)
+    A client's request budget (token bucket), spent atomically by whichever replica it calls.
 ``avatargw:reaped:<session id>`` (string with expiry)
     Taken with ``SET NX`` by the one replica that stops a dead replica's provider session: a
     session is reaped exactly once, however many replicas notice.
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -54,6 +57,24 @@ if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('SADD', KEYS[1], ARGV[1])
 return 1
+"""
+
+
+# A token bucket per client, on Redis's clock. KEYS[1] the bucket; ARGV rate, burst, expiry.
+# Returns the seconds to wait ("0": allowed).
+_TAKE_TOKEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1]) or burst
+local at = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return tostring(wait)
 """
 
 
@@ -131,6 +152,18 @@ class Cluster:
                     "provider": stop.provider, "session_id": stop.session_id,
                     "opened_at": stop.opened_at, "stop_info": stop.stop_info}})
         return records
+
+    async def take_rate(self, client: str, rate: float, burst: float) -> float | None:
+        """Spend one request of ``client``'s bucket, shared by every replica (a client that
+        spreads its requests over them gets no more). Seconds to wait, 0 when allowed; None
+        when Redis cannot say (the caller limits locally then)."""
+        expiry = max(1, math.ceil(burst / rate) + 1)
+        try:
+            wait = await self._redis.eval(_TAKE_TOKEN, 1, f"{PREFIX}rate:{client}", rate, burst,
+                                          expiry)
+        except RedisError:
+            return None
+        return float(wait)
 
     async def publish(self) -> None:
         """Write this replica's sessions now (a new one; the lease refresh does it anyway)."""

@@ -82,10 +82,10 @@ async def sim(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Any, Ledger]
 
 
 @contextlib.asynccontextmanager
-async def replicas(sim: Any, redis: RedisServer, tmp_path: Path,
-                   *names: str) -> AsyncIterator[list[GatewayProcess]]:
+async def replicas(sim: Any, redis: RedisServer, tmp_path: Path, *names: str,
+                   **settings: str) -> AsyncIterator[list[GatewayProcess]]:
     gateways = [GatewayProcess(sim, tmp_path / name, redis_url=redis.url, replica_id=name,
-                               replica_lease_ttl=LEASE, workers="0")
+                               replica_lease_ttl=LEASE, workers="0", **settings)
                 for name in names]
     try:
         await asyncio.gather(*(g.start() for g in gateways))
@@ -225,3 +225,14 @@ async def test_replicas_recover_from_a_redis_restart(
             assert (await call("DELETE", f"{b.url}/v1/sessions/{body['id']}"))[0] == 200
         assert (await call("DELETE", f"{b.url}/v1/sessions/{created['id']}"))[0] == 200
         assert ledger.open_count() == 0
+
+
+@needs_redis
+async def test_a_client_has_one_request_budget_across_replicas(
+        sim: tuple[Any, Ledger], redis_server: RedisServer, tmp_path: Path) -> None:
+    server, _ = sim
+    async with replicas(server, redis_server, tmp_path, "a", "b", rate_limit="0.2",
+                        rate_limit_burst="4") as (a, b):
+        # Alternating replicas: each alone would allow 4; together they allow 4.
+        statuses = [(await call("GET", (a, b)[i % 2].url + "/v1/catalog"))[0] for i in range(8)]
+        assert statuses[:4] == [200] * 4 and statuses[4:] == [429] * 4, statuses
