@@ -48,11 +48,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_REPLICAS = DEPLOY / "compose.replicas.yaml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+PROMETHEUS_REPLICAS = DEPLOY / "prometheus" / "prometheus.replicas.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "avatar-gateway.json"
-K8S = [DEPLOY / "k8s" / name for name in ("deployment.yaml", "service.yaml", "secret.example.yaml")]
+K8S = [DEPLOY / "k8s" / name
+       for name in ("deployment.yaml", "service.yaml", "secret.example.yaml", "replicas.yaml")]
 VENV_BIN = Path(sys.executable).parent
 PROMTOOL = Path("/usr/bin/promtool")
 TIMEOUT = 60.0
@@ -91,6 +94,7 @@ def promtool() -> Path:
 
 def test_prometheus_config_is_valid(promtool: Path) -> None:
     assert_ok(run(promtool, "check", "config", PROMETHEUS_CONFIG))
+    assert_ok(run(promtool, "check", "config", PROMETHEUS_REPLICAS))
 
 
 def test_alert_rules_are_valid(promtool: Path) -> None:
@@ -406,7 +410,56 @@ def test_grafana_provisioning_points_at_the_dashboards_and_prometheus() -> None:
 
 
 def test_compose_file_matches_the_compose_specification() -> None:
-    assert_ok(run(VENV_BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", COMPOSE))
+    for compose in (COMPOSE, COMPOSE_REPLICAS):
+        assert_ok(run(VENV_BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec",
+                      compose))
+
+
+def test_compose_replicas_share_redis_and_each_has_its_own_address() -> None:
+    services = load_yaml(COMPOSE_REPLICAS)["services"]
+    gateways = {name: s for name, s in services.items() if name.startswith("gateway")}
+    assert len(gateways) == 2 and "redis" in services
+    env = [s["environment"] for s in gateways.values()]
+    for key in ("AVATAR_GATEWAY_PORT", "AVATAR_GATEWAY_REPLICA_ID", "AVATAR_GATEWAY_PUBLIC_URL"):
+        assert len({e[key] for e in env}) == 2, key  # one each
+    assert len({e["AVATAR_GATEWAY_REDIS_URL"] for e in env}) == 1  # one Redis
+    assert len({s["volumes"][0].split(":")[0] for s in gateways.values()}) == 2  # own journals
+    ports = sorted(e["AVATAR_GATEWAY_PORT"] for e in env)
+    job = next(j for j in load_yaml(PROMETHEUS_REPLICAS)["scrape_configs"]
+               if j["job_name"] == "avatar-gateway")
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{p}" for p in ports]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_kubernetes_replicas_each_have_a_name_an_address_and_a_journal() -> None:
+    resources = k8s_resources()
+    stateful = resources["StatefulSet/avatar-gateway-replicas"]
+    assert stateful["spec"]["replicas"] >= 2
+    pod = stateful["spec"]["template"]["spec"]
+    container = _container(stateful)
+    names = [e["name"] for e in container["env"]]
+    env = {e["name"]: e for e in container["env"]}
+    # $(POD_NAME) expands only if POD_NAME comes first.
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for key in ("AVATAR_GATEWAY_REPLICA_ID", "AVATAR_GATEWAY_PUBLIC_URL"):
+        assert "$(POD_NAME)" in env[key]["value"] and names.index("POD_NAME") < names.index(key)
+    secret = resources["Secret/avatar-gateway"]
+    secret_volume = next(v["name"] for v in pod["volumes"] if "secret" in v)
+    secret_dir = next(Path(m["mountPath"]) for m in container["volumeMounts"]
+                      if m["name"] == secret_volume)
+    redis = Path(env["AVATAR_GATEWAY_REDIS_URL_FILE"]["value"])
+    assert redis.parent == secret_dir and redis.name in secret["stringData"]
+    templates = {t["metadata"]["name"] for t in stateful["spec"]["volumeClaimTemplates"]}
+    state = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[
+        env["AVATAR_GATEWAY_STATE_DIR"]["value"]]
+    assert state in templates
+    headless = resources["Service/avatar-gateway-replicas-pods"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert stateful["spec"]["serviceName"] == "avatar-gateway-replicas-pods"
 
 
 def test_compose_mounts_and_builds_files_that_exist() -> None:
@@ -512,7 +565,8 @@ def is_setting(variable: str) -> bool:
 
 
 def test_every_gateway_variable_the_kit_names_is_a_setting() -> None:
-    files = [DOCKERFILE, COMPOSE, ALERTS, DEPLOY / "README.md", *K8S]
+    files = [DOCKERFILE, COMPOSE, COMPOSE_REPLICAS, ALERTS, DEPLOY / "README.md",
+             DEPLOY / "livekit" / "values.example.yaml", *K8S]
     named = {(path.name, variable) for path in files
              for variable in re.findall(r"\bAVATAR_GATEWAY_[A-Z0-9_]*[A-Z0-9]",
                                         path.read_text(encoding="utf-8"))}
