@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -124,10 +125,25 @@ async def test_a_session_on_one_replica_is_served_by_the_other(
         assert status == 200 and [s["id"] for s in listing["sessions"]] == [session_id]
         status, described, _ = await call("GET", f"{b.url}/v1/sessions/{session_id}")
         assert status == 200 and described["id"] == session_id and described["state"] == "live"
-        # Spoken to through B (forwarded to A, which holds the provider session).
-        status, spoken, _ = await call("POST", f"{b.url}/v1/sessions/{session_id}/speak",
-                                       json={"text": "Hello from B.", "task_type": "repeat"})
-        assert status == 200 and spoken["task_id"], spoken
+        # Spoken to through B (forwarded to A, which holds the provider session), and its
+        # events streamed through B.
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{b.url}/v1/sessions/{session_id}/events") as stream:
+            assert stream.status == 200
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+            status, spoken, _ = await call("POST", f"{b.url}/v1/sessions/{session_id}/speak",
+                                           json={"text": "Hello from B.", "task_type": "repeat"})
+            assert status == 200 and spoken["task_id"], spoken
+            seen: list[dict[str, Any]] = []
+            async with asyncio.timeout(TIMEOUT):
+                async for line in stream.content:
+                    if line.startswith(b"data: "):
+                        seen.append(json.loads(line[6:]))
+                    if any(e.get("type") == "avatar_stop_talking"
+                           and e.get("task_id") == spoken["task_id"] for e in seen):
+                        break
+            kinds = [e["type"] for e in seen if e.get("task_id") == spoken["task_id"]]
+            assert kinds[0] == "avatar_start_talking" and kinds[-1] == "avatar_stop_talking"
         # WHEP through B: redirected to A, which answers.
         offer = minimal_offer()
         status, _, response = await call(
