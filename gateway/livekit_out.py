@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 import av
+import numpy as np
 from livekit import api, rtc
 from livekit.rtc.participant import PublishTrackError
 
@@ -61,10 +62,14 @@ def _token(settings: Settings, room: str, identity: str, ttl: timedelta,
             .with_grants(grants).to_jwt())
 
 
-def viewer_token(settings: Settings, session_id: str, identity: str, ttl: timedelta) -> str:
-    """A token to watch a session's room: subscribe only (no tracks, no data)."""
+def viewer_token(settings: Settings, session_id: str, identity: str, ttl: timedelta, *,
+                 microphone: bool = False) -> str:
+    """A token to watch a session's room: subscribe only (no data); with ``microphone`` (a
+    controller, voice chat on) it may publish a microphone track and nothing else."""
     room = room_name(settings, session_id)
-    grants = api.VideoGrants(room_join=True, room=room, can_subscribe=True, can_publish=False,
+    grants = api.VideoGrants(room_join=True, room=room, can_subscribe=True,
+                             can_publish=microphone,
+                             can_publish_sources=["microphone"] if microphone else None,
                              can_publish_data=False, can_update_own_metadata=False)
     return _token(settings, room, identity, ttl, grants)
 
@@ -128,8 +133,12 @@ class RoomPublisher:
     :class:`~gateway.media.hub.Tap` of the session's hub while it is there."""
 
     def __init__(self, settings: Settings, session_id: str, hub: Hub, width: int,
-                 height: int) -> None:
+                 height: int,
+                 microphone: Callable[[av.AudioFrame], Awaitable[None]] | None = None) -> None:
+        """``microphone``: where the controllers' microphones go (the session's upstream,
+        when it listens); None: they are not subscribed to."""
         self.room = room_name(settings, session_id)
+        self._microphone = microphone
         self._settings = settings
         self._hub = hub
         self._size = (width, height)
@@ -154,7 +163,10 @@ class RoomPublisher:
         joined (the session does not start: its viewers could not see it)."""
         settings = self._settings
         grants = api.VideoGrants(room_join=True, room=self.room, can_publish=True,
-                                 can_subscribe=False, can_publish_data=True)
+                                 can_subscribe=self._microphone is not None,
+                                 can_publish_data=True)
+        if self._microphone is not None:
+            self._room.on("track_subscribed", self._on_track_subscribed)
         token = _token(settings, self.room, PUBLISHER_IDENTITY, timedelta(hours=24), grants)
         try:
             async with asyncio.timeout(JOIN_TIMEOUT):
@@ -184,6 +196,30 @@ class RoomPublisher:
             self.room)
         self._hub.add_tap(self, "vp8")
         logger.info("publishing into room %s of %s", self.room, settings.livekit_url)
+
+    # -- controllers' microphones ------------------------------------------------------------------
+
+    def _on_track_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
+                             participant: rtc.RemoteParticipant) -> None:
+        # Only tokens from mint_livekit_token with microphone=True may publish, and only this.
+        if track.kind == rtc.TrackKind.KIND_AUDIO and not self._closed:
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._listen(track), name=f"livekit-microphone-{self.room}"))
+
+    async def _listen(self, track: rtc.Track) -> None:
+        assert self._microphone is not None
+        stream = rtc.AudioStream(track, sample_rate=AUDIO_RATE, num_channels=1)
+        pts = 0
+        try:
+            async for event in stream:
+                frame = event.frame
+                samples = np.frombuffer(frame.data, dtype=np.int16).reshape(1, -1)
+                audio = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+                audio.sample_rate, audio.pts = AUDIO_RATE, pts
+                pts += samples.shape[1]
+                await self._microphone(audio)
+        finally:
+            await stream.aclose()
 
     # -- Tap (on the loop, must not block) --------------------------------------------------------
 

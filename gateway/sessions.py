@@ -228,8 +228,9 @@ class Session:
                 self._relay = EventRelay(self._send_to_room, room.room)
             else:
                 assert isinstance(self.hub, Hub)
-                publisher = RoomPublisher(self._settings, self.id, self.hub,
-                                          self.quality.width, self.quality.height)
+                publisher = RoomPublisher(
+                    self._settings, self.id, self.hub, self.quality.width, self.quality.height,
+                    self._forward_microphone if upstream.listens else None)
                 await publisher.start()
                 self.livekit = publisher
             self.livekit_room = room_name(self._settings, self.id)

@@ -18,6 +18,8 @@ from gateway.sim.livekit import LiveKitServer
 from .conftest import make_settings
 
 Client = TestClient[Any, Any]
+CONTROLLER = "ctl-token"
+"""The gateway's API token in these tests: every request of the test client carries it."""
 KEY = "operator-key"
 SECRET = "operator-secret-at-least-32-characters"
 
@@ -45,8 +47,9 @@ async def operator_livekit(aiohttp_server: AiohttpServer) -> AsyncIterator[Opera
 async def livekit_gateway(aiohttp_client: AiohttpClient,
                           operator_livekit: OperatorLiveKit) -> Client:
     settings = make_settings(livekit_url=operator_livekit.url, livekit_api_key=KEY,
-                             livekit_api_secret=SECRET)
-    return await aiohttp_client(create_app(settings))
+                             livekit_api_secret=SECRET, api_token=CONTROLLER)
+    return await aiohttp_client(create_app(settings),
+                                headers={"Authorization": f"Bearer {CONTROLLER}"})
 
 
 async def livekit_session(gateway: Client) -> dict[str, Any]:

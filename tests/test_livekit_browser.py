@@ -19,11 +19,12 @@ __all__ = ["browser", "livekit_gateway", "operator_livekit"]  # fixtures
 
 LIVEKIT_CLIENT = "2.15.7"  # what tests/js/package-lock.json pins (through the HeyGen SDKs)
 
-WATCH = """async ([sessionId]) => {
+WATCH = """async ([sessionId, token]) => {
   const sdk = await import('/web/sdk/index.js');
   const seen = window.seen = {events: [], ready: false, disconnected: null, rtp: []};
   const avatar = window.avatar = new sdk.default({
-    basePath: location.origin, transport: 'livekit', livekit: window.LivekitClient, sessionId});
+    basePath: location.origin, token, transport: 'livekit', livekit: window.LivekitClient,
+    sessionId});
   for (const type of Object.values(sdk.StreamingEvents)) {
     avatar.on(type, (e) => seen.events.push({type, detail: e.detail}));
   }
@@ -56,7 +57,9 @@ async def test_livekit_client_in_chromium_watches_through_the_operators_room(
     try:
         await page.goto(str(gateway.make_url("/web/viewer.html")))
         await page.add_script_tag(path=str(umd))
-        await page.evaluate(WATCH, [session["id"]])
+        minted = await gateway.post("/v1/tokens", json={"role": "viewer",
+                                                        "session_id": session["id"]})
+        await page.evaluate(WATCH, [session["id"], (await minted.json())["token"]])
         await tab.wait("() => window.seen.ready && window.seen.rtp.length >= 60", timeout=60)
         await tab.shot("playing")
         size = await page.evaluate(

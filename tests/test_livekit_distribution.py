@@ -17,7 +17,7 @@ from gateway.livekit_out import EVENTS_TOPIC, PUBLISHER_IDENTITY
 
 from .livekit_rig import OperatorLiveKit, livekit_gateway, livekit_session, operator_livekit
 from .sim.conftest import needs_netns
-from .sim.sdk_client import TIMEOUT, SdkClient
+from .sim.sdk_client import TIMEOUT, SdkClient, feed
 
 Client = TestClient[Any, Any]
 __all__ = ["livekit_gateway", "operator_livekit"]  # fixtures
@@ -43,10 +43,15 @@ async def test_a_livekit_viewer_sees_hears_and_gets_the_events(
     assert sorted(p.info.name for p in room.publications()) == ["avatar_audio", "avatar_video"]
     assert [p.codec for p in room.publications() if p.frames.kind == "video"] == ["VP8"]
 
-    response = await gateway.post(session["livekit"]["token_url"])
+    # A viewer's token of the session (what a share link carries) gets the LiveKit grant.
+    minted = await gateway.post("/v1/tokens", json={"role": "viewer", "session_id": session["id"]})
+    viewer_token = (await minted.json())["token"]
+    response = await gateway.post(session["livekit"]["token_url"],
+                                  headers={"Authorization": f"Bearer {viewer_token}"})
     grant = await response.json()
     assert response.status == 201, grant
     assert grant["room"] == room_name and grant["url"] == session["livekit"]["url"]
+    assert grant["microphone"] is False
     viewer = SdkClient(grant["url"], grant["token"])
     await viewer.connect()
     try:
@@ -101,3 +106,34 @@ async def test_livekit_distribution_needs_the_operators_livekit(client: Client,
     assert response.status == 409
     assert "WHEP" in (await response.json())["error"]["message"]
     assert client.app[SESSIONS].get(session_id).distribution == "whep"
+
+
+@needs_netns
+async def test_a_controllers_microphone_reaches_the_local_avatar_through_the_room(
+        livekit_gateway: Client) -> None:
+    gateway = livekit_gateway
+    session = await livekit_session(gateway)
+    grant = await (await gateway.post(session["livekit"]["token_url"])).json()
+    assert grant["microphone"] is True  # a controller's, and the local avatar listens
+    assert (await gateway.post(f"/v1/sessions/{session['id']}/listen",
+                               json={"listening": True})).status == 200
+    controller = SdkClient(grant["url"], grant["token"])
+    await controller.connect()
+    try:
+        source = await controller.publish_microphone()
+
+        def heard() -> list[str]:
+            return [e["type"] for e in avatar_events(controller)
+                    if e["type"] in ("user_start", "user_stop")]
+
+        # A loud tone, then silence: the avatar's ears (VAD) hear it start and stop, and the
+        # events come back through the room.
+        for _ in range(3):
+            await feed(source, 1.0, 0.3)
+            await feed(source, 1.5, 0.0)
+            if "user_stop" in heard():
+                break
+        await controller.wait_for(lambda: "user_stop" in heard())
+        assert heard()[0] == "user_start"
+    finally:
+        await controller.close()

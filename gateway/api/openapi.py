@@ -136,8 +136,11 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "events_topic": _str(description="Data topic of the session's events (JSON)."),
             "publisher": _str(description="The gateway's identity in the room; it leaves when "
                                           "the session ends."),
+            "microphone": {"type": "boolean", "description": (
+                "The token may publish a microphone (a controller's, when the session "
+                "listens: voice chat); otherwise it only subscribes.")},
         }, ("url", "room", "identity", "token", "expires_at", "expires_in", "events_topic",
-            "publisher")),
+            "publisher", "microphone")),
         "Speak": _obj({
             "text": text,
             "task_type": _str(enum=[t.value for t in TaskType], default="repeat"),

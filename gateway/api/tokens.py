@@ -53,7 +53,8 @@ async def mint_token(request: web.Request) -> web.Response:
 @routes.post("/v1/sessions/{session_id}/livekit-token")
 async def mint_livekit_token(request: web.Request) -> web.Response:
     """Watch a ``livekit``-distributed session through the operator's LiveKit: a
-    subscribe-only token for its room (no tracks, no data), for livekit-client or any SDK."""
+    subscribe-only token for its room (no data), for livekit-client or any SDK. A controller's
+    token may also publish a microphone when the session listens (voice chat)."""
     settings = request.app[SETTINGS]
     session = request.app[SESSIONS].get(request.match_info["session_id"])
     if session.livekit_room is None:
@@ -61,9 +62,11 @@ async def mint_livekit_token(request: web.Request) -> web.Response:
                        f"is {session.distribution!r}): watch it over WHEP")
     ttl = min(settings.viewer_token_ttl, settings.max_token_ttl)
     identity = f"viewer-{secrets.token_hex(6)}"
-    token = livekit_out.viewer_token(settings, session.id, identity, timedelta(seconds=ttl))
+    microphone = principal(request).role >= Role.CONTROLLER and session.upstream.listens
+    token = livekit_out.viewer_token(settings, session.id, identity, timedelta(seconds=ttl),
+                                     microphone=microphone)
     return web.json_response({
         "url": settings.livekit_url, "room": session.livekit_room, "identity": identity,
         "token": token, "expires_at": round(time.time() + ttl, 3), "expires_in": ttl,
         "events_topic": livekit_out.EVENTS_TOPIC,
-        "publisher": livekit_out.PUBLISHER_IDENTITY}, status=201)
+        "publisher": livekit_out.PUBLISHER_IDENTITY, "microphone": microphone}, status=201)

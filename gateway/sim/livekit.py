@@ -128,7 +128,8 @@ class LiveKitServer:
             return None
         return Grant(identity=claims.identity, room=video.room, name=claims.name or claims.identity,
                      can_publish=video.can_publish, can_subscribe=video.can_subscribe,
-                     can_publish_data=video.can_publish_data, hidden=bool(video.hidden))
+                     can_publish_data=video.can_publish_data, hidden=bool(video.hidden),
+                     can_publish_sources=tuple(video.can_publish_sources or ()))
 
     # -- handlers ----------------------------------------------------------------------------------
 

@@ -90,6 +90,8 @@ class Grant:
     can_publish_data: bool = True
     hidden: bool = False
     """Not shown to the other participants (LiveKit's ``hidden`` grant: recorders, relays)."""
+    can_publish_sources: tuple[str, ...] = ()
+    """``camera``, ``microphone``, ...: the only sources it may publish (empty: any)."""
 
 
 class ClientConnection:
@@ -372,6 +374,11 @@ class ClientConnection:
         if not self._grant.can_publish:
             # The SDKs check can_publish themselves; one that does not waits for its timeout.
             logger.warning("%s may not publish; ignoring track %r", repr(self), request.name)
+            return
+        source = models.TrackSource.Name(request.source).lower()
+        if self._grant.can_publish_sources and source not in self._grant.can_publish_sources:
+            logger.warning("%s may not publish a %s track; ignoring %r", repr(self), source,
+                           request.name)
             return
         audio = request.type == models.AUDIO
         codec = "opus" if audio else "VP8"
