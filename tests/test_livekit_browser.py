@@ -5,14 +5,23 @@ through the operator's LiveKit (the simulator's), with the same events as over W
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser
 
-from .livekit_rig import OperatorLiveKit, livekit_gateway, livekit_session, operator_livekit
+from gateway.api.common import SESSIONS
+
+from .livekit_rig import (
+    CONTROLLER,
+    OperatorLiveKit,
+    livekit_gateway,
+    livekit_session,
+    operator_livekit,
+)
 from .provider_js import installed_file, installed_version
-from .test_browser import ARTIFACTS, Tab, browser, needs_chromium
+from .test_browser import ARTIFACTS, Tab, browser, chromium, needs_chromium, speech_wav
 
 Client = TestClient[Any, Any]
 __all__ = ["browser", "livekit_gateway", "operator_livekit"]  # fixtures
@@ -89,6 +98,49 @@ async def test_livekit_client_in_chromium_watches_through_the_operators_room(
         assert tab.errors == []
     finally:
         await page.close()
+    async with asyncio.timeout(20):
+        while any(room.clients for room in operator_livekit.server.rooms):
+            await asyncio.sleep(0.05)
+
+
+TALK = """async ([token]) => {
+  const sdk = await import('/web/sdk/index.js');
+  const seen = window.seen = {events: []};
+  const avatar = window.avatar = new sdk.default({
+    basePath: location.origin, token, transport: 'livekit', livekit: window.LivekitClient});
+  for (const type of Object.values(sdk.StreamingEvents)) {
+    avatar.on(type, (e) => seen.events.push({type, detail: e.detail}));
+  }
+  const info = await avatar.createStartAvatar({quality: 'low'});
+  await avatar.startListening();
+  await avatar.startVoiceChat();
+  return info.session_id;
+}"""
+
+
+@needs_chromium
+async def test_voice_chat_over_livekit_in_chromium(livekit_gateway: Client, tmp_path: Path,
+                                                   operator_livekit: OperatorLiveKit) -> None:
+    # Chromium's fake microphone asks a question; the SDK publishes it into the room with
+    # the controller's token, the gateway hears it, and the avatar's ears answer with events.
+    wav = tmp_path / "question.wav"
+    speech_wav(wav, "Hello. What is your name?")
+    flags = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={wav}%noloop")
+    umd = installed_file("livekit-client", "dist/livekit-client.umd.js")
+    async with chromium(*flags) as browser:
+        page = await browser.new_page()
+        tab = Tab(page, "voice", ARTIFACTS / "screenshots" / "livekit-browser")
+        await page.goto(str(livekit_gateway.make_url("/web/viewer.html")))
+        await page.add_script_tag(path=str(umd))
+        session_id = await page.evaluate(TALK, [CONTROLLER])
+        session = livekit_gateway.app[SESSIONS].get(session_id)
+        assert session.distribution == "livekit"
+        await tab.wait("() => window.seen.events.some(e => e.type === 'user_start')", timeout=40)
+        await tab.wait("() => window.seen.events.some(e => e.type === 'user_end_message')",
+                       timeout=40)
+        await page.evaluate("() => window.avatar.stopAvatar()")
+        assert not tab.errors, tab.errors
     async with asyncio.timeout(20):
         while any(room.clients for room in operator_livekit.server.rooms):
             await asyncio.sleep(0.05)

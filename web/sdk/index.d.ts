@@ -32,7 +32,7 @@ export interface StreamingAvatarApiConfig {
   /**
    * `"whep"` (default): the gateway's own peer connection. `"livekit"`: watch through the
    * operator's LiveKit room of a session created with `distribution: "livekit"` (newSession()
-   * asks for it); no microphone on this transport.
+   * asks for it). Voice chat works on both (a controller's token may publish a microphone).
    */
   transport?: "whep" | "livekit";
   /** With `transport: "livekit"`: the livekit-client module the page loaded (not bundled). */

@@ -345,7 +345,7 @@ class StreamingAvatar {
     void useSilencePrompt; // accepted for compatibility; the gateway has no silence prompt
     this.#requireSession();
     const player = this.#player;
-    if (!player || !player.audioSender) {
+    if (!player || !player.canSendMicrophone) {
       throw new Error(this.#mode === "watch"
         ? "startVoiceChat(): a watcher has no microphone; create the session to talk to it"
         : "startVoiceChat(): the stream is not started; call createStartAvatar() or startSession() first");

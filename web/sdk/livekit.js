@@ -27,6 +27,7 @@ export class LiveKitPlayer extends EventTarget {
     this.pc = null;
     this.room = null;
     this.stream = new MediaStream();
+    this._microphone = null;
     this._stopped = false;
   }
 
@@ -82,7 +83,23 @@ export class LiveKitPlayer extends EventTarget {
     for (const track of this.stream.getTracks()) track.stop();
   }
 
-  async setMicrophone() {
-    throw new Error('a "livekit" viewer sends no microphone: use the WHEP transport for voice chat');
+  /** In the room: setMicrophone() may try (the token decides). */
+  get canSendMicrophone() {
+    return this.room !== null;
+  }
+
+  /** Publish `track` as this participant's microphone (or stop, with null). The gateway
+   * grants that to a controller of a session that listens; a viewer's token is refused. */
+  async setMicrophone(track) {
+    const room = this.room;
+    if (!room) throw new Error("LiveKitPlayer.setMicrophone(): not started");
+    if (this._microphone) {
+      await room.localParticipant.unpublishTrack(this._microphone, false);
+      this._microphone = null;
+    }
+    if (track) {
+      await room.localParticipant.publishTrack(track, { source: this.lk.Track.Source.Microphone });
+      this._microphone = track;
+    }
   }
 }

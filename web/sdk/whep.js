@@ -93,6 +93,11 @@ export class WhepPlayer extends EventTarget {
     return this.sendAudio && this._audio ? this._audio.sender : null;
   }
 
+  /** Started, with an audio m-line that sends: setMicrophone() works. */
+  get canSendMicrophone() {
+    return this.audioSender !== null;
+  }
+
   /** Send `track` (or nothing, with null) on the audio m-line; needs `sendAudio`. */
   async setMicrophone(track) {
     if (!this.sendAudio) throw new Error("this player was created without sendAudio");
