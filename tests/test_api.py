@@ -132,7 +132,7 @@ async def test_unknown_ids_are_404(client: Client, session_id: str) -> None:
         ("v=0\r\nthis is not sdp\r\n", 400, "malformed"),
         ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF x\r\n",
          400, "malformed"),
-        (minimal_offer(video=False), 400, "no video"),
+        (minimal_offer(video=False, audio=False), 400, "neither a video nor an audio"),
         (minimal_offer(video_codecs=("VP9",)), 400, "neither VP8 nor H.264"),
         # H.264 in packetization-mode 0 (no fmtp) cannot carry our slices: not a codec we can send.
         (minimal_offer(video_codecs=("H264",), h264_fmtp=""), 400, "neither VP8 nor H.264"),

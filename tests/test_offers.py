@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aioice.ice
+import av
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc import RTCPeerConnection
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from gateway.api.common import SESSIONS
 from gateway.viewers.peer import Viewer
@@ -46,7 +48,7 @@ def test_a_chromium_offer_is_trimmed_to_what_the_hub_sends() -> None:
     offer = parse_offer(CHROMIUM_OFFER)
     assert rtpmaps(offer.sdp, "video") == ["VP8", "rtx"]
     assert rtpmaps(offer.sdp, "audio") == ["opus"]
-    assert offer.video_codec.mimeType == "video/VP8"
+    assert offer.video_codec is not None and offer.video_codec.mimeType == "video/VP8"
     kept = set(m_line(offer.sdp, "video")) | set(m_line(offer.sdp, "audio"))
     for line in offer.sdp.splitlines():  # no attribute is left for a payload type taken out
         if line.startswith(("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")):
@@ -75,7 +77,7 @@ def test_the_trimmed_offer_keeps_the_players_favourite(order: tuple[str, ...],
                                                            f"a=fmtp:{int(pt) + 1} apt={pt}")]
     trimmed = parse_offer("\r\n".join(lines) + "\r\n")
     assert rtpmaps(trimmed.sdp, "video") == kept
-    assert trimmed.video_codec.mimeType == "video/H264"
+    assert trimmed.video_codec is not None and trimmed.video_codec.mimeType == "video/H264"
 
 
 async def test_chromiums_offer_is_answered_with_one_codec_per_kind(client: Client,
@@ -179,3 +181,37 @@ async def test_trickled_mdns_candidates_and_a_close_while_resolving(
         while not pending.done():
             await asyncio.sleep(0.01)
     assert pending.cancelled()
+
+
+@pytest.mark.parametrize("settings", ["in-process", "two-workers"], indirect=True)
+async def test_an_audio_only_player_hears_the_avatar(client: Client, session_id: str) -> None:
+    """A listener (a phone, a player that offers audio only) gets Opus and no video."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: list[MediaStreamTrack] = []
+    pc.on("track", tracks.append)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        response = await client.post(f"/v1/sessions/{session_id}/whep",
+                                     data=pc.localDescription.sdp, headers=SDP)
+        answer = await response.text()
+        assert response.status == 201, answer
+        assert "m=video" not in answer and rtpmaps(answer, "audio") == ["opus"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        spoken = await client.post(f"/v1/sessions/{session_id}/speak", json={"text": "Hello."})
+        assert spoken.status == 200
+        async with asyncio.timeout(20):
+            while not tracks:
+                await asyncio.sleep(0.05)
+            loud = 0
+            while loud < 5:  # frames with the avatar's voice in them
+                frame = await tracks[0].recv()
+                assert isinstance(frame, av.AudioFrame)
+                if np.abs(frame.to_ndarray()).max() > 1000:
+                    loud += 1
+        session = client.app[SESSIONS].get(session_id)
+        assert session.viewer_count == 1 and session.viewers()[0].video_codec == ""
+        assert session.hub.video_codecs == []  # nothing encoded for a listener
+        assert (await client.delete(response.headers["Location"])).status == 200
+    finally:
+        await pc.close()

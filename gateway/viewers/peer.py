@@ -118,18 +118,20 @@ class Viewer:
         """
         pc = self._pc
         codec = offer.video_codec
-        video = self._add_sender("video", codec.name.lower())
+        if codec is not None:  # else a listener: audio only
+            video = self._add_sender("video", codec.name.lower())
+            # Only the codec the hub will encode for this viewer (plus its retransmissions).
+            video.setCodecPreferences([
+                c for c in RTCRtpSender.getCapabilities("video").codecs
+                if c.mimeType.lower() == "video/rtx"
+                or (c.mimeType.lower() == codec.mimeType.lower()
+                    and c.parameters == codec.parameters)
+            ])
         if offer.has_audio:
             audio = self._add_sender("audio")
             if offer.sends_audio and on_microphone is not None:
                 audio.direction = "sendrecv"
                 pc.on("track", lambda track: self._receive_microphone(track, on_microphone))
-        # Only the codec the hub will encode for this viewer (plus its retransmissions).
-        video.setCodecPreferences([
-            c for c in RTCRtpSender.getCapabilities("video").codecs
-            if c.mimeType.lower() == "video/rtx"
-            or (c.mimeType.lower() == codec.mimeType.lower() and c.parameters == codec.parameters)
-        ])
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
             if offer.dtls_actpass:

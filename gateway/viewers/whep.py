@@ -94,8 +94,9 @@ def preferred_video_codec(offered: Iterable[RTCRtpCodecParameters]) -> RTCRtpCod
 @dataclass(frozen=True, slots=True)
 class Offer:
     sdp: str
-    video_codec: RTCRtpCodecParameters
-    """Ours, compatible with the player's favourite: what its video m-line will carry."""
+    video_codec: RTCRtpCodecParameters | None
+    """Ours, compatible with the player's favourite: what its video m-line will carry. None:
+    the player offered audio only (a listener)."""
     has_audio: bool
     has_data_channel: bool
     ice_ufrag: str
@@ -216,12 +217,13 @@ def parse_offer(text: str) -> Offer:
     parsed = _parse(sdp, "offer")
     videos = [m for m in parsed.media if m.kind == "video"]
     audios = [m for m in parsed.media if m.kind == "audio"]
-    if not videos:
-        raise BadSDP("the offer has no video m-line; a WHEP player must offer to receive video")
+    if not videos and not audios:
+        raise BadSDP("the offer has neither a video nor an audio m-line; a WHEP player must "
+                     "offer to receive one or both")
     if len(videos) > 1 or len(audios) > 1:
         raise BadSDP("the offer must have at most one video and one audio m-line")
-    video_codec = preferred_video_codec(videos[0].rtp.codecs)
-    if video_codec is None:
+    video_codec = preferred_video_codec(videos[0].rtp.codecs) if videos else None
+    if videos and video_codec is None:
         untrimmed = next(m for m in _parse(full, "offer").media if m.kind == "video")
         offered = sorted({c.mimeType for c in untrimmed.rtp.codecs}) or ["none"]
         raise UnsupportedCodec("the offer accepts neither VP8 nor H.264 (constrained baseline, "

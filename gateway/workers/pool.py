@@ -122,7 +122,7 @@ class RemoteViewer:
 
     async def negotiate(self, offer: Offer, on_microphone: Callable[[av.AudioFrame],
                         Awaitable[None]] | None = None) -> str:
-        self.video_codec = offer.video_codec.name.lower()
+        self.video_codec = offer.video_codec.name.lower() if offer.video_codec else ""
         answer: str = await self.worker.call("answer", self.session_id, self.id, self.client,
                                              offer, self._listen(on_microphone))
         return answer
