@@ -1,4 +1,5 @@
-"""WHEP endpoints (RFC 9725 mechanics, draft-ietf-wish-whep): POST offer, PATCH trickle, DELETE."""
+"""WHEP endpoints (draft-ietf-wish-whep; HTTP rules shared with WHIP, RFC 9725): POST offer,
+PATCH trickle, DELETE."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ async def patch_viewer(request: web.Request) -> web.Response:
     if request.content_type != SDPFRAG_TYPE:
         raise UnsupportedMediaType(f"trickle ICE must be sent as {SDPFRAG_TYPE}, "
                                    f"not {request.content_type or 'no Content-Type'}")
-    # RFC 9725 4.3.1: If-Match names the ICE session; "*" is used by ICE restarts.
+    # WHIP (RFC 9725) 4.3.1, which WHEP follows: If-Match names the ICE session; "*" is used by ICE restarts.
     if_match = request.headers.get("If-Match")
     if if_match not in (None, "*", f'"{viewer.etag}"', viewer.etag):
         raise PreconditionFailed("If-Match does not match this viewer's ETag")

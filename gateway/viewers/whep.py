@@ -1,4 +1,5 @@
-"""WHEP mechanics (RFC 9725 / draft-ietf-wish-whep) that are independent of HTTP handling:
+"""WHEP mechanics (draft-ietf-wish-whep, which takes its HTTP rules from WHIP, RFC 9725) that
+are independent of HTTP handling:
 offer validation, trickle-ICE SDP fragments (RFC 8840), ETags and ICE-server ``Link`` headers.
 """
 
@@ -352,7 +353,7 @@ def browser_ice_servers(urls: Iterable[str], username: str = "",
 
 
 def link_headers(urls: Iterable[str], username: str = "", credential: str = "") -> list[str]:
-    """``Link: <url>; rel="ice-server"`` values (RFC 9725 section 4.6); TURN gets credentials."""
+    """``Link: <url>; rel="ice-server"`` values (WHIP, RFC 9725 section 4.6, as WHEP uses it); TURN gets credentials."""
     out = []
     for url in urls:
         value = f'<{url}>; rel="ice-server"'

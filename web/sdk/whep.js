@@ -1,4 +1,4 @@
-// A WHEP player (RFC 9725): one RTCPeerConnection that receives a session's video and audio,
+// A WHEP player (draft-ietf-wish-whep; RFC 9725 is WHIP, whose HTTP rules it shares): one RTCPeerConnection that receives a session's video and audio,
 // optionally sends a microphone on the same audio m-line, and reads JSON events from an
 // "events" data channel. Generic: it knows nothing about avatars beyond the channel's label.
 // No build step: import it as an ES module.
