@@ -370,7 +370,7 @@ def _gateway_paths(settings: Settings) -> dict[str, Schema]:
                          "tracks, no data). A viewer token of the session may ask."))},
         f"{base}/whep": {"parameters": [SESSION_ID], "post": _op(
             "Create a WHEP viewer", "whep",
-            {"201": {"description": "The SDP answer (WHEP, draft-ietf-wish-whep).", "content": sdp, "headers": {
+            {"201": {"description": "The SDP answer (WHEP).", "content": sdp, "headers": {
                 "Location": {"schema": _str()}, "ETag": {"schema": _str()},
                 "Link": {"schema": _str(), "description": "ICE servers, rel=\"ice-server\"."}}}},
             body={"required": True, "content": sdp})},

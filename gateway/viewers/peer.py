@@ -249,7 +249,8 @@ class Viewer:
         self._metrics.time_to_first_frame.observe(time.monotonic() - self.created)
 
     async def add_candidates(self, fragment: SdpFragment) -> None:
-        """Trickle ICE from the viewer (PATCH). aiortc cannot restart ICE: WHEP (as WHIP, RFC 9725) says 422."""
+        """Trickle ICE from the viewer (PATCH). aiortc cannot restart ICE: WHEP (like WHIP,
+        RFC 9725) says 422."""
         if fragment.ice_ufrag is not None and fragment.ice_ufrag != self._remote_ufrag:
             raise Unprocessable("ICE restart is not supported; start a new WHEP session")
         total = self._remote_candidates + len(fragment.candidates)

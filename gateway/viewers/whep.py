@@ -353,7 +353,7 @@ def browser_ice_servers(urls: Iterable[str], username: str = "",
 
 
 def link_headers(urls: Iterable[str], username: str = "", credential: str = "") -> list[str]:
-    """``Link: <url>; rel="ice-server"`` values (WHIP, RFC 9725 section 4.6, as WHEP uses it); TURN gets credentials."""
+    """``Link: <url>; rel="ice-server"`` values (WHIP, RFC 9725 4.6, as in WHEP); TURN gets credentials."""
     out = []
     for url in urls:
         value = f'<{url}>; rel="ice-server"'
