@@ -29,7 +29,7 @@ from .api.openapi import setup_openapi
 from .api.persona import SEED_SESSIONS, SeedSessions
 from .auth import OPEN, bearer, check, required_role
 from .config import Settings
-from .errors import GatewayError, RateLimited
+from .errors import GatewayError, RateLimited, Unauthorized
 from .loop_load import LoopLoad
 from .ratelimit import RateLimiter, retry_after
 from .services import Services
@@ -173,6 +173,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[PRINCIPAL] = OPEN
     else:
         principal = request.app[TOKENS].principal(bearer(request))
+        cluster = request.app[SESSIONS].cluster  # revoked on another replica?
+        if principal.token_id and cluster and await cluster.is_revoked(principal.token_id):
+            raise Unauthorized("the token has been revoked")
         check(principal, needed, request)
         request[PRINCIPAL] = principal
     return await handler(request)

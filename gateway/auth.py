@@ -51,6 +51,8 @@ class Principal:
     session_id: str | None = None
     """A viewer's one session; ``None`` for controllers and admins (every session)."""
     expires: float | None = None
+    token_id: str | None = None
+    """A minted token's ``jti``: what revoking it names."""
 
     def may_watch(self, session_id: str) -> bool:
         return self.role >= Role.CONTROLLER or self.session_id == session_id
@@ -72,6 +74,8 @@ class TokenAuthority:
         self._key = secret.encode() if secret else secrets.token_bytes(32)
         self.enabled = bool(self._api_token or self._admin_token)
         self.max_ttl = settings.max_token_ttl
+        self._revoked: dict[str, float] = {}
+        """Revoked token ids -> their expiry (after which they are refused anyway)."""
 
     def mint(self, role: Role, session_id: str | None, ttl: float) -> tuple[str, float]:
         """A signed token and its expiry (unix time)."""
@@ -119,7 +123,19 @@ class TokenAuthority:
             raise Unauthorized("the token is not valid")
         if expires <= time.time():
             raise Unauthorized("the token has expired")
-        return Principal(role, session_id if role is Role.VIEWER else None, expires)
+        token_id = payload.get("jti")
+        token_id = token_id if isinstance(token_id, str) else None
+        if token_id is not None and token_id in self._revoked:
+            raise Unauthorized("the token has been revoked")
+        return Principal(role, session_id if role is Role.VIEWER else None, expires, token_id)
+
+    def revoke(self, principal: Principal) -> None:
+        """Refuse this minted token from now on, here (replicas share it through Redis)."""
+        if principal.token_id is None or principal.expires is None:
+            raise ValueError("only minted tokens can be revoked")
+        now = time.time()
+        self._revoked = {k: v for k, v in self._revoked.items() if v > now}
+        self._revoked[principal.token_id] = principal.expires
 
     def _sign(self, body: str) -> bytes:
         return hmac.new(self._key, body.encode(), hashlib.sha256).digest()

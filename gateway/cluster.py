@@ -15,6 +15,8 @@ process's). Redis holds what the others need:
     a place is taken atomically (one script: count and add) before a provider is called.
 ``avatargw:rate:<client>`` (hash with expiry)
     A client's request budget (token bucket), spent atomically by whichever replica it calls.
+``avatargw:revoked:<token id>`` (string with expiry)
+    A revoked token, refused everywhere until it would have expired anyway.
 ``avatargw:reaped:<session id>`` (string with expiry)
     Taken with ``SET NX`` by the one replica that stops a dead replica's provider session: a
     session is reaped exactly once, however many replicas notice.
@@ -32,6 +34,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -164,6 +167,21 @@ class Cluster:
         except RedisError:
             return None
         return float(wait)
+
+    async def revoke(self, token_id: str, expires: float) -> None:
+        """A revoked token is refused by every replica until it would have expired."""
+        seconds = max(1, math.ceil(expires - time.time()))
+        try:
+            await self._redis.set(f"{PREFIX}revoked:{token_id}", "1", ex=seconds)
+        except RedisError as exc:
+            raise UpstreamUnavailable(f"the revocation could not reach the other replicas "
+                                      f"(Redis: {exc}); try again") from None
+
+    async def is_revoked(self, token_id: str) -> bool:
+        try:
+            return bool(await self._redis.exists(f"{PREFIX}revoked:{token_id}"))
+        except RedisError:
+            return False  # this replica's own list still applies
 
     async def publish(self) -> None:
         """Write this replica's sessions now (a new one; the lease refresh does it anyway)."""

@@ -213,3 +213,27 @@ def test_a_public_bind_needs_a_token_of_some_kind() -> None:
         Settings.from_env({}, host="0.0.0.0")
     assert Settings.from_env({}, host="0.0.0.0", admin_token="a").admin_token
     assert Settings.from_env({}, host="0.0.0.0", allow_insecure=True).allow_insecure
+
+
+async def test_a_revoked_token_is_refused(gateway: Client) -> None:
+    session_id = await new_session(gateway)
+    viewer = (await mint(gateway, CONTROLLER, session_id=session_id))["token"]
+    controller = (await mint(gateway, ADMIN, role="controller"))["token"]
+    assert await status(gateway, "GET", f"/v1/sessions/{session_id}", bearer(viewer)) == 200
+    # A controller revokes a viewer token (a share link that leaked)...
+    revoked = await gateway.post("/v1/tokens/revoke", json={"token": viewer}, headers=CONTROLLER)
+    body = await revoked.json()
+    assert revoked.status == 200 and body["role"] == "viewer" and body["session_id"] == session_id
+    response = await gateway.get(f"/v1/sessions/{session_id}", headers=bearer(viewer))
+    assert response.status == 401 and "revoked" in (await response.json())["error"]["message"]
+    # ... but not a controller token; the admin may.
+    refused = await gateway.post("/v1/tokens/revoke", json={"token": controller},
+                                 headers=CONTROLLER)
+    assert refused.status == 403
+    assert (await gateway.post("/v1/tokens/revoke", json={"token": controller},
+                               headers=ADMIN)).status == 200
+    assert await status(gateway, "GET", "/v1/sessions", bearer(controller)) == 401
+    # Configured tokens and garbage are clear 400s.
+    for token in ("ctl-token", "not-a-token", viewer):
+        response = await gateway.post("/v1/tokens/revoke", json={"token": token}, headers=ADMIN)
+        assert response.status == 400, token

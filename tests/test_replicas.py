@@ -252,3 +252,23 @@ async def test_a_client_has_one_request_budget_across_replicas(
         # Alternating replicas: each alone would allow 4; together they allow 4.
         statuses = [(await call("GET", (a, b)[i % 2].url + "/v1/catalog"))[0] for i in range(8)]
         assert statuses[:4] == [200] * 4 and statuses[4:] == [429] * 4, statuses
+
+
+@needs_redis
+async def test_a_token_revoked_on_one_replica_is_refused_by_the_others(
+        sim: tuple[Any, Ledger], redis_server: RedisServer, tmp_path: Path) -> None:
+    server, _ = sim
+    admin = {"Authorization": "Bearer adm-token"}
+    async with replicas(server, redis_server, tmp_path, "a", "b", api_token="ctl-token",
+                        admin_token="adm-token", token_secret="shared-secret") as (a, b):
+        status, minted, _ = await call("POST", a.url + "/v1/tokens", headers=admin,
+                                       json={"role": "controller"})
+        assert status == 201, minted
+        token = {"Authorization": f"Bearer {minted['token']}"}
+        assert (await call("GET", b.url + "/v1/sessions", headers=token))[0] == 200
+        status, _, _ = await call("POST", a.url + "/v1/tokens/revoke", headers=admin,
+                                  json={"token": minted["token"]})
+        assert status == 200
+        for gateway in (a, b):
+            status, body, _ = await call("GET", gateway.url + "/v1/sessions", headers=token)
+            assert status == 401 and "revoked" in body["error"]["message"], gateway.url

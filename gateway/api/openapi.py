@@ -333,6 +333,16 @@ def _gateway_paths(settings: Settings) -> dict[str, Schema]:
             description=("A viewer token watches one session (WHEP, its events, its JSON) until it "
                          "expires; a controller may mint those. A controller token (admin only) "
                          "drives every session. 401: no valid token; 403: a role that may not."))},
+        "/v1/tokens/revoke": {"post": _op(
+            "Revoke a token", "auth", {"200": _json(_obj({
+                "revoked": {"const": True}, "role": _str(enum=["viewer", "controller"]),
+                "session_id": {"type": ["string", "null"]}, "expires_at": {"type": "number"}},
+                ("revoked", "role", "session_id", "expires_at")))},
+            body=_body(_obj({"token": _str(minLength=1)}, ("token",))),
+            description=("A minted token is refused from now on (on every replica), until it "
+                         "would have expired anyway. A controller revokes viewer tokens; the "
+                         "admin also controller tokens. 400 for a token that does not work now "
+                         "or a configured one."))},
         "/v1/catalog": {"get": _op(
             "Catalog", "sessions", {"200": _json(_ref("Catalog"))},
             description="Upstreams, their avatars and voices, and the quality tiers.")},

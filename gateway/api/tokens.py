@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .. import livekit_out
 from ..auth import Role
-from ..errors import BadRequest, Conflict, Forbidden
+from ..errors import BadRequest, Conflict, Forbidden, Unauthorized
 from .common import SESSIONS, SETTINGS, TOKENS, optional_str, principal, read_json
 
 routes = web.RouteTableDef()
@@ -48,6 +48,34 @@ async def mint_token(request: web.Request) -> web.Response:
         # In the fragment: it never reaches a server log or a Referer header.
         body["watch_url"] = f"/web/viewer.html?session={session_id}#token={token}"
     return web.json_response(body, status=201)
+
+
+@routes.post("/v1/tokens/revoke")
+async def revoke_token(request: web.Request) -> web.Response:
+    """``{"token": "..."}``: that minted token is refused from now on, on every replica. A
+    controller revokes viewer tokens (a share link that leaked); controller tokens need the
+    admin token."""
+    data = await read_json(request)
+    token = optional_str(data, "token")
+    if not token:
+        raise BadRequest("'token' (the minted token to revoke) is required")
+    authority = request.app[TOKENS]
+    try:
+        target = authority.principal(token)
+    except Unauthorized as exc:
+        raise BadRequest(f"that is not a token that works now: {exc.message}") from None
+    if target.token_id is None or target.expires is None:
+        raise BadRequest("configured tokens (API_TOKEN, ADMIN_TOKEN) cannot be revoked: "
+                         "change them")
+    if target.role >= Role.CONTROLLER and principal(request).role < Role.ADMIN:
+        raise Forbidden("only the admin token may revoke controller tokens")
+    authority.revoke(target)
+    cluster = request.app[SESSIONS].cluster
+    if cluster is not None:
+        await cluster.revoke(target.token_id, target.expires)
+    return web.json_response({"revoked": True, "role": target.role.label,
+                              "session_id": target.session_id,
+                              "expires_at": round(target.expires, 3)})
 
 
 @routes.post("/v1/sessions/{session_id}/livekit-token")
