@@ -426,15 +426,27 @@ class ClientConnection:
             logger.warning("%s sends a %s track it did not announce; ignored", repr(self), track.kind)
             self._spawn(_drain(track), "sim-drain")
             return
-        logger.info("%s publishes %s track %s", repr(self), track.kind, info.sid)
         audio = track.kind == "audio"
+        codec = self._negotiated_codec(track) or info.mime_type.partition("/")[2]
+        info.mime_type = f"{track.kind}/{codec}"
+        logger.info("%s publishes %s track %s (%s)", repr(self), track.kind, info.sid, codec)
         frames = TrackFanout(track.kind, AUDIO_QUEUE if audio else VIDEO_QUEUE)
-        publication = Publication(self.sid, info, info.mime_type.partition("/")[2], frames)
+        publication = Publication(self.sid, info, codec, frames)
         self._publications[info.sid] = publication
         self._room.tracks_changed(self)
         pump = (self._room.read_microphone(self.identity, track, frames) if audio
                 else _forward(track, frames))
         self._spawn(self._publish(track, publication, pump), f"sim-publish-{track.kind}")
+
+    def _negotiated_codec(self, track: MediaStreamTrack) -> str | None:
+        """What the client sends the track in: the first codec of its m-line's answer (the
+        SDKs do not always name it in the AddTrackRequest)."""
+        pc = self._publisher
+        for transceiver in pc.getTransceivers() if pc is not None else ():
+            if transceiver.receiver.track is track:
+                codecs = [c for c in transceiver._codecs if c.name.lower() != "rtx"]
+                return codecs[0].name if codecs else None
+        return None
 
     def _end_unpublished(self, pc: RTCPeerConnection) -> None:
         """A LiveKit client unpublishes by renegotiating its m-line to stop sending (aiortc

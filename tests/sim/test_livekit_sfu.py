@@ -179,3 +179,36 @@ async def test_a_hidden_participant_is_not_seen(livekit: LiveKitRig,
     await asyncio.sleep(0.3)
     assert "relay" not in visible.room.remote_participants
     assert list(late.room.remote_participants) == ["visible"]
+
+
+@needs_netns
+async def test_h264_published_by_one_client_reaches_another(livekit: LiveKitRig,
+                                                            sdk_client: SdkFactory) -> None:
+    publisher = await sdk_client("publisher")
+    viewer = await sdk_client("viewer", can_publish=False)
+    source = rtc.VideoSource(WIDTH, HEIGHT)
+    track = rtc.LocalVideoTrack.create_video_track("camera", source)
+    options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA,
+                                      video_codec=rtc.VideoCodec.H264, simulcast=False)
+    async with asyncio.timeout(TIMEOUT):
+        await publisher.room.local_participant.publish_track(track, options)
+    room = livekit.server.room("room-1")
+    assert room is not None
+
+    async def feed_frames() -> None:
+        index = 0
+        while True:
+            source.capture_frame(rtc.VideoFrame(WIDTH, HEIGHT, rtc.VideoBufferType.RGB24,
+                                                picture(index).tobytes()))
+            index += 1
+            await asyncio.sleep(1 / FPS)
+
+    feeding = asyncio.get_running_loop().create_task(feed_frames())
+    try:
+        await viewer.wait_for(lambda: viewer.video.frames >= 30)
+    finally:
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+    assert viewer.video.sizes == {(WIDTH, HEIGHT)}
+    assert [p.codec for p in room.publications()] == ["H264"]
