@@ -137,3 +137,26 @@ async def test_a_controllers_microphone_reaches_the_local_avatar_through_the_roo
         assert heard()[0] == "user_start"
     finally:
         await controller.close()
+
+
+@needs_netns
+async def test_the_publisher_comes_back_after_the_operators_room_drops(
+        livekit_gateway: Client, operator_livekit: OperatorLiveKit) -> None:
+    gateway = livekit_gateway
+    session = await livekit_session(gateway)
+    room = operator_livekit.server.room(session["livekit"]["room"])
+    assert room is not None
+    grant = await (await gateway.post(session["livekit"]["token_url"])).json()
+    viewer = SdkClient(grant["url"], grant["token"])
+    await viewer.connect()
+    try:
+        await viewer.wait_for(lambda: viewer.video.frames >= 30)
+        # Every signaling socket and peer connection of the room cut at once (no goodbye):
+        # the SDKs rejoin, the gateway republishes, the viewer sees the avatar again.
+        await room.drop_clients()
+        before = viewer.video.frames
+        await viewer.wait_for(lambda: viewer.video.frames >= before + 60, timeout=60)
+        assert PUBLISHER_IDENTITY in room.clients
+        assert len(room.publications()) == 2
+    finally:
+        await viewer.close()
