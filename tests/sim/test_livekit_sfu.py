@@ -30,11 +30,16 @@ def picture(index: int) -> np.ndarray:
 
 
 @contextlib.asynccontextmanager
-async def camera(client_room: rtc.Room) -> AsyncIterator[rtc.LocalTrackPublication]:
-    """Publish a raw camera track (the SDK encodes it) and feed it at 30 fps."""
+async def camera(client_room: rtc.Room, codec: rtc.VideoCodec.ValueType | None = None
+                 ) -> AsyncIterator[rtc.LocalTrackPublication]:
+    """Publish a raw camera track (the SDK encodes it, in ``codec`` if given) and feed it at
+    30 fps."""
     source = rtc.VideoSource(WIDTH, HEIGHT)
     track = rtc.LocalVideoTrack.create_video_track("camera", source)
     options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
+    if codec is not None:
+        options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA,
+                                          video_codec=codec, simulcast=False)
     async with asyncio.timeout(TIMEOUT):
         publication = await client_room.local_participant.publish_track(track, options)
 
@@ -186,29 +191,9 @@ async def test_h264_published_by_one_client_reaches_another(livekit: LiveKitRig,
                                                             sdk_client: SdkFactory) -> None:
     publisher = await sdk_client("publisher")
     viewer = await sdk_client("viewer", can_publish=False)
-    source = rtc.VideoSource(WIDTH, HEIGHT)
-    track = rtc.LocalVideoTrack.create_video_track("camera", source)
-    options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA,
-                                      video_codec=rtc.VideoCodec.H264, simulcast=False)
-    async with asyncio.timeout(TIMEOUT):
-        await publisher.room.local_participant.publish_track(track, options)
     room = livekit.server.room("room-1")
     assert room is not None
-
-    async def feed_frames() -> None:
-        index = 0
-        while True:
-            source.capture_frame(rtc.VideoFrame(WIDTH, HEIGHT, rtc.VideoBufferType.RGB24,
-                                                picture(index).tobytes()))
-            index += 1
-            await asyncio.sleep(1 / FPS)
-
-    feeding = asyncio.get_running_loop().create_task(feed_frames())
-    try:
+    async with camera(publisher.room, rtc.VideoCodec.H264):
         await viewer.wait_for(lambda: viewer.video.frames >= 30)
-    finally:
-        feeding.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feeding
     assert viewer.video.sizes == {(WIDTH, HEIGHT)}
     assert [p.codec for p in room.publications()] == ["H264"]
