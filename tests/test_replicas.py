@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
 import pytest
 import redis.asyncio as aioredis
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from pytest_aiohttp import AiohttpServer
+from yarl import URL
 
 from gateway.sim.app import create_sim_app
 from gateway.sim.config import SimSettings
@@ -106,6 +109,37 @@ async def call(method: str, url: str, **kwargs: Any) -> tuple[int, Any, aiohttp.
         return response.status, body, response
 
 
+async def watch_through(whep_url: str, owner: str) -> None:
+    """An aiortc player POSTs its offer to ``whep_url``, follows the redirect to ``owner`` and
+    decodes a video frame."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: list[MediaStreamTrack] = []
+    pc.on("track", tracks.append)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http, http.post(
+                whep_url, data=pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"}) as response:
+            answer = await response.text()
+            assert response.status == 201, answer
+            assert str(response.url).startswith(owner)  # answered by the owner
+            location = response.headers["Location"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        async with asyncio.timeout(TIMEOUT):
+            while not any(t.kind == "video" for t in tracks):
+                await asyncio.sleep(0.05)
+            video = next(t for t in tracks if t.kind == "video")
+            frame = await video.recv()
+        assert isinstance(frame, av.VideoFrame) and frame.width > 0
+        async with aiohttp.ClientSession() as http, http.delete(
+                str(response.url.join(URL(location)))) as deleted:
+            assert deleted.status == 200
+    finally:
+        await pc.close()
+
+
 async def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
     async with asyncio.timeout(timeout):
         while not await predicate():
@@ -144,17 +178,15 @@ async def test_a_session_on_one_replica_is_served_by_the_other(
                         break
             kinds = [e["type"] for e in seen if e.get("task_id") == spoken["task_id"]]
             assert kinds[0] == "avatar_start_talking" and kinds[-1] == "avatar_stop_talking"
-        # WHEP through B: redirected to A, which answers.
+        # WHEP through B: redirected to A, which answers; a real peer following the redirect
+        # (as a player's fetch does) plays the avatar.
         offer = minimal_offer()
         status, _, response = await call(
             "POST", f"{b.url}/v1/sessions/{session_id}/whep", data=offer,
             headers={"Content-Type": "application/sdp"}, allow_redirects=False)
         assert status == 307
-        location = response.headers["Location"]
-        assert location == f"{a.url}/v1/sessions/{session_id}/whep"
-        status, answer, response = await call("POST", location, data=offer,
-                                              headers={"Content-Type": "application/sdp"})
-        assert status == 201 and answer.startswith("v=0")
+        assert response.headers["Location"] == f"{a.url}/v1/sessions/{session_id}/whep"
+        await watch_through(f"{b.url}/v1/sessions/{session_id}/whep", a.url)
         # Deleted through B: the provider session is stopped, and both forget it.
         status, _, _ = await call("DELETE", f"{b.url}/v1/sessions/{session_id}")
         assert status == 200
