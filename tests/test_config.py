@@ -59,6 +59,13 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
         ({"AVATAR_GATEWAY_MAX_VIEWER_LOAD": "0"}, "max_viewer_load must be a share"),
         ({"AVATAR_GATEWAY_ALLOW_INSECURE": "maybe"}, "ALLOW_INSECURE"),
         ({"AVATAR_GATEWAY_API_TOKEN_FILE": "/nonexistent/token"}, "cannot read"),
+        ({"AVATAR_GATEWAY_DISTRIBUTION": "carrier-pigeon"}, "distribution must be"),
+        ({"AVATAR_GATEWAY_DISTRIBUTION": "livekit"}, "needs the operator's LiveKit"),
+        ({"AVATAR_GATEWAY_LIVEKIT_URL": "wss://lk.example.org"}, "needs all of"),
+        ({"AVATAR_GATEWAY_LIVEKIT_URL": "lk.example.org", "AVATAR_GATEWAY_LIVEKIT_API_KEY": "k",
+          "AVATAR_GATEWAY_LIVEKIT_API_SECRET": "s"}, "ws"),
+        ({"AVATAR_GATEWAY_REDIS_URL": "localhost:6379"}, "redis://"),
+        ({"AVATAR_GATEWAY_REPLICA_LEASE_TTL": "0"}, "replica_lease_ttl must be positive"),
     ],
 )
 def test_bad_values_are_explained(env: dict[str, str], needle: str) -> None:

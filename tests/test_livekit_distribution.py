@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -13,8 +14,10 @@ from aiohttp.test_utils import TestClient
 from livekit import rtc
 
 from gateway.api.common import SESSIONS
+from gateway.app import create_app
 from gateway.livekit_out import EVENTS_TOPIC, PUBLISHER_IDENTITY
 
+from .conftest import ClientFactory, make_settings
 from .livekit_rig import OperatorLiveKit, livekit_gateway, livekit_session, operator_livekit
 from .sim.conftest import needs_netns
 from .sim.sdk_client import TIMEOUT, SdkClient, feed
@@ -160,3 +163,20 @@ async def test_the_publisher_comes_back_after_the_operators_room_drops(
         assert len(room.publications()) == 2
     finally:
         await viewer.close()
+
+
+async def test_an_unreachable_operator_livekit_fails_the_start_cleanly(
+        aiohttp_client: ClientFactory) -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings = make_settings(livekit_url=f"ws://127.0.0.1:{port}", livekit_api_key="k",
+                             livekit_api_secret="secret-at-least-32-characters-long-xx")
+    client = await aiohttp_client(create_app(settings))
+    response = await client.post("/v1/sessions", json={"distribution": "livekit",
+                                                       "quality": "low"})
+    body = await response.json()
+    assert response.status == 503, body
+    assert "operator's LiveKit" in body["error"]["message"] and str(port) in body["error"]["message"]
+    assert client.app[SESSIONS].list() == []
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("livekit-")] == []
