@@ -10,9 +10,11 @@ process's). Redis holds what the others need:
     The replica's lease: refreshed every ``lease_ttl / 3``; gone ``lease_ttl`` after a replica
     died. Each refresh also rewrites the replica's own session records, so a restarted (empty)
     Redis is whole again within one refresh.
-``avatargw:paid`` (set)
-    Session ids holding one of the ``max_upstream_sessions`` paid places, across every replica;
-    a place is taken atomically (one script: count and add) before a provider is called.
+``avatargw:paid`` (hash)
+    Session id -> owner replica, for the ``max_upstream_sessions`` paid places across every
+    replica; a place is taken atomically (one script: count and add) before a provider is
+    called, and a dead replica's places are given back, even those of sessions it never
+    finished creating.
 ``avatargw:rate:<client>`` (hash with expiry)
     A client's request budget (token bucket), spent atomically by whichever replica it calls.
 ``avatargw:revoked:<token id>`` (string with expiry)
@@ -54,11 +56,11 @@ PAID = PREFIX + "paid"
 REAP_CLAIM_TTL = 3600
 """Seconds a reap claim stays: long past any retry of the stop it guards."""
 
-# KEYS[1] the paid set; ARGV[1] the session id, ARGV[2] the limit. 1: taken, 0: full.
+# KEYS[1] the paid places; ARGV the session id, the limit, the owner. 1: taken, 0: full.
 _TAKE_PLACE = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
@@ -118,7 +120,8 @@ class Cluster:
         try:
             await self._refresh()
         except RedisError as exc:
-            raise UpstreamUnavailable(f"Redis ({self._redis}) cannot be reached: {exc}") from None
+            raise UpstreamUnavailable(f"Redis (AVATAR_GATEWAY_REDIS_URL) cannot be reached: "
+                                      f"{exc}") from None
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster")
         logger.info("replica %s (%s) joined the cluster", self.replica, self.url)
 
@@ -135,7 +138,8 @@ class Cluster:
     async def take_paid_place(self, session_id: str, limit: int) -> None:
         """Hold one of the cluster's ``limit`` paid places for ``session_id``, or raise."""
         try:
-            taken = await self._redis.eval(_TAKE_PLACE, 1, PAID, session_id, limit)
+            taken = await self._redis.eval(_TAKE_PLACE, 1, PAID, session_id, limit,
+                                           self.replica)
         except RedisError as exc:
             raise UpstreamUnavailable(f"the cluster's paid-session count is unreachable "
                                       f"(Redis: {exc}); try again") from None
@@ -194,7 +198,7 @@ class Cluster:
         with contextlib.suppress(RedisError):
             async with self._redis.pipeline(transaction=True) as pipe:
                 _ = pipe.hdel(SESSIONS, session_id)
-                _ = pipe.srem(PAID, session_id)
+                _ = pipe.hdel(PAID, session_id)
                 await pipe.execute()
 
     async def remote(self, session_id: str) -> Remote | None:
@@ -238,7 +242,7 @@ class Cluster:
             if records:
                 _ = pipe.hset(SESSIONS, mapping=cast(Any, records))
             if self._paid:
-                _ = pipe.sadd(PAID, *self._paid)
+                _ = pipe.hset(PAID, mapping=cast(Any, dict.fromkeys(self._paid, self.replica)))
             await pipe.execute()
 
     async def _run(self) -> None:
@@ -252,13 +256,16 @@ class Cluster:
                 logger.warning("cluster: Redis unreachable (%s); retrying in %.1f s", exc, period)
 
     async def _reap_dead(self) -> None:
-        """Stop the provider sessions of replicas whose lease ran out; forget their sessions."""
+        """Stop the provider sessions of replicas whose lease ran out; forget their sessions
+        and give back their paid places."""
         records = cast(dict[str, str], await self._redis.hgetall(SESSIONS))
-        owners = {json.loads(text)["owner"] for text in records.values()} - {self.replica}
-        alive = {owner for owner in owners if await self._redis.exists(self._lease_key(owner))}
+        places = cast(dict[str, str], await self._redis.hgetall(PAID))
+        owners = ({json.loads(text)["owner"] for text in records.values()}
+                  | set(places.values())) - {self.replica}
+        dead = {owner for owner in owners if not await self._redis.exists(self._lease_key(owner))}
         for session_id, text in records.items():
             record = json.loads(text)
-            if record["owner"] == self.replica or record["owner"] in alive:
+            if record["owner"] not in dead:
                 continue
             claim = f"{PREFIX}reaped:{session_id}"
             if not await self._redis.set(claim, self.replica, nx=True, ex=REAP_CLAIM_TTL):
@@ -272,6 +279,10 @@ class Cluster:
                                               float(stop["opened_at"]), stop["stop_info"]))
             async with self._redis.pipeline(transaction=True) as pipe:
                 _ = pipe.hdel(SESSIONS, session_id)
-                _ = pipe.srem(PAID, session_id)
+                _ = pipe.hdel(PAID, session_id)
                 await pipe.execute()
             self.reaped += 1
+        # Places of sessions a dead replica never finished creating (no record to reap).
+        orphans = [sid for sid, owner in places.items() if owner in dead and sid not in records]
+        if orphans:
+            await self._redis.hdel(PAID, *orphans)
