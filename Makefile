@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint lint-web pytest bench clean
+.PHONY: run test lint lint-web pytest bench clean gstreamer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,20 @@ $(DEBIAN_TOOLS):
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus redis-server; \
 	else echo "note: 'sudo apt-get install chromium prometheus redis-server' to run the tests that need them (skipped without)"; fi
 
+# A WHEP player we did not write (tests/test_gstreamer.py): GStreamer's webrtcbin from Debian,
+# driven by Debian's python3 (python3-gi), not the venv.
+GST_CHECK := /usr/bin/python3 -c "import gi; gi.require_version('GstWebRTC', '1.0'); from gi.repository import GstWebRTC"
+gstreamer:
+	@if $(GST_CHECK) 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-gi \
+	    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
+	    gstreamer1.0-nice gstreamer1.0-libav gir1.2-gst-plugins-bad-1.0; \
+	else echo "note: 'sudo apt-get install python3-gi gstreamer1.0-plugins-bad gstreamer1.0-nice gir1.2-gst-plugins-bad-1.0' for the GStreamer player test (skipped without)"; fi
+
 # WebRTC tests run inside a private network namespace (see tests/netns.sh), where no package
 # registry is reachable: the providers' own clients (npm SDKs, LiveKit's plugin) come first.
-pytest: $(STAMP) $(DEBIAN_TOOLS)
+pytest: $(STAMP) $(DEBIAN_TOOLS) gstreamer
 	$(PY) -m tests.prefetch
 	tests/netns.sh $(PY) -m pytest $(PYTEST_ARGS)
 
