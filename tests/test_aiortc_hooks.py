@@ -8,6 +8,7 @@ method, a new code path), the reaction would be missing here, not just a counter
 from __future__ import annotations
 
 import asyncio
+import logging
 import platform
 import re
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import aiortc.rtcdtlstransport
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc import RTCConfiguration, RTCRtpReceiver, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from OpenSSL import SSL
 
 from gateway.api.common import METRICS, SESSIONS
@@ -282,3 +283,43 @@ def test_another_aiortc_version_is_refused_at_import() -> None:
                             timeout=60)
     assert result.returncode != 0
     assert "written against aiortc 1.16.0, found 1.99.0" in result.stderr
+
+
+async def test_a_failed_dtls_handshake_is_logged_with_its_reason(
+        aiohttp_client: ClientFactory) -> None:
+    """Hook 9: a viewer whose certificate does not match its offer's fingerprint (what a
+    broken or hostile player looks like) fails DTLS; the gateway says so at INFO, with why,
+    and counts the viewer as ``dtls_failed`` rather than an ICE failure."""
+    client = await aiohttp_client(create_app(make_settings()))
+    created = await client.post("/v1/sessions", json={"upstream": "local"})
+    session_id = (await created.json())["id"]
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    dtls_logger = logging.getLogger("aiortc.rtcdtlstransport")
+    dtls_logger.addHandler(handler)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = re.sub(r"(a=fingerprint:sha-256 )\S+", r"\1" + ":".join(["AB"] * 32),
+                       pc.localDescription.sdp)
+        response = await client.post(f"/v1/sessions/{session_id}/whep", data=offer,
+                                     headers={"Content-Type": "application/sdp"})
+        assert response.status == 201, await response.text()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=await response.text(),
+                                                            type="answer"))
+        session = client.app[SESSIONS].get(session_id)
+        await wait_for(lambda: session.viewer_count == 0)
+    finally:
+        dtls_logger.removeHandler(handler)
+        await pc.close()
+    failures = [r for r in records if "handshake failed" in r.getMessage()]
+    assert failures and failures[0].levelno == logging.INFO, [r.getMessage() for r in records]
+    assert "fingerprint mismatch" in failures[0].getMessage()
+    metrics = client.app[METRICS]
+    assert metrics.viewer_disconnects.labels("dtls_failed")._value.get() >= 1

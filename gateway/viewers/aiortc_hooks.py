@@ -33,6 +33,7 @@ real peers, real packets).
    and the gateway may only send media after the viewer's last flight reaches it. As DTLS
    server the gateway finishes on the viewer's Finished and sends its own with the first frame
    right behind it: one inbound flight fewer (two with a cookie) per join on a busy loop.
+9. aiortc's DTLS handshake failures (and their reason) are logged at INFO.
 """
 
 from __future__ import annotations
@@ -77,6 +78,28 @@ logger = logging.getLogger(__name__)
 # PATCH) would turn the log into a flood. Its checks stay available at DEBUG.
 if logging.getLogger("aioice.ice").level == logging.NOTSET:
     logging.getLogger("aioice.ice").setLevel(logging.WARNING)
+
+
+# -- 9. DTLS failures at INFO, with the reason ------------------------------------------------
+
+
+def _dtls_failures_at_info(record: logging.LogRecord) -> bool:
+    """aiortc says why a DTLS handshake failed (no shared cipher, fingerprint mismatch, ...)
+    only at DEBUG, where nobody sees it, and its connection then just reads "failed". Its
+    DTLS logger's few DEBUG lines (none per packet) are let through to this filter; the
+    failures go on at INFO, the rest are dropped."""
+    if record.levelno >= logging.INFO:
+        return True
+    if "handshake failed" in str(record.msg):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+    return False
+
+
+_DTLS_LOGGER = logging.getLogger("aiortc.rtcdtlstransport")
+if _DTLS_LOGGER.level == logging.NOTSET:
+    _DTLS_LOGGER.setLevel(logging.DEBUG)
+    _DTLS_LOGGER.addFilter(_dtls_failures_at_info)
 
 
 # -- 1. the sender takeover -----------------------------------------------------------------

@@ -324,8 +324,11 @@ class Viewer:
         self._metrics.viewer_ice_transitions.labels(state).inc()
         if state == "connected" and self._state == "connecting":
             self._set_state("connected")
-        elif state in ("failed", "closed"):
-            self.close_soon("ice_failed" if state == "failed" else "closed")
+        elif state == "failed":
+            dtls = {t.receiver.transport.state for t in self._pc.getTransceivers()}
+            self.close_soon("dtls_failed" if "failed" in dtls else "ice_failed")
+        elif state == "closed":
+            self.close_soon("closed")
 
     def _set_state(self, state: str) -> None:
         if self._state in ("connecting", "connected"):
