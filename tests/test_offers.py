@@ -215,3 +215,41 @@ async def test_an_audio_only_player_hears_the_avatar(client: Client, session_id:
         assert (await client.delete(response.headers["Location"])).status == 200
     finally:
         await pc.close()
+
+
+async def test_a_trickle_only_player_plays(client: Client, session_id: str) -> None:
+    """A player that offers no candidate at all and trickles them afterwards in PATCHes
+    without If-Match (as some WHEP players do) connects and gets video."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    tracks: list[MediaStreamTrack] = []
+    pc.on("track", tracks.append)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        full = pc.localDescription.sdp
+        candidates = [line for line in full.splitlines() if line.startswith("a=candidate:")]
+        assert candidates
+        bare = "\r\n".join(line for line in full.splitlines()
+                           if not line.startswith(("a=candidate:", "a=end-of-candidates"))) + "\r\n"
+        response = await client.post(f"/v1/sessions/{session_id}/whep", data=bare, headers=SDP)
+        answer = await response.text()
+        assert response.status == 201, answer
+        location = response.headers["Location"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        ufrag = next(x for x in full.splitlines() if x.startswith("a=ice-ufrag:"))
+        pwd = next(x for x in full.splitlines() if x.startswith("a=ice-pwd:"))
+        for candidate in candidates:  # one PATCH each, no If-Match
+            fragment = f"{ufrag}\r\n{pwd}\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n{candidate}\r\n"
+            patched = await client.patch(location, data=fragment, headers=FRAG)
+            assert patched.status == 204, await patched.text()
+        ended = await client.patch(location, data="a=end-of-candidates\r\n", headers=FRAG)
+        assert ended.status == 204
+        async with asyncio.timeout(20):
+            while not any(t.kind == "video" for t in tracks):
+                await asyncio.sleep(0.05)
+            frame = await next(t for t in tracks if t.kind == "video").recv()
+        assert isinstance(frame, av.VideoFrame) and frame.width > 0
+        assert (await client.delete(location)).status == 200
+    finally:
+        await pc.close()
