@@ -5,6 +5,7 @@ candidates named by mDNS are resolved after the answer, never before it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from gateway.api.common import SESSIONS
+from gateway.api.common import METRICS, SESSIONS
+from gateway.app import create_app
 from gateway.viewers.peer import Viewer
 from gateway.viewers.whep import parse_offer
 
+from .conftest import ClientFactory, make_settings
 from .rtc_client import minimal_offer
 
 Client = TestClient[Any, Any]
@@ -253,3 +256,30 @@ async def test_a_trickle_only_player_plays(client: Client, session_id: str) -> N
         assert (await client.delete(location)).status == 200
     finally:
         await pc.close()
+
+
+async def test_a_viewer_that_never_connects_is_logged_with_the_candidates_seen(
+        aiohttp_client: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """A player that offers and then goes silent (its network cannot reach the gateway, or a
+    browser that ignores 127.0.0.1): the gateway says so at INFO with what each side offered,
+    instead of a viewer that silently never plays."""
+    client = await aiohttp_client(create_app(make_settings(viewer_connect_timeout=2.0)))
+    created = await client.post("/v1/sessions", json={"upstream": "local", "quality": "low"})
+    session_id = (await created.json())["id"]
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = pc.localDescription.sdp
+    await pc.close()  # its sockets are gone: the gateway's checks reach nobody
+    caplog.set_level(logging.INFO, logger="gateway.viewers.peer")
+    response = await client.post(f"/v1/sessions/{session_id}/whep", data=offer, headers=SDP)
+    assert response.status == 201, await response.text()
+    session = client.app[SESSIONS].get(session_id)
+    async with asyncio.timeout(30):
+        while session.viewer_count:
+            await asyncio.sleep(0.1)
+    failed = [r.getMessage() for r in caplog.records if "not connected" in r.getMessage()]
+    assert failed, [r.getMessage() for r in caplog.records]
+    assert "The viewer offered" in failed[0] and "host" in failed[0]
+    assert "the gateway offered host" in failed[0]
+    assert client.app[METRICS].viewer_disconnects.labels("connect_timeout")._value.get() == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -191,6 +192,8 @@ class Viewer:
         async def expire() -> None:
             await asyncio.sleep(timeout)
             if self._state == "connecting":
+                logger.info("viewer %s: not connected after %.0f s (ICE %s). %s", self.id,
+                            timeout, self._pc.iceConnectionState, self._candidates_seen())
                 await self.close("connect_timeout")
 
         self._watchdog = asyncio.get_running_loop().create_task(expire(), name="viewer-watchdog")
@@ -325,10 +328,29 @@ class Viewer:
         if state == "connected" and self._state == "connecting":
             self._set_state("connected")
         elif state == "failed":
-            dtls = {t.receiver.transport.state for t in self._pc.getTransceivers()}
-            self.close_soon("dtls_failed" if "failed" in dtls else "ice_failed")
+            if self._pc.iceConnectionState == "failed":  # then DTLS fails too ("connection")
+                logger.info("viewer %s: ICE failed, no candidate pair answered. %s", self.id,
+                            self._candidates_seen())
+                self.close_soon("ice_failed")
+            else:  # aiortc's reason is logged too (aiortc_hooks, hook 9)
+                self.close_soon("dtls_failed")
         elif state == "closed":
             self.close_soon("closed")
+
+    def _candidates_seen(self) -> str:
+        """What each side offered, for a person who wonders why media never flowed."""
+        transceivers = self._pc.getTransceivers()
+        if not transceivers:
+            return ""
+        ice = transceivers[0].receiver.transport.transport
+        remote = collections.Counter(
+            "mdns" if c.ip.endswith(".local") else c.type for c in ice.getRemoteCandidates())
+        local = [f"{c.type} {c.ip}" for c in ice.iceGatherer.getLocalCandidates()]
+        seen = ", ".join(f"{n} {kind}" for kind, n in sorted(remote.items())) or "none"
+        return (f"The viewer offered {seen}; the gateway offered {', '.join(local) or 'none'}. "
+                "A browser must reach one of the gateway's addresses over UDP (or a TURN "
+                "server both reach: AVATAR_GATEWAY_ICE_SERVERS); Chromium never uses "
+                "127.0.0.1.")
 
     def _set_state(self, state: str) -> None:
         if self._state in ("connecting", "connected"):
