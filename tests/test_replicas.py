@@ -260,6 +260,13 @@ async def test_replicas_recover_from_a_redis_restart(
     async with replicas(server, redis_server, tmp_path, "a", "b") as (a, b):
         created = await a.create_session()
         await redis_server.stop()
+        # While Redis is down: each replica still serves what it holds; nothing paid starts
+        # (the cluster's count cannot be checked), and the answer says so.
+        status, listing, _ = await call("GET", a.url + "/v1/sessions")
+        assert status == 200 and [s["id"] for s in listing["sessions"]] == [created["id"]]
+        status, body, _ = await call("POST", b.url + "/v1/sessions", json={"upstream": "heygen"})
+        assert status == 503 and "try again" in body["error"]["message"], body
+        assert ledger.open_count() == 1
         await redis_server.start()  # empty: no persistence
 
         async def listed_again() -> bool:
