@@ -212,6 +212,35 @@ class WhepViewer:
 H264_FMTP = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
 
 
+@dataclass
+class Player:
+    """A bare receiving peer for tests that drive WHEP by hand (redirects, trickle-only,
+    audio-only): the peer connection and the tracks it got."""
+
+    pc: RTCPeerConnection
+    tracks: list[MediaStreamTrack] = field(default_factory=list)
+
+    @classmethod
+    def receiving(cls, *kinds: str) -> Player:
+        player = cls(RTCPeerConnection(RTCConfiguration(iceServers=[])))
+        for kind in kinds:
+            player.pc.addTransceiver(kind, direction="recvonly")
+        player.pc.on("track", player.tracks.append)
+        return player
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def first_frame(self, kind: str, timeout: float = 20.0) -> av.VideoFrame | av.AudioFrame:
+        async with asyncio.timeout(timeout):
+            while not any(t.kind == kind for t in self.tracks):
+                await asyncio.sleep(0.05)
+            frame = await next(t for t in self.tracks if t.kind == kind).recv()
+        assert isinstance(frame, av.VideoFrame | av.AudioFrame)
+        return frame
+
+
 def minimal_offer(video: bool = True, audio: bool = True, video_codecs: tuple[str, ...] = ("VP8",),
                   h264_fmtp: str = H264_FMTP) -> str:
     """A syntactically complete WHEP offer without a live peer behind it (negotiation tests).

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
@@ -22,7 +22,7 @@ from gateway.viewers.peer import Viewer
 from gateway.viewers.whep import parse_offer
 
 from .conftest import ClientFactory, make_settings
-from .rtc_client import minimal_offer
+from .rtc_client import Player, minimal_offer
 
 Client = TestClient[Any, Any]
 SDP = {"Content-Type": "application/sdp"}
@@ -189,23 +189,19 @@ async def test_trickled_mdns_candidates_and_a_close_while_resolving(
 @pytest.mark.parametrize("settings", ["in-process", "two-workers"], indirect=True)
 async def test_an_audio_only_player_hears_the_avatar(client: Client, session_id: str) -> None:
     """A listener (a phone, a player that offers audio only) gets Opus and no video."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="recvonly")
-    tracks: list[MediaStreamTrack] = []
-    pc.on("track", tracks.append)
+    player = Player.receiving("audio")
+    pc, tracks = player.pc, player.tracks
     try:
-        await pc.setLocalDescription(await pc.createOffer())
         response = await client.post(f"/v1/sessions/{session_id}/whep",
-                                     data=pc.localDescription.sdp, headers=SDP)
+                                      data=await player.offer(), headers=SDP)
         answer = await response.text()
         assert response.status == 201, answer
         assert "m=video" not in answer and rtpmaps(answer, "audio") == ["opus"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         spoken = await client.post(f"/v1/sessions/{session_id}/speak", json={"text": "Hello."})
         assert spoken.status == 200
+        await player.first_frame("audio")
         async with asyncio.timeout(20):
-            while not tracks:
-                await asyncio.sleep(0.05)
             loud = 0
             while loud < 5:  # frames with the avatar's voice in them
                 frame = await tracks[0].recv()
@@ -223,13 +219,10 @@ async def test_an_audio_only_player_hears_the_avatar(client: Client, session_id:
 async def test_a_trickle_only_player_plays(client: Client, session_id: str) -> None:
     """A player that offers no candidate at all and trickles them afterwards in PATCHes
     without If-Match (as some WHEP players do) connects and gets video."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    tracks: list[MediaStreamTrack] = []
-    pc.on("track", tracks.append)
+    player = Player.receiving("video", "audio")
+    pc = player.pc
     try:
-        await pc.setLocalDescription(await pc.createOffer())
+        await player.offer()
         full = pc.localDescription.sdp
         candidates = [line for line in full.splitlines() if line.startswith("a=candidate:")]
         assert candidates
@@ -248,10 +241,7 @@ async def test_a_trickle_only_player_plays(client: Client, session_id: str) -> N
             assert patched.status == 204, await patched.text()
         ended = await client.patch(location, data="a=end-of-candidates\r\n", headers=FRAG)
         assert ended.status == 204
-        async with asyncio.timeout(20):
-            while not any(t.kind == "video" for t in tracks):
-                await asyncio.sleep(0.05)
-            frame = await next(t for t in tracks if t.kind == "video").recv()
+        frame = await player.first_frame("video")
         assert isinstance(frame, av.VideoFrame) and frame.width > 0
         assert (await client.delete(location)).status == 200
     finally:

@@ -17,7 +17,7 @@ import aiohttp
 import av
 import pytest
 import redis.asyncio as aioredis
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCSessionDescription
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
@@ -26,7 +26,7 @@ from gateway.sim.config import SimSettings
 from gateway.sim.ledger import Ledger
 
 from .cloud_rig import GatewayProcess, free_port
-from .rtc_client import minimal_offer
+from .rtc_client import Player, minimal_offer
 from .sim.conftest import needs_netns
 
 REDIS = shutil.which("redis-server")
@@ -112,32 +112,23 @@ async def call(method: str, url: str, **kwargs: Any) -> tuple[int, Any, aiohttp.
 async def watch_through(whep_url: str, owner: str) -> None:
     """An aiortc player POSTs its offer to ``whep_url``, follows the redirect to ``owner`` and
     decodes a video frame."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver("audio", direction="recvonly")
-    tracks: list[MediaStreamTrack] = []
-    pc.on("track", tracks.append)
+    player = Player.receiving("video", "audio")
     try:
-        await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http, http.post(
-                whep_url, data=pc.localDescription.sdp,
+                whep_url, data=await player.offer(),
                 headers={"Content-Type": "application/sdp"}) as response:
             answer = await response.text()
             assert response.status == 201, answer
             assert str(response.url).startswith(owner)  # answered by the owner
             location = response.headers["Location"]
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        async with asyncio.timeout(TIMEOUT):
-            while not any(t.kind == "video" for t in tracks):
-                await asyncio.sleep(0.05)
-            video = next(t for t in tracks if t.kind == "video")
-            frame = await video.recv()
+        await player.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        frame = await player.first_frame("video", TIMEOUT)
         assert isinstance(frame, av.VideoFrame) and frame.width > 0
         async with aiohttp.ClientSession() as http, http.delete(
                 str(response.url.join(URL(location)))) as deleted:
             assert deleted.status == 200
     finally:
-        await pc.close()
+        await player.pc.close()
 
 
 async def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
