@@ -28,7 +28,6 @@ from datetime import timedelta
 from typing import Any
 
 import av
-import numpy as np
 from livekit import api, rtc
 from livekit.rtc.participant import PublishTrackError
 
@@ -37,6 +36,7 @@ from .errors import UpstreamUnavailable
 from .media.codecs import AUDIO_RATE, Packet
 from .media.hub import Hub
 from .media.mailbox import Mailbox, MailboxClosed
+from .upstream.livekit_room import audio_to_av, capture_mono
 
 logger = logging.getLogger(__name__)
 
@@ -212,12 +212,8 @@ class RoomPublisher:
         pts = 0
         try:
             async for event in stream:
-                frame = event.frame
-                samples = np.frombuffer(frame.data, dtype=np.int16).reshape(1, -1)
-                audio = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-                audio.sample_rate, audio.pts = AUDIO_RATE, pts
-                pts += samples.shape[1]
-                await self._microphone(audio)
+                await self._microphone(audio_to_av(event.frame, pts))
+                pts += event.frame.samples_per_channel
         finally:
             await stream.aclose()
 
@@ -254,12 +250,7 @@ class RoomPublisher:
         assert source is not None
         with contextlib.suppress(MailboxClosed):
             while True:
-                frame = await self._audio_frames.get()
-                for chunk in self._resampler.resample(frame):
-                    samples = chunk.to_ndarray().reshape(-1)
-                    if samples.size:
-                        await source.capture_frame(
-                            rtc.AudioFrame(samples.tobytes(), AUDIO_RATE, 1, samples.size))
+                await capture_mono(source, self._resampler, await self._audio_frames.get())
 
     async def close(self) -> None:
         """Stop feeding, leave the room. Idempotent."""

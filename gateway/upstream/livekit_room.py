@@ -110,6 +110,17 @@ def audio_to_av(frame: rtc.AudioFrame, pts: int) -> av.AudioFrame:
     return out
 
 
+async def capture_mono(source: rtc.AudioSource, resampler: av.AudioResampler,
+                       frame: av.AudioFrame) -> None:
+    """One PyAV frame (any rate, layout or format; ``resampler`` makes it s16 mono 48 kHz)
+    into a LiveKit audio source."""
+    for chunk in resampler.resample(frame):
+        samples = chunk.to_ndarray().reshape(-1)
+        if samples.size:
+            await source.capture_frame(
+                rtc.AudioFrame(samples.tobytes(), AUDIO_RATE, 1, samples.size))
+
+
 class RoomLink:
     """One connection to one LiveKit room, feeding one :class:`MediaSink`."""
 
@@ -312,11 +323,7 @@ class RoomLink:
             options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
             await self._room.local_participant.publish_track(self._mic_track, options)
         # Browsers send 48 kHz stereo Opus; aiortc decodes to s16 stereo. The room wants mono.
-        for chunk in self._mic_resampler.resample(frame):
-            samples = chunk.to_ndarray().reshape(-1)
-            if samples.size:
-                await self._mic_source.capture_frame(
-                    rtc.AudioFrame(samples.tobytes(), AUDIO_RATE, 1, samples.size))
+        await capture_mono(self._mic_source, self._mic_resampler, frame)
 
     async def close(self) -> None:
         """Leave the room and stop every stream task. Idempotent."""
