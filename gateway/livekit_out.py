@@ -146,7 +146,6 @@ class RoomPublisher:
         self._video: rtc.EncodedVideoSource | None = None
         self._audio: rtc.AudioSource | None = None
         self._audio_frames: Mailbox[av.AudioFrame] = Mailbox(maxlen=AUDIO_BACKLOG)
-        self._events: EventRelay | None = None
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
         self._tasks: list[asyncio.Task[None]] = []
         self.frames_published = 0
@@ -190,10 +189,6 @@ class RoomPublisher:
                 f"({settings.livekit_url}): {str(exc) or type(exc).__name__}") from None
         self._tasks = [asyncio.get_running_loop().create_task(
             self._send_audio(), name=f"livekit-audio-{self.room}")]
-        participant = self._room.local_participant
-        self._events = EventRelay(
-            lambda data, topic: participant.publish_data(data, reliable=True, topic=topic),
-            self.room)
         self._hub.add_tap(self, "vp8")
         logger.info("publishing into room %s of %s", self.room, settings.livekit_url)
 
@@ -238,12 +233,13 @@ class RoomPublisher:
         if not self._closed:
             self._audio_frames.put(frame)
 
-    # -- events -----------------------------------------------------------------------------------
+    # -- data -------------------------------------------------------------------------------------
 
-    def send_event(self, payload: str) -> None:
-        """One session event (its JSON), to everyone in the room."""
-        if not self._closed and self._events is not None:
-            self._events.send(payload)
+    async def send_data(self, payload: bytes, topic: str) -> None:
+        """One reliable data packet to everyone in the room (the session's events, through
+        an :class:`EventRelay`)."""
+        if not self._closed:
+            await self._room.local_participant.publish_data(payload, reliable=True, topic=topic)
 
     async def _send_audio(self) -> None:
         source = self._audio
@@ -259,8 +255,6 @@ class RoomPublisher:
         self._closed = True
         self._hub.remove_tap(self)
         self._audio_frames.close()
-        if self._events is not None:
-            await self._events.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

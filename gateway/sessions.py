@@ -43,6 +43,7 @@ from .media.naive import make_hub
 from .metrics import Metrics
 from .providers import Providers
 from .upstream.base import AvatarEvent, EventType, Upstream
+from .upstream.cloud import RoomUpstream
 from .workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Session:
         self.livekit: RoomPublisher | None = None
         """The gateway's publisher in that room, unless the provider publishes there itself."""
         self._relay: EventRelay | None = None
-        """The session's events into that room when the provider publishes there."""
+        """The session's events into that room (the publisher's or the hidden gateway's)."""
         self.upstream = upstream
         self.quality = quality
         self.created_at = time.time()
@@ -168,14 +169,12 @@ class Session:
         self.events.publish(event)
         payload = event.to_json()
         self.audience.broadcast(payload)
-        if self.livekit is not None:
-            self.livekit.send_event(payload)
-        elif self._relay is not None:
+        if self._relay is not None:
             self._relay.send(payload)
 
     async def _send_to_room(self, payload: bytes, topic: str) -> None:
         """The hidden gateway's data in the operator's room (the provider published there)."""
-        link = getattr(self.upstream, "link", None)
+        link = self.upstream.link if isinstance(self.upstream, RoomUpstream) else None
         if link is not None and link.connected:
             await link.send_data(payload, topic=topic)
 
@@ -223,9 +222,9 @@ class Session:
         self._metrics.upstream_start_duration.labels(kind).observe(time.monotonic() - began)
         if self.distribution == "livekit":
             upstream = self.upstream
-            room = getattr(upstream, "operator_room", None)
-            if isinstance(room, OperatorRoom):
-                self._relay = EventRelay(self._send_to_room, room.room)
+            room = room_name(self._settings, self.id)
+            if isinstance(upstream, RoomUpstream) and upstream.operator_room is not None:
+                self._relay = EventRelay(self._send_to_room, room)
             else:
                 assert isinstance(self.hub, Hub)
                 publisher = RoomPublisher(
@@ -233,7 +232,8 @@ class Session:
                     self._forward_microphone if upstream.listens else None)
                 await publisher.start()
                 self.livekit = publisher
-            self.livekit_room = room_name(self._settings, self.id)
+                self._relay = EventRelay(publisher.send_data, room)
+            self.livekit_room = room
         self._set_state(SessionState.LIVE)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"session-{self.id[:8]}-supervisor")
@@ -305,10 +305,10 @@ class Session:
         self.conversation.close()
         try:
             await self.audience.close("session_closed")
-            if self.livekit is not None:
-                await self.livekit.close()
             if self._relay is not None:
                 await self._relay.close()
+            if self.livekit is not None:
+                await self.livekit.close()
             await self.hub.close()
             try:
                 await self.upstream.stop()

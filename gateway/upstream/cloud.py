@@ -21,6 +21,7 @@ import av
 
 from ..config import QualityTier
 from ..errors import Conflict, UpstreamError, UpstreamSessionGone
+from ..livekit_out import OperatorRoom
 from .base import AvatarEvent, EventType, MediaSink, Upstream
 from .billing import BillingGuard
 from .livekit_room import EventDecoder, RoomLink, decode_heygen_event
@@ -64,7 +65,13 @@ class RoomUpstream(Upstream, abc.ABC):
     ``sessions/token``; the billed ``sessions/start`` comes after the id is journaled)."""
 
     def __init__(self, quality: QualityTier, billing: BillingGuard,
-                 reconnect: ReconnectPolicy | None = None) -> None:
+                 reconnect: ReconnectPolicy | None = None,
+                 room: OperatorRoom | None = None) -> None:
+        """``room``: the session's room in the operator's LiveKit, for a provider that
+        publishes the avatar straight into it (the gateway then joins it hidden)."""
+        self.operator_room = room
+        if room is not None:
+            self.avatar_identity = room.provider_identity
         self._quality = quality
         self._billing = billing
         self._policy = reconnect or ReconnectPolicy()

@@ -228,12 +228,8 @@ class LiveAvatarUpstream(RoomUpstream):
         words_per_minute: int = 165,
         room: OperatorRoom | None = None,
     ) -> None:
-        super().__init__(quality, billing, reconnect)
+        super().__init__(quality, billing, reconnect, room)
         self._client = client
-        self.operator_room = room
-        """Set: the avatar is published straight into the operator's LiveKit room."""
-        if room is not None:
-            self.avatar_identity = room.provider_identity
         self._avatar_id = avatar_id
         self._encoding = encoding
         self._token = ""
