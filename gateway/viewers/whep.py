@@ -134,12 +134,12 @@ def _trim(lines: list[str]) -> tuple[list[str], list[tuple[int, str, str]], bool
     mdns: list[tuple[int, str, str]] = []
     for index, (start, end) in enumerate(itertools.pairwise(starts)):
         section = lines[start:end]
-        if any(line.startswith("a=candidate:") and _names_mdns_host(line) for line in section):
+        named = [line for line in section
+                 if line.startswith("a=candidate:") and _names_mdns_host(line)]
+        if named:
             mid = next((line[6:] for line in section if line.startswith("a=mid:")), "")
-            mdns += [(index, mid, line) for line in section
-                     if line.startswith("a=candidate:") and _names_mdns_host(line)]
-            section = [line for line in section
-                       if not (line.startswith("a=candidate:") and _names_mdns_host(line))]
+            mdns += [(index, mid, line) for line in named]
+            section = [line for line in section if line not in named]
         kept.extend(_trim_codecs(section))
     ended = False
     if mdns:
