@@ -19,6 +19,7 @@ import av
 
 from .config import Settings
 from .errors import CapacityError, NotFound, Saturated
+from .events import CurrentSpeech
 from .loop_load import LoopLoad
 from .media.hub import Hub
 from .media.naive import NaiveHub
@@ -57,6 +58,7 @@ class Audience:
         self._microphone = microphone
         self._workers = workers if isinstance(hub, Hub) else None
         self._viewers: dict[str, AnyViewer] = {}
+        self._speech = CurrentSpeech()
         self._rtc = rtc_configuration(
             settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
         )
@@ -118,11 +120,12 @@ class Audience:
                 f"{settings.max_viewers_per_session} viewers", retry_after=10)
         viewer: AnyViewer
         if self._workers is not None:
-            viewer = self._workers.new_viewer(session_id, client, self._viewer_closed)
+            viewer = self._workers.new_viewer(session_id, client, self._viewer_closed,
+                                              self._speech.payloads)
         else:
             self._require_room_here()
             viewer = Viewer(self._hub, self._rtc, self._metrics, self._viewer_closed,
-                            client=client)
+                            client=client, speech=self._speech)
         self._viewers[viewer.id] = viewer
         return viewer
 
@@ -140,6 +143,7 @@ class Audience:
 
     def broadcast(self, payload: str) -> None:
         """An event (JSON) to every viewer's data channel."""
+        self._speech.track(payload)
         for viewer in tuple(self._viewers.values()):
             viewer.send_event(payload)  # a no-op for a worker's viewer: it goes once per worker
         if self._workers is not None:

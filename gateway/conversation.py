@@ -29,8 +29,9 @@ MAX_PENDING_TASKS = 256
 MAX_REPLIES = 2
 """Voice-chat replies in flight: one speaks while at most one more waits."""
 
-Answerer = Callable[[str, str], AsyncGenerator[str, None]]
-"""``(question, conversation id) → the answer's sentences``: the gateway's chat service."""
+Answerer = Callable[[str, str, str | None], AsyncGenerator[str, None]]
+"""``(question, conversation id, the avatar's name) → the answer's sentences, to be spoken``:
+the gateway's chat service."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ class Conversation:
 
     async def answer(self, question: str, task_mode: TaskMode = TaskMode.ASYNC) -> SpokenAnswer:
         """The gateway's chat answers ``question`` and the avatar speaks it, sentence by sentence."""
-        async with contextlib.aclosing(self._answerer(question, self._session_id)) as sentences:
+        async with contextlib.aclosing(self._answerer(question, self._session_id,
+                                                     self._upstream.avatar_name)) as sentences:
             return await self.speak_sentences(sentences, task_mode)
 
     async def speak_sentences(self, sentences: AsyncIterator[str],

@@ -1,8 +1,10 @@
 """A session's event log: ordered, numbered, replayable, with bounded live subscriptions.
 
 SSE readers reconnect with ``Last-Event-ID`` and get what they missed from the replay ring,
-so a network blip loses nothing. A reader too slow to keep up with its bounded queue is cut
-off (its stream ends) instead of growing memory; it reconnects and replays. Readers that name
+so a network blip loses nothing; a new reader gets the sentence being spoken from its start
+(as does a viewer's data channel, :class:`CurrentSpeech`), not from its last word. A reader
+too slow to keep up with its bounded queue is cut off (its stream ends) instead of growing
+memory; it reconnects and replays. Readers that name
 a client (the SSE route) are capped per log and per client, so one client cannot hold
 thousands of streams open; the gateway's own readers (a sync speak waiting for its end) are not.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+import itertools
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import CapacityError
-from .upstream.base import AvatarEvent
+from .upstream.base import AvatarEvent, EventType
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,34 @@ class LoggedEvent:
 
 
 _END = None
+
+_SPEECH = (EventType.AVATAR_START_TALKING, EventType.AVATAR_TALKING_MESSAGE)
+MAX_SPEECH_EVENTS = 512
+"""Events of one utterance kept for a late viewer (a word each: a long sentence fits)."""
+
+
+class CurrentSpeech:
+    """The data-channel events (JSON) of the utterance being spoken, from its
+    ``avatar_start_talking``: a viewer whose channel opens mid-sentence is sent these first,
+    so its transcript holds the whole sentence. Fed every event, in order."""
+
+    def __init__(self, payloads: Iterable[str] = ()) -> None:
+        self._payloads = list(payloads)[:MAX_SPEECH_EVENTS]
+
+    @property
+    def payloads(self) -> tuple[str, ...]:
+        return tuple(self._payloads)
+
+    def track(self, payload: str) -> None:
+        # Word events are a few per second: parsing each once is nothing.
+        kind = json.loads(payload).get("type")
+        if kind == EventType.AVATAR_START_TALKING:
+            self._payloads = [payload]
+        elif kind == EventType.AVATAR_STOP_TALKING:
+            self._payloads = []
+        elif (kind == EventType.AVATAR_TALKING_MESSAGE and self._payloads
+              and len(self._payloads) < MAX_SPEECH_EVENTS):
+            self._payloads.append(payload)
 
 
 class Subscription:
@@ -113,8 +145,9 @@ class EventLog:
 
     def subscribe(self, after_id: int | None = None, *, client: str | None = None,
                   max_total: int | None = None, max_per_client: int | None = None,
-                  ) -> Subscription:
-        """Live events from now on, preceded by the retained ones with ``id > after_id``.
+                  current_speech: bool = False) -> Subscription:
+        """Live events from now on, preceded by the retained ones with ``id > after_id``, or
+        with ``current_speech`` (and no ``after_id``) by those of the utterance in progress.
 
         With ``client``: refused with :class:`CapacityError` when ``max_total`` client
         subscriptions are open, or ``max_per_client`` of that client's.
@@ -126,7 +159,10 @@ class EventLog:
             if max_per_client is not None and self.clients(client) >= max_per_client:
                 raise CapacityError(f"at most {max_per_client} event streams per client on a "
                                     f"session", retry_after=5)
-        replay = [item for item in self._history if after_id is not None and item.id > after_id]
+        if after_id is not None:
+            replay = [item for item in self._history if item.id > after_id]
+        else:
+            replay = self._current_speech() if current_speech else []
         # The replay is bounded by the history size; the capacity bounds what piles up live.
         sub = Subscription(self, self._capacity + len(replay), client)
         for item in replay:
@@ -139,6 +175,17 @@ class EventLog:
                 self._per_client[client] = self._per_client.get(client, 0) + 1
                 self._client_subscriptions += 1
         return sub
+
+    def _current_speech(self) -> list[LoggedEvent]:
+        """The retained start and words of the utterance being spoken, if one is."""
+        for index in range(len(self._history) - 1, -1, -1):
+            kind = self._history[index].event.type
+            if kind is EventType.AVATAR_STOP_TALKING:
+                return []
+            if kind is EventType.AVATAR_START_TALKING:
+                return [item for item in itertools.islice(self._history, index, None)
+                        if item.event.type in _SPEECH]
+        return []
 
     def _forget(self, sub: Subscription) -> None:
         if sub not in self._subscriptions:

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
+from gateway.avatar.looks import DEFAULT_LOOK, LOOKS
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import minimal_offer
@@ -89,7 +90,10 @@ async def test_talk_on_the_local_avatar_speaks_the_gateways_answer(client: Clien
                                             "task_type": "talk", "task_mode": "sync"})
     body = await response.json()
     assert response.status == 200, body
-    assert body["text"] and "Alex" in body["text"]  # the default persona answers
+    # The default persona answers by the session's avatar's name; "[offline]" is a field,
+    # not words the avatar says.
+    assert f"I'm {LOOKS[DEFAULT_LOOK].title}" in body["text"], body
+    assert body["offline"] is True and "[offline]" not in body["text"]
     assert body["task_ids"] and body["task_id"] == body["task_ids"][0]
     assert body["duration_ms"] > 0
     # sync: every sentence has been spoken by the time the answer comes back.

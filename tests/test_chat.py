@@ -131,8 +131,9 @@ async def chat_service(settings: Settings, tmp_path: Path) -> AsyncIterator[Chat
         await store.close()
 
 
-async def collect(chat: ChatService, question: str, conversation: str | None = None) -> list[str]:
-    async with contextlib.aclosing(chat.sentences(question, conversation)) as sentences:
+async def collect(chat: ChatService, question: str, conversation: str | None = None,
+                  speaker: str | None = None) -> list[str]:
+    async with contextlib.aclosing(chat.sentences(question, conversation, speaker)) as sentences:
         return [s async for s in sentences]
 
 
@@ -303,13 +304,22 @@ async def test_offline_responder_answers_from_the_persona(tmp_path: Path) -> Non
             assert reply.offline and reply.text.startswith(f"{OFFLINE_LABEL} "), reply
             assert fact in reply.text, (question, reply.text)
         sentences = await collect(chat, "Where did you study and what are your goals?", "c")
-        assert sentences[0].startswith(OFFLINE_LABEL) and len(sentences) == 2
+        # Spoken: without the label (clients show it as a badge, the avatar does not say it).
+        assert len(sentences) == 2 and not any(OFFLINE_LABEL in s for s in sentences), sentences
+        assert "University of Washington" in sentences[0]
         assert len(chat.history("c")) == 2
+        # The default persona answers by the avatar's name; a persona someone named keeps it.
+        greeting = " ".join(await collect(chat, "Hi, who are you?", "d", speaker="Ben"))
+        assert "I'm Ben," in greeting and DEFAULT_PERSONA.name not in greeting, greeting
         store = chat._personas
         persona = DEFAULT_PERSONA.to_dict()
         persona["technical"]["languages"] = ["Haskell"]
         await store.replace(type(DEFAULT_PERSONA).from_dict(persona))
         assert "Haskell" in (await chat.complete("Which languages do you code in?")).text
+        persona["name"] = "Dr. Jane Doe"
+        await store.replace(type(DEFAULT_PERSONA).from_dict(persona))
+        greeting = " ".join(await collect(chat, "Hello, who are you?", speaker="Ben"))
+        assert "I'm Dr. Jane Doe," in greeting, greeting
 
 
 def test_sentence_splitter_edge_cases() -> None:
@@ -359,7 +369,8 @@ async def test_the_avatar_starts_speaking_before_the_model_finishes(
     assert body["data"]["offline"] is False
     assert len(body["data"]["task_ids"]) == 3 and body["data"]["task_ids"][0] == started
     assert body["speaking_duration"] > 2.0
-    assert "Alex Rivera" in fake.requests[0]["messages"][0]["content"]
+    # The default persona speaks as the session's avatar (the local avatar's default look).
+    assert "You are Ada," in fake.requests[0]["messages"][0]["content"]
     await client.post("/persona/heygen/session/stop", json={"session_id": session_id})
 
 

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
-from gateway.events import EventLog, LoggedEvent
+from gateway.events import MAX_SPEECH_EVENTS, CurrentSpeech, EventLog, LoggedEvent, Subscription
 from gateway.upstream.base import AvatarEvent, EventType
 
 
@@ -81,18 +82,63 @@ async def test_client_streams_are_capped_per_log_and_per_client() -> None:
     from gateway.errors import CapacityError
 
     log = EventLog()
-    caps = {"max_total": 3, "max_per_client": 2}
-    a1, a2 = (log.subscribe(client="a", **caps) for _ in range(2))
+    capped = functools.partial(log.subscribe, max_total=3, max_per_client=2)
+    a1, a2 = (capped(client="a") for _ in range(2))
     with pytest.raises(CapacityError, match="per client"):
-        log.subscribe(client="a", **caps)
-    b1 = log.subscribe(client="b", **caps)
+        capped(client="a")
+    b1 = capped(client="b")
     with pytest.raises(CapacityError, match="most it allows"):
-        log.subscribe(client="c", **caps)
+        capped(client="c")
     internal = log.subscribe()  # the gateway's own readers are not capped, nor counted
     a1.close()
     a1.close()  # twice: counted once
-    a3 = log.subscribe(client="a", **caps)
+    a3 = capped(client="a")
     assert (log.clients("a"), log.clients("b"), log.subscribers) == (2, 1, 4)
     for sub in (a2, a3, b1, internal):
         sub.close()
     assert (log.clients("a"), log.subscribers, log._per_client) == (0, 0, {})
+
+
+def _speech(kind: EventType, task: str, word: str = "") -> AvatarEvent:
+    return AvatarEvent(kind, task, {"message": word} if word else {})
+
+
+async def _queued(sub: Subscription) -> list[LoggedEvent]:
+    """What a new subscription starts with: closing it ends it after what it has queued."""
+    sub.close()
+    return await _drain(sub)
+
+
+async def test_a_new_reader_gets_the_sentence_being_spoken_from_its_start() -> None:
+    log = EventLog()
+    log.publish(_speech(EventType.AVATAR_START_TALKING, "t1"))
+    log.publish(_speech(EventType.AVATAR_TALKING_MESSAGE, "t1", "Done."))
+    log.publish(_speech(EventType.AVATAR_STOP_TALKING, "t1"))
+    assert await _queued(log.subscribe(current_speech=True)) == []  # nothing is being said
+    log.publish(_speech(EventType.AVATAR_START_TALKING, "t2"))
+    log.publish(AvatarEvent(EventType.USER_START))
+    for word in ("Hello", "there,", "late"):
+        log.publish(_speech(EventType.AVATAR_TALKING_MESSAGE, "t2", word))
+    replay = [(i.event.type, i.event.task_id, i.event.data.get("message"))
+              for i in await _queued(log.subscribe(current_speech=True))]
+    assert replay == [("avatar_start_talking", "t2", None), ("avatar_talking_message", "t2", "Hello"),
+                      ("avatar_talking_message", "t2", "there,"),
+                      ("avatar_talking_message", "t2", "late")]
+    assert await _queued(log.subscribe()) == []  # the gateway's own readers: live only
+
+
+def test_current_speech_follows_the_utterance() -> None:
+    speech = CurrentSpeech()
+    speech.track(_speech(EventType.AVATAR_TALKING_MESSAGE, "t0", "stray").to_json())
+    assert not speech.payloads  # a word without its start is not replayed
+    start = _speech(EventType.AVATAR_START_TALKING, "t1").to_json()
+    word = _speech(EventType.AVATAR_TALKING_MESSAGE, "t1", "Hi").to_json()
+    for payload in (start, AvatarEvent(EventType.USER_START).to_json(), word):
+        speech.track(payload)
+    assert speech.payloads == (start, word)
+    speech.track(_speech(EventType.AVATAR_STOP_TALKING, "t1").to_json())
+    assert not speech.payloads
+    speech.track(start)
+    for _ in range(MAX_SPEECH_EVENTS + 5):
+        speech.track(word)
+    assert len(speech.payloads) == MAX_SPEECH_EVENTS  # bounded

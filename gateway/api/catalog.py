@@ -86,6 +86,9 @@ async def catalog_of(settings: Settings) -> dict[str, Any]:
         "qualities": [{"id": t.name, "width": t.width, "height": t.height, "bitrate": t.bitrate}
                       for t in QUALITY_TIERS.values()],
         "upstreams": [local, heygen, liveavatar],
+        # Who answers `talk` for the upstreams without a model of their own: "offline" (the
+        # offline responder, no OpenAI key) or "openai". Clients show the offline one as a badge.
+        "chat": "openai" if settings.openai_api_key else "offline",
     }
 
 

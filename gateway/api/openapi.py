@@ -153,6 +153,9 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "task_ids": {"type": "array", "items": _str(),
                          "description": "`talk` answered by the gateway: one task per sentence."},
             "text": _str(description="`talk` answered by the gateway: the answer spoken."),
+            "offline": {"type": "boolean", "description": (
+                "`talk` answered by the gateway: by its offline responder (no OpenAI key), "
+                "not a language model. Show it as a badge; the avatar does not say it.")},
         }, ("task_id", "duration_ms")),
         "Catalog": _obj({
             "default_upstream": _str(), "default_quality": _str(enum=list(QUALITY_TIERS)),
@@ -174,7 +177,10 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "default_avatar": _str(), "default_voice": _str(),
             }, ("kind", "available", "paid", "answers_itself", "listens", "avatars", "voices",
                 "default_avatar", "default_voice"))},
-        }, ("default_upstream", "default_quality", "qualities", "upstreams")),
+            "chat": _str(enum=["offline", "openai"], description=(
+                "Who answers `talk` for an upstream that does not answer itself: the offline "
+                "responder (no OpenAI key) or an OpenAI-compatible model.")),
+        }, ("default_upstream", "default_quality", "qualities", "upstreams", "chat")),
         "Named": _obj({"id": _str(), "name": _str()}, ("id", "name")),
         "TokenRequest": _obj({
             "role": _str(enum=["viewer", "controller"], default="viewer"),
@@ -311,7 +317,7 @@ def _seed_paths(settings: Settings) -> dict[str, Schema]:
                  ("prompt",)),
             envelope("AI response generated successfully", text=_str()),
             description="Without an OpenAI key, the offline responder answers (its text starts "
-                        "with `[offline]`)."),
+                        "with `[offline]`; spoken answers go without it)."),
     }
 
 

@@ -15,6 +15,7 @@ from ..sessions import Session
 from ..upstream.base import TaskMode, TaskType
 from ..viewers.whep import browser_ice_servers
 from .common import (
+    CHAT,
     SESSIONS,
     SETTINGS,
     client_key,
@@ -115,6 +116,8 @@ async def speak(request: web.Request) -> web.Response:
             "duration_ms": spoken.duration_ms,
             "task_ids": list(spoken.task_ids),
             "text": spoken.text,
+            # The offline responder answered: the text is not the model's (not spoken as such).
+            "offline": request.app[CHAT].offline,
         })
     return web.json_response({"task_id": spoken.task_id, "duration_ms": spoken.duration_ms})
 
@@ -161,7 +164,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     subscription = session.events.subscribe(
         after, client=client_key(request), max_total=settings.max_event_streams_per_session,
-        max_per_client=settings.max_event_streams_per_client)
+        max_per_client=settings.max_event_streams_per_client, current_speech=True)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",

@@ -3,7 +3,7 @@
 Answers are streamed and cut into sentences as they arrive, so the avatar can start speaking the
 first sentence while the model is still writing the rest. With no API key configured, an offline
 responder answers from the persona's own facts (keyword matching, no network), and every answer
-it gives starts with :data:`OFFLINE_LABEL`, so nobody mistakes it for the model.
+it writes starts with :data:`OFFLINE_LABEL`, so nobody mistakes it for the model.
 
 Provider failures become gateway errors, with messages of our own (a provider's message can echo
 part of the API key)::
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -36,12 +37,14 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..metrics import Metrics
-from .persona import Persona, PersonaStore
+from .persona import DEFAULT_PERSONA, Persona, PersonaStore
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_LABEL = "[offline]"
-"""Starts every answer of the offline responder (and so is spoken by the avatar, too)."""
+"""Starts every written answer of the offline responder (the seed's chat API has no other way
+to say so). Spoken answers go without it: the avatar does not say it, and clients learn it
+from ``offline`` fields (the speak response, the catalog's ``chat``) and show a badge."""
 MAX_SENTENCE_CHARS = 400
 """A run-on "sentence" is cut at a word boundary here, so speech never waits for a full stop."""
 DEFAULT_RETRIES = 1
@@ -181,8 +184,9 @@ def welcome_line(persona: Persona) -> str:
 _WORD = re.compile(r"[a-z0-9+#.]+")
 
 
-def offline_answer(persona: Persona, question: str) -> str:
-    """Answer from the persona's facts by keyword matching; labelled, never mistaken for the model."""
+def offline_answer(persona: Persona, question: str, *, labelled: bool = True) -> str:
+    """Answer from the persona's facts by keyword matching; ``labelled`` (the written form)
+    with :data:`OFFLINE_LABEL`, never mistaken for the model."""
     p, e, t, s = persona, persona.education, persona.technical, persona.personality
     words = {w.strip(".") for w in _WORD.findall(question.lower())}
     topics: list[tuple[frozenset[str], str]] = [
@@ -221,7 +225,8 @@ def offline_answer(persona: Persona, question: str) -> str:
     if not picked:
         picked = [f"I'm {p.name}, {_a(p.title)}. I can tell you about my education, the languages "
                   "and tools I use, my projects, my interests or my goals."]
-    return f"{OFFLINE_LABEL} " + " ".join(picked)
+    answer = " ".join(picked)
+    return f"{OFFLINE_LABEL} {answer}" if labelled else answer
 
 
 # -- provider errors ---------------------------------------------------------------------------
@@ -412,8 +417,11 @@ class ChatService:
         self._remember(conversation, question, answer)
         return ChatReply(answer, offline=False)
 
-    async def sentences(self, question: str, conversation: str | None = None) -> AsyncGenerator[str, None]:
-        """The answer sentence by sentence, each as soon as the model has finished writing it.
+    async def sentences(self, question: str, conversation: str | None = None,
+                        speaker: str | None = None) -> AsyncGenerator[str, None]:
+        """The answer sentence by sentence, each as soon as the model has finished writing it:
+        the spoken form (an offline answer without its label). ``speaker``: the avatar's own
+        name, which the default persona takes (a persona someone named keeps its name).
 
         Use with :func:`contextlib.aclosing`: leaving early closes the provider's stream. The
         conversation remembers the answer only once it was read to the end.
@@ -421,7 +429,7 @@ class ChatService:
         started = time.monotonic()
         first = True
         try:
-            async with contextlib.aclosing(self._sentences(question, conversation)) as answer:
+            async with contextlib.aclosing(self._sentences(question, conversation, speaker)) as answer:
                 async for sentence in answer:
                     if first:
                         first = False
@@ -433,11 +441,14 @@ class ChatService:
         self._count("ok")
         self._timed("llm_duration", started)
 
-    async def _sentences(self, question: str, conversation: str | None) -> AsyncGenerator[str, None]:
+    async def _sentences(self, question: str, conversation: str | None,
+                         speaker: str | None) -> AsyncGenerator[str, None]:
         question = self._check(question)
         persona = await self._personas.get()
+        if speaker and persona.name == DEFAULT_PERSONA.name:
+            persona = dataclasses.replace(persona, name=speaker)
         if self.offline:
-            answer = offline_answer(persona, question)
+            answer = offline_answer(persona, question, labelled=False)
             self._remember(conversation, question, answer)
             for sentence in split_sentences(answer, self._sentence_chars):
                 yield sentence

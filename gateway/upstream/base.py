@@ -99,6 +99,9 @@ class Upstream(abc.ABC):
     answers_itself: ClassVar[bool] = False
     """``speak(..., TALK)`` is answered by the provider's own language model. Otherwise the
     gateway answers with its chat service and speaks the answer (``Session.speak_sentences``)."""
+    avatar_name: str | None = None
+    """The avatar's own name (the local avatar's look): the default persona answers by it, so
+    "Ben" does not introduce himself as someone else. None: the persona's name."""
     listens: ClassVar[bool] = False
     """Takes a controller's microphone: :meth:`set_listening` and :meth:`push_microphone`
     work, and user speech comes back as ``user_*`` events."""

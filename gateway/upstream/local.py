@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from ..avatar import REST, FaceRenderer, LipSync, MouthPose, SpeechSynthesizer, Utterance
 from ..avatar.lipsync import speech_level
-from ..avatar.looks import DEFAULT_LOOK
+from ..avatar.looks import DEFAULT_LOOK, LOOKS
 from ..avatar.stt import RecognizerError, RecognizerProcess, SpeechRecognizer
 from ..avatar.tts import Word, word_chunks
 from ..config import QualityTier
@@ -122,6 +122,7 @@ class LocalUpstream(Upstream):
     ) -> None:
         self._quality = quality
         self._look = look
+        self.avatar_name = LOOKS[look].title if look in LOOKS else None
         self._synthesizer = synthesizer
         self._fps = fps
         self._max_text_chars = max_text_chars

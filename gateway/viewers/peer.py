@@ -26,6 +26,7 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 
 from ..errors import BadSDP, GatewayError, Unprocessable, UnsupportedCodec
+from ..events import CurrentSpeech
 from ..media.hub import Fanout
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
@@ -68,6 +69,7 @@ class Viewer:
         client: str = "",
         viewer_id: str | None = None,
         on_state: Callable[[Viewer], None] | None = None,
+        speech: CurrentSpeech | None = None,
     ) -> None:
         self.id = viewer_id or new_viewer_id()
         self.client = client
@@ -82,6 +84,8 @@ class Viewer:
         self._streams: list[RtpStream] = []
         self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
         self._channel: RTCDataChannel | None = None
+        self._speech = speech
+        """The utterance in progress, sent first when the events channel opens."""
         self._remote_ufrag = ""
         self._remote_candidates = 0
         self._state = "connecting"
@@ -319,8 +323,14 @@ class Viewer:
         return True
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
-        if self._channel is None:
-            self._channel = channel
+        if self._channel is not None:
+            return
+        self._channel = channel
+        if self._speech is not None:
+            # Open already (aiortc announces a player's channel once it is open); the words
+            # said so far, before any new one, so the transcript starts at the sentence's start.
+            for payload in self._speech.payloads:
+                self.send_event(payload)
 
     async def _on_connection_state(self) -> None:
         state = self._pc.connectionState

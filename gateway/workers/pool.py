@@ -25,7 +25,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -403,10 +403,14 @@ class WorkerPool:
                             " of the time); try again shortly")
         return min(free, key=lambda w: len(w.viewers))
 
-    def new_viewer(self, session_id: str, client: str,
-                   on_closed: Callable[[RemoteViewer], None]) -> RemoteViewer:
+    def new_viewer(self, session_id: str, client: str, on_closed: Callable[[RemoteViewer], None],
+                   speech: Sequence[str] = ()) -> RemoteViewer:
+        """``speech``: the events of the utterance in progress (:class:`CurrentSpeech`). The
+        worker takes them before any later event (one ordered socket), and from now on gets
+        the session's events, so its viewers' channels open on the whole sentence."""
         worker = self.pick()
         viewer = RemoteViewer(worker, session_id, client, on_closed)
+        worker.control.send("speech", session_id, list(speech))
         worker.viewers[viewer.id] = viewer
         return viewer
 

@@ -27,6 +27,7 @@ from typing import Any, cast
 import av
 
 from ..errors import GatewayError, NotFound
+from ..events import CurrentSpeech
 from ..logs import configure as configure_logging
 from ..loop_load import LoopLoad
 from ..media.hub import FastStart, Hub, Subscriber, deliver_all
@@ -160,6 +161,8 @@ class Worker:
         self._viewers: dict[str, Viewer] = {}
         self._session_of: dict[str, str] = {}  # viewer id -> session id
         self._feeds: dict[str, SessionFeed] = {}
+        self._speech: dict[str, CurrentSpeech] = {}
+        """Per session with viewers here: the utterance in progress (see ``new_viewer``)."""
         self._buffer = bytearray(MAX_MEDIA_MESSAGE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._load: LoopLoad | None = None
@@ -196,7 +199,8 @@ class Worker:
     def _new_viewer(self, session_id: str, viewer_id: str, client: str) -> Viewer:
         viewer = Viewer(self._feed(session_id), self._rtc, cast(Metrics, self.metrics),
                         self._viewer_closed, client=client, viewer_id=viewer_id,
-                        on_state=self._viewer_state)
+                        on_state=self._viewer_state,
+                        speech=self._speech.setdefault(session_id, CurrentSpeech()))
         self._viewers[viewer_id] = viewer
         self._session_of[viewer_id] = session_id
         return viewer
@@ -249,6 +253,7 @@ class Worker:
             await viewer.close(reason)
 
     async def call_end_session(self, session_id: str) -> None:
+        self._speech.pop(session_id, None)
         feed = self._feeds.pop(session_id, None)
         if feed is not None:
             feed.closed = True
@@ -268,6 +273,9 @@ class Worker:
                 "pid": os.getpid()}
 
     def broadcast(self, session_id: str, payload: str) -> None:
+        speech = self._speech.get(session_id)
+        if speech is not None:
+            speech.track(payload)
         for viewer_id, session in tuple(self._session_of.items()):
             if session == session_id:
                 self._viewers[viewer_id].send_event(payload)
@@ -282,6 +290,7 @@ class Worker:
         self.control.send("closed", viewer.id, viewer.close_reason)
         session_id = self._session_of.pop(viewer.id, None)
         if session_id is not None and session_id not in self._session_of.values():
+            self._speech.pop(session_id, None)
             feed = self._feeds.pop(session_id, None)
             if feed is not None:
                 feed.closed = True
@@ -329,6 +338,8 @@ class Worker:
                     self._run_call(message[1], message[2], message[3])
                 elif op == "event":
                     self.broadcast(message[1], message[2])
+                elif op == "speech":  # the owner's, as a viewer of the session is placed here
+                    self._speech[message[1]] = CurrentSpeech(message[2])
         finally:
             loop.remove_reader(self._media.fileno())
             flusher.cancel()
