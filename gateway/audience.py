@@ -13,6 +13,7 @@ local viewer's interface; the naive baseline's hub cannot feed workers, so its v
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import av
@@ -29,6 +30,14 @@ from .viewers.whep import parse_offer
 from .workers.pool import RemoteViewer, WorkerPool
 
 Microphone = Callable[[av.AudioFrame], Awaitable[None]]
+
+VIEWER_FAILURES = {
+    "ice_failed": "viewer ICE failed: no candidate pair answered (the viewer cannot reach an "
+                  "address the gateway offered, or the other way round)",
+    "dtls_failed": "viewer DTLS failed: the encrypted handshake did not complete",
+    "connect_timeout": "viewer did not connect in time: no ICE check arrived",
+}
+"""Close reasons that mean a player could not connect, as the session's status says them."""
 """Where a controller's microphone audio goes (the session's upstream)."""
 
 AnyViewer = Viewer | RemoteViewer
@@ -59,6 +68,10 @@ class Audience:
         self._workers = workers if isinstance(hub, Hub) else None
         self._viewers: dict[str, AnyViewer] = {}
         self._speech = CurrentSpeech()
+        self.failures: dict[str, int] = {}
+        """Viewers that could not connect, by close reason (:data:`VIEWER_FAILURES`)."""
+        self.last_failure: tuple[str, float] | None = None
+        """The latest such reason, and when (wall clock)."""
         self._rtc = rtc_configuration(
             settings.ice_servers, settings.ice_username, settings.ice_credential.reveal()
         )
@@ -140,6 +153,10 @@ class Audience:
 
     def _viewer_closed(self, viewer: AnyViewer) -> None:
         self._viewers.pop(viewer.id, None)
+        reason = viewer.close_reason
+        if reason in VIEWER_FAILURES:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+            self.last_failure = (reason, time.time())
 
     def broadcast(self, payload: str) -> None:
         """An event (JSON) to every viewer's data channel."""

@@ -231,6 +231,11 @@ async def test_viewer_that_never_connects_is_closed(aiohttp_client: ClientFactor
     metrics = client.app[METRICS]
     assert metrics.viewer_disconnects.labels("connect_timeout")._value.get() == 1
     assert metrics.viewers.labels("connecting")._value.get() == 0
+    # The session's status says so, for whoever wonders why their page stays black.
+    status = await (await client.get(f"/v1/sessions/{created['id']}")).json()
+    assert status["viewer_failures"] == {"connect_timeout": 1}
+    assert status["last_viewer_failure"]["reason"] == "connect_timeout"
+    assert "did not connect" in status["last_viewer_failure"]["message"]
 
 
 async def test_cors_preflight(client: Client, session_id: str) -> None:

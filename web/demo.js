@@ -1,6 +1,8 @@
 // The demo page: every control of the SDK on one screen, for the gateway that serves it.
-import StreamingAvatar, { StreamingEvents, TaskType } from "/web/sdk/index.js";
-import { $, EventLog, Transcript, showEvents, takeToken, watchStats } from "/web/ui.js";
+import StreamingAvatar, { GatewayEvents, StreamingEvents, TaskType } from "/web/sdk/index.js";
+import {
+  $, EventLog, Transcript, badge, describeError, showEvents, showProblem, takeToken, watchStats,
+} from "/web/ui.js";
 
 const token = takeToken(); // a gateway token (`/#token=…`), when the gateway requires one
 const log = new EventLog($("events"));
@@ -10,7 +12,7 @@ let avatar = null;
 let stopStats = () => {};
 
 // For tests and for poking at it from the console.
-window.avatarDemo = { get avatar() { return avatar; } };
+window.avatarDemo = { get avatar() { return avatar; }, lastFailure: null };
 
 function fill(select, items, selected) {
   select.replaceChildren(...items.map((item) => new Option(item.name || item.id, item.id)));
@@ -21,11 +23,53 @@ function upstreamInfo() {
   return catalog.upstreams.find((u) => u.kind === $("upstream").value);
 }
 
+const languageNames = new Intl.DisplayNames(["en"], { type: "language" });
+
+/** "English (United States)" for "en-us"; the id itself when Intl does not know it. */
+function languageOf(id) {
+  try {
+    return languageNames.of(id) || id;
+  } catch {
+    return id; // not a BCP 47 tag (e.g. an OpenAI voice name)
+  }
+}
+
+/** The voice list, grouped by language (eSpeak has 151 voices) and filtered by the search box. */
+function fillVoices(voices, selected) {
+  const select = $("voice");
+  const query = $("voice-search").value.trim().toLowerCase();
+  const keep = selected ?? select.value;
+  if (!voices.length) {
+    select.replaceChildren(new Option("provider default", ""));
+    return;
+  }
+  const groups = new Map();
+  for (const voice of voices) {
+    const label = voice.name && voice.name !== voice.id ? voice.name : languageOf(voice.id);
+    const text = label === voice.id ? voice.id : `${label} (${voice.id})`;
+    if (query && !text.toLowerCase().includes(query)) continue;
+    const family = languageOf(voice.id.split(/[-_]/)[0]);
+    if (!groups.has(family)) groups.set(family, []);
+    groups.get(family).push(new Option(text, voice.id));
+  }
+  const sorted = [...groups].sort(([a], [b]) => a.localeCompare(b));
+  select.replaceChildren(...sorted.map(([family, options]) => {
+    if (options.length === 1 && sorted.length > 1) return options[0];
+    const group = document.createElement("optgroup");
+    group.label = family;
+    group.append(...options);
+    return group;
+  }));
+  if (!select.options.length) select.append(new Option(`no voice matches “${query}”`, "", true, true));
+  else if ([...select.options].some((o) => o.value === keep)) select.value = keep;
+}
+
 function onUpstreamChange() {
   const info = upstreamInfo();
   fill($("avatar-id"), info.avatars, info.default_avatar);
-  fill($("voice"), info.voices.length ? info.voices : [{ id: "", name: "provider default" }],
-       info.default_voice);
+  $("voice-search").value = "";
+  $("voice-search").hidden = info.voices.length < 10;
+  fillVoices(info.voices, info.default_voice);
 }
 
 async function loadCatalog() {
@@ -37,6 +81,7 @@ async function loadCatalog() {
   fill($("quality"), catalog.qualities.map((q) => ({ id: q.id, name: `${q.id} · ${q.width}x${q.height}` })),
        catalog.default_quality);
   onUpstreamChange();
+  $("chat-badge").hidden = catalog.chat !== "offline";
 }
 
 function setStatus(text) {
@@ -66,16 +111,32 @@ function setVoiceChat(on) {
 function report(what) {
   return (err) => {
     log.add(`${what} failed: ${err.message}`, "error");
-    setStatus(`${what} failed: ${err.message}`);
+    setStatus(`${what} failed`);
+    showProblem($("problem"), describeError(what, err));
   };
+}
+
+/** The video box's words when there is no picture: what to do next, or what happened. */
+function setPlaceholder(text) {
+  $("placeholder").hidden = !text;
+  if (text) $("placeholder").textContent = text;
 }
 
 function wire(instance) {
   showEvents(instance, log, transcript, $("avatar"));
+  instance.on(GatewayEvents.CONNECTION_FAILED, (e) => {
+    window.avatarDemo.lastFailure = e.detail;
+    if (avatar !== instance) return;
+    setStatus(`session ${instance.sessionId.slice(0, 8)} · connection failed (${e.detail.reason})`);
+    showProblem($("problem"), { title: "No video: the media connection failed", text: e.detail.message });
+  });
   instance.on(StreamingEvents.STREAM_DISCONNECTED, () => {
+    $("unmute").hidden = true;
     if (avatar === instance) {
-      setStatus(`disconnected · session ${instance.sessionId || ""}`.trim());
+      if ($("problem").hidden) setStatus(`disconnected · session ${instance.sessionId || ""}`.trim());
+      setPlaceholder("The stream ended. Press Start to connect again, or Close.");
       stopStats();
+      setPhase("created");
     }
   });
 }
@@ -96,11 +157,22 @@ async function viewerLink(sessionId) {
 }
 
 $("upstream").addEventListener("change", onUpstreamChange);
+// The first decoded frame (the video learns its size: "resize") of a connected stream, not the
+// signalling, says the stream is there: the tracks exist before any media flows.
+$("avatar").addEventListener("resize", () => {
+  // (Chromium also shows a 2x2 black frame for a track that ended without ever playing.)
+  if (!$("avatar").videoWidth || avatar?.peerConnection?.connectionState !== "connected") return;
+  setPlaceholder("");
+  $("unmute").hidden = false;
+  if (avatar?.sessionId) setStatus(`session ${avatar.sessionId.slice(0, 8)} · streaming`);
+});
+$("voice-search").addEventListener("input", () => fillVoices(upstreamInfo().voices));
 
 $("new").addEventListener("click", async () => {
   const instance = new StreamingAvatar({ token, preferCodec: $("codec").value || undefined });
   wire(instance);
   setPhase("busy");
+  showProblem($("problem"), null);
   setStatus("creating a session…");
   try {
     const info = await instance.newSession({
@@ -113,6 +185,7 @@ $("new").addEventListener("click", async () => {
     $("share").href = await viewerLink(info.session_id);
     log.add(`session ${info.session_id} created (${info.session.upstream}, ${info.session.width}x${info.session.height})`);
     setStatus(`session ${info.session_id.slice(0, 8)} · created`);
+    setPlaceholder("Session created. Press Start to connect the video.");
     setPhase("created");
   } catch (err) {
     report("New")(err);
@@ -122,6 +195,8 @@ $("new").addEventListener("click", async () => {
 
 $("start").addEventListener("click", async () => {
   setPhase("busy");
+  showProblem($("problem"), null);
+  setPlaceholder("Connecting…");
   setStatus("connecting…");
   try {
     await avatar.startSession();
@@ -130,9 +205,11 @@ $("start").addEventListener("click", async () => {
     stopStats = watchStats(() => avatar && avatar.peerConnection, (s) => {
       $("stats").textContent = s ? `${s.codec} ${s.width}x${s.height} · ${Math.round(s.fps)} fps` : "";
     });
-    setStatus(`session ${id} · streaming`);
+    // Streaming once the video plays; until then CONNECTION_FAILED may still come.
+    if (!$("avatar").videoWidth) setStatus(`session ${id} · connecting the video…`);
   } catch (err) {
     report("Start")(err);
+    setPlaceholder("Session created. Press Start to connect the video.");
     setPhase("created");
   }
 });
@@ -148,7 +225,14 @@ async function speak(taskType) {
   if (!text) return;
   try {
     const result = await avatar.speak({ text, taskType });
-    if (taskType === TaskType.TALK && result.text) log.add(`answer: ${result.text}`);
+    if (taskType === TaskType.TALK && result.text) {
+      const line = log.add(`answer: ${result.text}`);
+      if (result.offline) {
+        const why = "Written by the gateway's offline responder (no OpenAI key configured)";
+        line.append(" ", badge("offline", why));
+        transcript.badge(result.task_ids || [], "offline", why);
+      }
+    }
   } catch (err) {
     report(taskType === TaskType.TALK ? "Talk" : "Repeat")(err);
   }
@@ -182,6 +266,8 @@ $("close").addEventListener("click", async () => {
   avatar = null;
   $("avatar").srcObject = null;
   $("stats").textContent = "";
+  $("unmute").hidden = true;
+  setPlaceholder("No stream yet. Press New, then Start.");
   setStatus("idle");
   setPhase("idle");
 });

@@ -1,6 +1,8 @@
 // The viewer page: watch one session (the demo's "share viewer link"); no controls, no microphone.
-import StreamingAvatar, { StreamingEvents } from "/web/sdk/index.js";
-import { $, EventLog, Transcript, showEvents, takeToken, watchStats } from "/web/ui.js";
+import StreamingAvatar, { GatewayEvents, StreamingEvents } from "/web/sdk/index.js";
+import {
+  $, EventLog, Transcript, describeError, showEvents, showProblem, takeToken, watchStats,
+} from "/web/ui.js";
 
 const params = new URLSearchParams(location.search);
 const sessionId = params.get("session");
@@ -9,8 +11,27 @@ const transcript = new Transcript($("transcript"));
 const avatar = new StreamingAvatar({ token: takeToken() });
 window.avatarViewer = { avatar };
 
+function setPlaceholder(text) {
+  $("placeholder").hidden = !text;
+  if (text) $("placeholder").textContent = text;
+}
+
 showEvents(avatar, log, transcript, $("avatar"));
-avatar.on(StreamingEvents.STREAM_DISCONNECTED, () => ($("status").textContent = "the stream ended"));
+$("avatar").addEventListener("resize", () => {  // the first frame: tracks exist before media
+  // (Chromium also shows a 2x2 black frame for a track that ended without ever playing.)
+  if (!$("avatar").videoWidth || avatar.peerConnection?.connectionState !== "connected") return;
+  setPlaceholder("");
+  $("unmute").hidden = false;
+});
+avatar.on(GatewayEvents.CONNECTION_FAILED, (e) => {
+  $("status").textContent = `connection failed (${e.detail.reason})`;
+  showProblem($("problem"), { title: "No video: the media connection failed", text: e.detail.message });
+});
+avatar.on(StreamingEvents.STREAM_DISCONNECTED, () => {
+  $("unmute").hidden = true;
+  if ($("problem").hidden) $("status").textContent = "the stream ended";
+  setPlaceholder("The stream ended. Reload the page to watch again.");
+});
 
 $("unmute").addEventListener("click", () => {
   const video = $("avatar");
@@ -20,7 +41,10 @@ $("unmute").addEventListener("click", () => {
 addEventListener("pagehide", () => avatar.stopAvatar()); // leaves; never ends the session
 
 if (!sessionId) {
-  $("status").textContent = "no session: open this page from the demo's “Share viewer link”";
+  $("status").textContent = "no session";
+  setPlaceholder("");
+  showProblem($("problem"), { title: "No session to watch", text: "Open this page from the " +
+    "demo's “Share viewer link”: its address names the session (?session=…)." });
 } else {
   try {
     const session = await avatar.watch(sessionId);
@@ -29,7 +53,10 @@ if (!sessionId) {
       $("stats").textContent = s ? `${s.codec} ${s.width}x${s.height} · ${Math.round(s.fps)} fps` : "";
     });
   } catch (err) {
-    $("status").textContent = `cannot watch: ${err.message}`;
+    const problem = describeError("Watching this session", err);
+    $("status").textContent = "cannot watch";
+    setPlaceholder("");
+    showProblem($("problem"), problem);
     log.add(`cannot watch: ${err.message}`, "error");
   }
 }

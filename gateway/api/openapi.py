@@ -108,6 +108,14 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "state": _str(enum=["new", "starting", "live", "closing", "closed"]),
             "quality": _str(enum=list(QUALITY_TIERS)), "width": {"type": "integer"},
             "height": {"type": "integer"}, "viewers": {"type": "integer", "minimum": 0},
+            "viewer_failures": {"type": "object", "additionalProperties": {"type": "integer"},
+                                "description": (
+                "Players that could not connect, by reason: `ice_failed`, `dtls_failed`, "
+                "`connect_timeout`.")},
+            "last_viewer_failure": _obj({"reason": _str(), "message": _str(),
+                                         "at": {"type": "number"}}, ("reason", "message", "at"),
+                                        description=(
+                "The latest player that could not connect, e.g. \"viewer ICE failed: ...\".")),
             "created_at": {"type": "number"}, "whep_url": _str(), "events_url": _str(),
             "ice_servers": {"type": "array", "items": _ref("IceServer"), "description": (
                 "For the player's RTCPeerConnection (the same servers as the WHEP Link headers, "
@@ -117,8 +125,9 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                             ("url", "room", "token_url"), description=(
                 "With the `livekit` distribution: the operator's LiveKit room the session is "
                 "published into, and where a viewer gets a token for it.")),
-        }, ("id", "upstream", "state", "quality", "width", "height", "viewers", "created_at",
-            "whep_url", "events_url", "ice_servers", "distribution")),
+        }, ("id", "upstream", "state", "quality", "width", "height", "viewers",
+            "viewer_failures", "created_at", "whep_url", "events_url", "ice_servers",
+            "distribution")),
         "SessionCreate": _obj({
             "upstream": _str(enum=["local", "heygen", "liveavatar"],
                              description="Default: AVATAR_GATEWAY_DEFAULT_UPSTREAM."),

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..audience import VIEWER_FAILURES
 from ..config import Settings
 from ..conversation import SpokenAnswer
 from ..errors import BadRequest
@@ -40,6 +41,11 @@ def session_json(session: Session, settings: Settings) -> dict[str, Any]:
         "width": width,
         "height": height,
         "viewers": len(session.audience),
+        # Players that could not connect: the first thing to look at when a page stays black.
+        "viewer_failures": dict(session.audience.failures),
+        **({"last_viewer_failure": {"reason": last[0], "message": VIEWER_FAILURES[last[0]],
+                                    "at": last[1]}}
+           if (last := session.audience.last_failure) is not None else {}),
         "created_at": session.created_at,
         "whep_url": f"/v1/sessions/{session.id}/whep",
         "events_url": f"/v1/sessions/{session.id}/events",

@@ -37,6 +37,12 @@ export interface StreamingAvatarApiConfig {
   transport?: "whep" | "livekit";
   /** With `transport: "livekit"`: the livekit-client module the page loaded (not bundled). */
   livekit?: unknown;
+  /**
+   * WHEP: a stream whose media has not connected this long after the gateway's answer has
+   * failed (`GatewayEvents.CONNECTION_FAILED`, then `STREAM_DISCONNECTED`). Default 15000.
+   * @remarks gateway extension
+   */
+  connectTimeoutMs?: number;
 }
 
 export enum AvatarQuality {
@@ -211,6 +217,9 @@ export interface SpeakResponse {
   task_ids?: string[];
   /** With TALK answered by the gateway's chat: the answer it spoke. */
   text?: string;
+  /** With TALK answered by the gateway's chat: true when its offline responder wrote the
+   * answer (no OpenAI key). Show it as a badge; the avatar does not say it. */
+  offline?: boolean;
   [key: string]: unknown;
 }
 
@@ -240,6 +249,8 @@ export enum StreamingEvents {
  */
 export enum GatewayEvents {
   SESSION_STATE = "session_state",
+  /** The stream's media never connected (ICE or DTLS failed, or timed out). */
+  CONNECTION_FAILED = "connection_failed",
 }
 
 /** Listeners receive a `CustomEvent`; the payload is `event.detail`. */
@@ -311,6 +322,19 @@ export interface SessionStateEvent {
   state: "new" | "starting" | "live" | "closing" | "closed" | string;
 }
 
+/** @remarks gateway extension */
+export interface ConnectionFailedEvent {
+  type: GatewayEvents.CONNECTION_FAILED;
+  reason: "ice_failed" | "dtls_failed" | "timeout";
+  /** What happened, why it may have, and what to check: fit to show to the user. */
+  message: string;
+  /** From the gateway's answer, e.g. "udp 192.0.2.7:50000 host". */
+  gateway_candidates: string[];
+  browser_candidates: string[];
+  /** The gateway's own reason (the session's `last_viewer_failure`), if it had one yet. */
+  gateway: string | null;
+}
+
 /** `event.detail` for each event type. */
 export interface StreamingEventMap {
   [StreamingEvents.AVATAR_START_TALKING]: StreamingStartTalkingEvent;
@@ -326,6 +350,7 @@ export interface StreamingEventMap {
   [StreamingEvents.STREAM_DISCONNECTED]: StreamDisconnectedEvent;
   [StreamingEvents.CONNECTION_QUALITY_CHANGED]: ConnectionQuality;
   [GatewayEvents.SESSION_STATE]: SessionStateEvent;
+  [GatewayEvents.CONNECTION_FAILED]: ConnectionFailedEvent;
 }
 
 /** A non-2xx answer from the gateway. */

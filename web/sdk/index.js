@@ -47,8 +47,26 @@ export const StreamingEvents = Object.freeze({
   CONNECTION_QUALITY_CHANGED: "connection_quality_changed",
 });
 
-/** Events only this gateway sends (not in HeyGen's StreamingEvents). */
-export const GatewayEvents = Object.freeze({ SESSION_STATE: "session_state" });
+/** Events only this gateway sends (not in HeyGen's StreamingEvents). CONNECTION_FAILED is the
+ * SDK's own: the stream's media never connected (its detail says why and what to check);
+ * STREAM_DISCONNECTED follows it. */
+export const GatewayEvents = Object.freeze({
+  SESSION_STATE: "session_state",
+  CONNECTION_FAILED: "connection_failed",
+});
+
+/** A stream that has not connected this long after the gateway answered has failed. */
+const DEFAULT_CONNECT_TIMEOUT_MS = 15000;
+
+/** "udp 192.0.2.7:50000 host" for each candidate line of an SDP. */
+function candidatesOf(sdp) {
+  const out = [];
+  for (const line of (sdp || "").split(/\r?\n/)) {
+    const m = /^a=candidate:\S+ \d+ (\S+) \d+ (\S+) (\d+) typ (\S+)/.exec(line);
+    if (m) out.push(`${m[1].toLowerCase()} ${m[2]}:${m[3]} ${m[4]}`);
+  }
+  return [...new Set(out)];
+}
 
 const QUALITY_INTERVAL_MS = 2000;
 const QUALITY_MAX_LOSS = 0.05;
@@ -87,16 +105,19 @@ class StreamingAvatar {
   #voiceChat = null;
   #quality = ConnectionQuality.UNKNOWN;
   #qualityTimer = null;
+  #connectTimeoutMs;
 
   /**
    * @param {{token?: string, basePath?: string, iceServers?: RTCIceServer[],
    *          preferCodec?: "h264" | "vp8", sessionId?: string,
-   *          transport?: "whep" | "livekit", livekit?: any}} [config]
+   *          transport?: "whep" | "livekit", livekit?: any, connectTimeoutMs?: number}} [config]
    *   `transport: "livekit"` watches through the operator's LiveKit (sessions created with
    *   `distribution: "livekit"`); `livekit` is then the livekit-client module the page loaded.
+   *   `connectTimeoutMs`: a WHEP stream not connected this long after the answer has failed
+   *   (CONNECTION_FAILED), rather than a black video forever.
    */
   constructor({ token = "", basePath, iceServers = [], preferCodec, sessionId,
-                transport = "whep", livekit } = {}) {
+                transport = "whep", livekit, connectTimeoutMs = DEFAULT_CONNECT_TIMEOUT_MS } = {}) {
     if (transport !== "whep" && transport !== "livekit") {
       throw new TypeError(`transport must be "whep" or "livekit", not ${JSON.stringify(transport)}`);
     }
@@ -109,6 +130,7 @@ class StreamingAvatar {
     this.#basePath = (basePath ?? globalThis.location?.origin ?? "").replace(/\/+$/, "");
     this.#iceServers = iceServers;
     this.#preferCodec = preferCodec;
+    this.#connectTimeoutMs = connectTimeoutMs;
     if (sessionId) {
       this.#sessionId = String(sessionId);
       this.#mode = "watch";
@@ -239,9 +261,16 @@ class StreamingAvatar {
     const current = (handler) => (e) => this.#player === player && handler(e);
     player.addEventListener("track", current(() => this.#onTrack(player)));
     player.addEventListener("avatar-event", current((e) => this.#onAvatarEvent(e.detail)));
+    let connected = false;
     player.addEventListener("state", current((e) => {
-      // The gateway may not have noticed a failed network yet: leave explicitly (DELETE).
-      if (e.detail === "failed" || e.detail === "closed") this.#onDisconnected(`peer connection ${e.detail}`, undefined, true);
+      if (e.detail === "connected") connected = true;
+      if (e.detail === "failed" && !connected) {
+        void this.#connectionFailed(player, sessionId,
+          player.pc.iceConnectionState === "failed" ? "ice_failed" : "dtls_failed");
+      } else if (e.detail === "failed" || e.detail === "closed") {
+        // The gateway may not have noticed a failed network yet: leave explicitly (DELETE).
+        this.#onDisconnected(`peer connection ${e.detail}`, undefined, true);
+      }
     }));
     player.addEventListener("channelclose", current(() => this.#onDisconnected("events channel closed")));
     const starting = player.start();
@@ -260,8 +289,43 @@ class StreamingAvatar {
       throw new Error(cancelled() ? "stopAvatar() was called while connecting"
         : "the stream disconnected while connecting");
     }
-    if (player.pc) this.#startQualityMonitor(player.pc);
+    if (player.pc) {
+      this.#startQualityMonitor(player.pc);
+      setTimeout(() => {
+        if (!connected && this.#player === player) void this.#connectionFailed(player, sessionId, "timeout");
+      }, this.#connectTimeoutMs);
+    }
     return this.#session;
+  }
+
+  /** The media never connected: say why it may not have, then disconnect (and DELETE). */
+  async #connectionFailed(player, sessionId, reason) {
+    const pc = player.pc;
+    const gatewayOffered = candidatesOf(pc.remoteDescription?.sdp);
+    const browserOffered = candidatesOf(pc.localDescription?.sdp);
+    let gateway = null;  // the gateway's own view, once it has given up on this viewer too
+    try {
+      const session = await this.#request("GET", `/v1/sessions/${encodeURIComponent(sessionId)}`);
+      gateway = session.last_viewer_failure?.message ?? null;
+    } catch {
+      // the session may be gone; the browser's side of the story is still worth telling
+    }
+    if (this.#player !== player) return;
+    const what = reason === "timeout" ? `not connected after ${Math.round(this.#connectTimeoutMs / 1000)} s`
+      : reason === "ice_failed" ? "ICE failed" : "DTLS failed";
+    const message = `The video could not connect (${what}). This browser reached the gateway ` +
+      "over HTTP but not its media, which travels over UDP to an address in the gateway's " +
+      `answer: ${gatewayOffered.length ? gatewayOffered.join(", ") : "it offered none"}. ` +
+      "Browsers never use 127.0.0.1 for WebRTC. Check that this browser can reach one of " +
+      "those addresses (open the page through that address, or give the gateway a TURN " +
+      "server: AVATAR_GATEWAY_ICE_SERVERS); the gateway's log says \"ICE failed\" or " +
+      "\"not connected\" with the candidates it saw, and GET /v1/sessions/" +
+      `${sessionId} shows last_viewer_failure.`;
+    this.#emit(GatewayEvents.CONNECTION_FAILED, {
+      type: GatewayEvents.CONNECTION_FAILED, reason, message,
+      gateway_candidates: gatewayOffered, browser_candidates: browserOffered, gateway,
+    });
+    this.#onDisconnected(`connection failed (${reason})`, undefined, true);
   }
 
   async stopAvatar() {
