@@ -108,6 +108,40 @@ async def test_viewers_spread_over_workers_see_one_encode_and_the_events(
         await asyncio.gather(*(v.close() for v in viewers))
 
 
+async def test_viewers_joining_mid_sentence_get_it_from_its_start(
+        aiohttp_client: ClientFactory) -> None:
+    # The first viewer's worker has followed the sentence; the second worker gets the owner's
+    # record of it as the late viewer is placed there. Either way the late channels start at
+    # the sentence's first word.
+    client, session_id = await start(aiohttp_client)
+    first = await watch(client, session_id, 1)
+    late: list[WhepViewer] = []
+    try:
+        spoke = await client.post(f"/v1/sessions/{session_id}/speak", json={
+            "text": "One two three four five six seven eight nine ten eleven twelve."})
+        task_id = (await spoke.json())["task_id"]
+
+        def words(viewer: WhepViewer) -> list[str]:
+            return [e["message"] for e in viewer.received.events
+                    if e.get("task_id") == task_id and e["type"] == "avatar_talking_message"]
+
+        await wait_for(lambda: len(words(first[0])) >= 3)
+        late = await watch(client, session_id, 2)
+        assert sorted(len(w.viewers) for w in pool_of(client).workers) == [1, 2]
+
+        def stopped(viewer: WhepViewer) -> bool:
+            return any(e.get("task_id") == task_id and e["type"] == "avatar_stop_talking"
+                       for e in viewer.received.events)
+
+        await wait_for(lambda: all(stopped(v) for v in (*first, *late)))
+        for viewer in late:
+            mine = [e for e in viewer.received.events if e.get("task_id") == task_id]
+            assert mine[0]["type"] == "avatar_start_talking", mine[:3]
+            assert words(viewer) == words(first[0]) and words(viewer)[0].strip() == "One"
+    finally:
+        await asyncio.gather(*(v.close() for v in (*first, *late)))
+
+
 async def test_pli_from_a_viewer_in_a_worker_makes_a_keyframe(
         aiohttp_client: ClientFactory) -> None:
     client, session_id = await start(aiohttp_client, keyframe_min_gap=0.01)
