@@ -13,6 +13,7 @@ local viewer's interface; the naive baseline's hub cannot feed workers, so its v
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -89,11 +90,12 @@ class Audience:
             raise NotFound(f"no viewer {viewer_id!r} in session {self._session_id}") from None
 
     async def add_viewer(self, offer_sdp: str, microphone: bool = True,
-                         client: str = "") -> tuple[AnyViewer, str]:
+                         client: str = "", rung: int = 0) -> tuple[AnyViewer, str]:
         """WHEP: the viewer offers, the gateway answers. ``microphone``: a controller's offer
         of two-way audio carries its microphone to the avatar; a viewer's never does.
-        ``client`` says who asks (address and token), for the per-client limit."""
-        offer = parse_offer(offer_sdp)
+        ``client`` says who asks (address and token), for the per-client limit. ``rung``:
+        the best rung of the quality ladder the viewer may have."""
+        offer = dataclasses.replace(parse_offer(offer_sdp), rung=rung)
         viewer = self._new_viewer(client)
         try:
             answer = await viewer.negotiate(offer, self._microphone if microphone else None)
@@ -138,7 +140,8 @@ class Audience:
         else:
             self._require_room_here()
             viewer = Viewer(self._hub, self._rtc, self._metrics, self._viewer_closed,
-                            client=client, speech=self._speech)
+                            client=client, speech=self._speech,
+                            adaptive=settings.adaptive_quality)
         self._viewers[viewer.id] = viewer
         return viewer
 

@@ -135,6 +135,18 @@ class Metrics:
         self.packets_lost = Counter(f"{NS}_packets_lost_total",
                                     "RTP packets viewers reported lost (RTCP receiver reports).",
                                     ["kind"], registry=r)
+        self.viewer_rungs = Gauge(f"{NS}_viewers_per_rung",
+                                  "Video viewers by rung of the quality ladder (0: the "
+                                  "session's size, 1: half, 2: a quarter).",
+                                  ["rung"], registry=r)
+        self.rung_switches = Counter(f"{NS}_viewer_rung_switches_total",
+                                     "Viewers moved to another rung of the quality ladder.",
+                                     ["direction"], registry=r)
+        self.bandwidth_estimate = Histogram(
+            f"{NS}_viewer_bandwidth_estimate_bits_per_second",
+            "Viewers' bandwidth estimates (REMB), one observation per report.",
+            buckets=(100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6, 3e6, 5e6, 10e6),
+            registry=r)
         self.viewer_rtt = Histogram(f"{NS}_viewer_rtt_seconds",
                                     "Round-trip time to viewers, from RTCP receiver reports "
                                     "(one observation per viewer per sample).",

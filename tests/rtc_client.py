@@ -76,8 +76,11 @@ class WhepViewer:
 
     def __init__(self, client: TestClient[Any, Any], session_id: str, mouth_box: Box | None = None,
                  audio: bool = True, microphone: MediaStreamTrack | None = None,
-                 prefer: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 prefer: str | None = None, headers: dict[str, str] | None = None,
+                 query: str = "") -> None:
+        """``query``: of the WHEP request, e.g. ``"?max_height=180"``."""
         self.client = client
+        self.query = query
         self.headers = headers or {}
         self.session_id = session_id
         self.mouth_box = mouth_box
@@ -117,7 +120,7 @@ class WhepViewer:
     async def connect(self, timeout: float = 20.0) -> None:
         offer = await self.offer_sdp()
         response = await self.client.post(
-            f"/v1/sessions/{self.session_id}/whep", data=offer,
+            f"/v1/sessions/{self.session_id}/whep{self.query}", data=offer,
             headers={"Content-Type": "application/sdp", **self.headers})
         body = await response.text()
         assert response.status == 201, body

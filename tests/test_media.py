@@ -27,6 +27,7 @@ from aiortc.rtp import (
     RtpPacket,
 )
 
+from gateway.media import rtp
 from gateway.media.hub import Hub, HubConfig
 from gateway.media.rtp import (
     ABS_SEND_TIME_URI,
@@ -83,6 +84,10 @@ class Recorder:
     kind: str = "video"
     codec: str = "vp8"
     frames: list[RtpFrame] = field(default_factory=list)
+    lane: str = ""
+
+    def __post_init__(self) -> None:
+        self.lane = self.lane or self.codec
 
     def deliver(self, frame: RtpFrame) -> None:
         self.frames.append(frame)
@@ -353,7 +358,10 @@ async def test_a_stream_joining_soon_after_a_keyframe_starts_on_it_at_once() -> 
     await hub.close()
 
 
-async def test_a_backed_up_viewer_skips_to_a_keyframe_and_disturbs_no_one() -> None:
+async def test_a_backed_up_viewer_skips_to_a_keyframe_and_disturbs_no_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # No gaps between keyframes, the hub's or the viewer's own: each step is one frame.
+    monkeypatch.setattr(rtp, "KEYFRAME_REQUEST_INTERVAL", 0.0)
     hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
     slow_wire, fast_wire = Wire(), Wire()
     slow, fast = stream(hub, slow_wire), stream(hub, fast_wire)

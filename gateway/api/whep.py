@@ -7,6 +7,7 @@ from aiohttp import web
 
 from ..auth import Role
 from ..errors import BadRequest, PreconditionFailed, Saturated, UnsupportedMediaType
+from ..media.ladder import rung_for_height
 from ..viewers.whep import SDP_TYPE, SDPFRAG_TYPE, link_headers, parse_sdpfrag
 from .common import METRICS, SESSIONS, SETTINGS, client_key, principal
 
@@ -20,6 +21,17 @@ def _text_body(body: bytes) -> str:
         raise BadRequest("the body is not UTF-8 text") from None
 
 
+def _rung(request: web.Request, height: int) -> int:
+    """``?max_height=360``: the viewer's video is never taller (a phone's small screen, a
+    metered link); the best rung of the quality ladder that fits, the smallest if none does."""
+    value = request.query.get("max_height")
+    if value is None:
+        return 0
+    if not value.isdigit() or not 0 < int(value) <= 10_000:
+        raise BadRequest("max_height must be a positive number of pixels, e.g. 360")
+    return rung_for_height(height, int(value))
+
+
 @routes.post("/v1/sessions/{session_id}/whep")
 async def create_viewer(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
@@ -28,12 +40,14 @@ async def create_viewer(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"a WHEP offer must be sent as {SDP_TYPE}, "
                                    f"not {request.content_type or 'no Content-Type'}")
     session = request.app[SESSIONS].get(request.match_info["session_id"])
+    rung = _rung(request, session.upstream.video_size[1])
     offer = _text_body(await request.read())
     try:
         # Only a controller's microphone reaches the avatar; a viewer's offer is answered
         # receive-only whatever it offers.
         viewer, answer = await session.audience.add_viewer(
-            offer, microphone=principal(request).role >= Role.CONTROLLER, client=client_key(request))
+            offer, microphone=principal(request).role >= Role.CONTROLLER, client=client_key(request),
+            rung=rung)
     except BadRequest:
         metrics.viewer_sessions.labels("bad_sdp").inc()
         raise

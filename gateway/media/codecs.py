@@ -14,6 +14,9 @@ from typing import Any, TypeAlias
 
 import av
 from av.video.frame import PictureType
+from av.video.reformatter import VideoReformatter
+
+from .ladder import scaled_size
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +34,29 @@ class VideoEncoder(abc.ABC):
 
     codec = ""
 
-    def __init__(self, bitrate: int, fps: int) -> None:
+    def __init__(self, bitrate: int, fps: int, divisor: int = 1) -> None:
+        """``divisor``: each side of the picture is divided by it (a smaller rung of the
+        quality ladder, :mod:`.ladder`); the scaling happens here, in the encoder's thread."""
         self._bitrate = bitrate
         self._fps = fps
+        self._divisor = divisor
         self._context: av.VideoCodecContext | None = None
+        # Its own: ``VideoFrame.reformat`` keeps one scaler on the frame, and lanes convert
+        # the same upstream frame at once in their threads (a shared scaler crashes).
+        self._reformatter = VideoReformatter()
+
+    @property
+    def scales(self) -> bool:
+        """Encodes a scaled copy, never the frame it is given."""
+        return self._divisor != 1
 
     def encode(self, frame: av.VideoFrame, keyframe: bool) -> list[Packet]:
-        if frame.format.name != "yuv420p":
-            # Upstreams convert once at the source; this is a safety net for odd inputs.
-            frame = frame.reformat(format="yuv420p")
+        if self._divisor != 1 or frame.format.name != "yuv420p":
+            # (Upstreams give yuv420p: converting is for a smaller rung, or a safety net.)
+            width, height = scaled_size(frame.width, frame.height, self._divisor)
+            converted = self._reformatter.reformat(frame, width, height, "yuv420p")
+            converted.pts, converted.time_base = frame.pts, frame.time_base
+            frame = converted
         ctx = self._context
         if ctx is None or ctx.width != frame.width or ctx.height != frame.height:
             ctx = self._context = self._open(frame.width, frame.height)

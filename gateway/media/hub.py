@@ -1,9 +1,10 @@
-"""Encode-once fan-out: one hub per session, one encoder per codec in use, N viewer tracks.
+"""Encode-once fan-out: one hub per session, one encoder per lane in use, N viewer tracks.
 
 Frames arrive from the upstream on the event loop. Video goes to one :class:`VideoLane` per
-negotiated codec (VP8 for most browsers, H.264 for those that prefer it); a lane exists only
-once a viewer of its codec reads, so a session watched only in VP8 encodes once, and one with
-both kinds of viewer encodes twice, never N times. Each lane encodes in its own worker thread
+negotiated codec (VP8 for most browsers, H.264 for those that prefer it) and rung of the
+quality ladder (:mod:`.ladder`: the session's size, half, a quarter); a lane exists only once
+a viewer of it reads, so a session watched only in VP8 at full size encodes once, and one with
+every kind of viewer a few times, never N times. Each lane encodes in its own worker thread
 (libvpx and libx264 release the GIL) from a one-slot mailbox: when the encoder is busy the
 newest frame replaces the waiting one, so a slow encoder costs frame rate, never latency or
 memory. Audio is cheap (~0.1 ms per 20 ms frame) and is encoded inline to keep its cadence
@@ -11,7 +12,9 @@ exact. Each encoded packet is packetized once (:class:`~.rtp.Packetizer`) and th
 :class:`~.rtp.RtpFrame` handed to every subscribed :class:`Subscriber` (a viewer's
 :class:`~.rtp.RtpStream`), which writes only its own headers and sends at once.
 
-Keyframe policy, per lane: a join, PLI/FIR or a viewer's overflow asks for a keyframe;
+Keyframe policy, per lane (a viewer's PLI costs only its own rung, and a viewer asks at most
+once a second, :data:`~.rtp.KEYFRAME_REQUEST_INTERVAL`): a join, a move to another rung,
+PLI/FIR or a viewer's overflow asks for a keyframe;
 requests are coalesced to one per ``keyframe_min_gap`` seconds (``keyframe_join_gap`` for
 joins: a new viewer sees nothing until its keyframe, while a repair keyframe only shortens a
 glitch, and a PLI storm must not turn into a keyframe storm for everyone), and a periodic
@@ -34,6 +37,7 @@ from prometheus_client import Counter
 
 from ..metrics import Metrics
 from .codecs import VIDEO_ENCODERS, AudioEncoder, Packet, VideoEncoder
+from .ladder import LADDER, split_lane
 from .rtp import Feedback, Packetizer, RtpFrame
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,10 @@ class Subscriber(Protocol):
 
     @property
     def codec(self) -> str: ...
+
+    @property
+    def lane(self) -> str:
+        """The hub lane it reads: its codec at a rung of the ladder (``"vp8"``, ``"vp8@2"``)."""
 
     def deliver(self, frame: RtpFrame) -> None: ...
 
@@ -145,20 +153,22 @@ class VideoLane:
     frame; any other lane encodes a private copy (``owns_frames`` False), made in its thread.
     """
 
-    def __init__(self, hub: Hub, encoder: VideoEncoder, owns_frames: bool) -> None:
+    def __init__(self, hub: Hub, name: str, encoder: VideoEncoder, owns_frames: bool) -> None:
+        self.name = name
         self.codec = encoder.codec
-        self._owns_frames = owns_frames
+        self.scales = encoder.scales
+        self._owns_frames = owns_frames or encoder.scales  # a scaled copy is its own
         self.subscribers: set[Subscriber] = set()
         self.taps: set[Tap] = set()
         self.fast_start = FastStart(hub.config.fast_start_frames)
-        self._packetizer = Packetizer(encoder.codec)
+        self._packetizer = Packetizer(encoder.codec, name)
         self._hub = hub
         self._config = hub.config
         self._stats = hub.stats
         self._metrics = hub.metrics
         self._encoder = encoder
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"hub-{self.codec}")
+            1, thread_name_prefix=f"hub-{name}")
         self._pending_frame: av.VideoFrame | None = None
         self._frame_ready = asyncio.Event()
         self._keyframe_reason: str | None = "start"
@@ -168,11 +178,11 @@ class VideoLane:
         self._encode_time = self._metrics.encode_duration.labels(self.codec)
         self._sent_bytes = self._metrics.sent_bytes.labels("video")
         self._task = asyncio.get_running_loop().create_task(
-            self._encode_forever(), name=f"hub-{self.codec}")
+            self._encode_forever(), name=f"hub-{name}")
 
     def request_keyframe(self, reason: str) -> None:
         # A join's shorter gap is kept when a repair asks too: the joiner still waits for it.
-        if self._keyframe_reason is None or reason == "join":
+        if self._keyframe_reason is None or reason in _STARTS:
             self._keyframe_reason = reason
 
     @property
@@ -194,7 +204,7 @@ class VideoLane:
         reason = self._keyframe_reason
         if reason is not None:
             config = self._config
-            gap = config.keyframe_join_gap if reason == "join" else config.keyframe_min_gap
+            gap = config.keyframe_join_gap if reason in _STARTS else config.keyframe_min_gap
             if now - self._last_keyframe >= gap:
                 return reason
         return None
@@ -221,7 +231,7 @@ class VideoLane:
                 )
             except (av.FFmpegError, ValueError) as exc:
                 # One bad frame (odd size, codec hiccup) must not end the stream for everyone.
-                logger.warning("%s encode failed, frame dropped: %s", self.codec, exc)
+                logger.warning("%s encode failed, frame dropped: %s", self.name, exc)
                 self._hub.skip("video", "encode_error")
                 continue
             self._stats.video_frames_encoded += 1
@@ -248,6 +258,10 @@ class VideoLane:
         self._pending_frame = None
         # The worker may still be inside the encoder for this one frame; don't block the loop.
         self._executor.shutdown(wait=False)
+
+
+_STARTS = ("join", "switch")
+"""Keyframe reasons a viewer waits on to see anything (of that lane): the shorter gap."""
 
 
 def _private_copy(frame: av.VideoFrame) -> av.VideoFrame:
@@ -285,8 +299,14 @@ class Hub:
 
     @property
     def video_codecs(self) -> list[str]:
-        """Codecs with a running encoder (a lane), in the order they were first needed."""
+        """Lanes (codec and rung: ``"vp8"``, ``"vp8@1"``) with an encoder, in the order they
+        were first needed."""
         return list(self._lanes)
+
+    def lane_viewers(self, lane: str) -> int:
+        """Subscribers reading ``lane`` (a worker counts once)."""
+        found = self._lanes.get(lane)
+        return len(found.subscribers) if found is not None else 0
 
     @staticmethod
     def check_codec(codec: str) -> None:
@@ -300,13 +320,12 @@ class Hub:
         if self._closed:
             return False
         if subscriber.kind == "video":
-            codec = subscriber.codec
-            lane = self._lane(codec)
+            lane = self._lane(subscriber.lane)
             lane.subscribers.add(subscriber)
             if lane.fast_start.replay(subscriber):
                 self.metrics.fast_starts.inc()
             else:
-                self.request_keyframe("join", codec)
+                self.request_keyframe("join", lane.name)
         else:
             self._audio.add(subscriber)
         return True
@@ -328,26 +347,41 @@ class Hub:
             lane.taps.discard(tap)
 
     def detach(self, subscriber: Subscriber) -> None:
-        if subscriber.kind == "video":
-            lane = self._lanes.get(subscriber.codec)
-            if lane is not None:
+        if subscriber.kind == "video":  # from its lane, and the one it was moving to
+            for lane in self._lanes.values():
                 lane.subscribers.discard(subscriber)
         else:
             self._audio.discard(subscriber)
 
-    def _lane(self, codec: str) -> VideoLane:
-        lane = self._lanes.get(codec)
+    def join_lane(self, subscriber: Subscriber, lane: str) -> None:
+        if self._closed:
+            return
+        self._lane(lane).subscribers.add(subscriber)
+        self.request_keyframe("switch", lane)
+
+    def leave_lane(self, subscriber: Subscriber, lane: str) -> None:
+        found = self._lanes.get(lane)
+        if found is not None:
+            found.subscribers.discard(subscriber)
+
+    def _lane(self, name: str) -> VideoLane:
+        lane = self._lanes.get(name)
         if lane is None:
-            encoder = VIDEO_ENCODERS[codec](self.config.bitrate, self.config.fps)
-            lane = self._lanes[codec] = VideoLane(self, encoder, not self._lanes)
+            codec, rung = split_lane(name)
+            self.check_codec(codec)
+            encoder = VIDEO_ENCODERS[codec](round(self.config.bitrate * LADDER[rung].bitrate_share),
+                                            self.config.fps, LADDER[rung].divisor)
+            # The first full-size lane marks the upstream's frames; the others copy them.
+            owner = not encoder.scales and all(other.scales for other in self._lanes.values())
+            lane = self._lanes[name] = VideoLane(self, name, encoder, owner)
         return lane
 
-    def request_keyframe(self, reason: str, codec: str = "vp8") -> None:
+    def request_keyframe(self, reason: str, lane: str = "vp8") -> None:
         self.stats.keyframe_requests += 1
         self.metrics.keyframe_requests.labels(reason).inc()
-        lane = self._lanes.get(codec)
-        if lane is not None:
-            lane.request_keyframe(reason)
+        found = self._lanes.get(lane)
+        if found is not None:
+            found.request_keyframe(reason)
 
     def count_dropped(self, kind: str, count: int) -> None:
         self.stats.packets_dropped += count

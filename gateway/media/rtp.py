@@ -49,6 +49,7 @@ from aiortc.rtp import (
 )
 
 from .codecs import Packet
+from .ladder import RungPolicy, lane_name
 
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix)
 HISTORY = 512
@@ -56,6 +57,12 @@ HISTORY = 512
 worth answering (a browser gives up on a frame after ~1 RTT + jitter buffer)."""
 RETRANSMIT_BUDGET = 300
 """Retransmissions per stream per second at most (about the stream's own packet rate)."""
+MAX_SWITCH_LAG = 4500
+"""RTP ticks (50 ms of video) a lane's first keyframe may lag what a viewer moving onto it
+was last sent."""
+KEYFRAME_REQUEST_INTERVAL = 1.0
+"""Seconds between a viewer's keyframe requests that reach the hub: a PLI storm from one
+viewer must not set the keyframe rate of everyone on its lane."""
 MAX_SEND_BACKLOG = 128 * 1024
 """Bytes a viewer's socket may have waiting in asyncio (the kernel refused them: a full
 uplink or a bloated queue on the way) before its streams stop taking frames."""
@@ -66,6 +73,14 @@ _RTX_OSN = struct.Struct("!H")
 _EXT_HEAD = struct.Struct("!HH")
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+def remb_bitrate(fci: bytes) -> int | None:
+    """The bit rate of a REMB (draft-alvestrand-rmcat-remb): ``"REMB"``, a count, then 6 bits
+    of exponent and 18 of mantissa. None for another kind of application feedback."""
+    if len(fci) < 8 or fci[:4] != b"REMB":
+        return None
+    return (int.from_bytes(fci[5:8], "big") & 0x3FFFF) << (fci[5] >> 2)
 
 
 def ntp_now() -> int:
@@ -83,6 +98,9 @@ class RtpFrame:
     keyframe: bool
     ntp: int
     """When the frame is sent, 64-bit NTP: its packets leave within the same loop pass."""
+    lane: str = ""
+    """The hub lane (codec and ladder rung, :mod:`.ladder`) that encoded it. Every lane stamps
+    a source frame with the same RTP timestamp, so a viewer can move between them."""
 
     @property
     def abs_send_time(self) -> int:
@@ -98,8 +116,9 @@ class Packetizer:
     per lane, so every viewer sees the same picture-id sequence.
     """
 
-    def __init__(self, codec: str) -> None:
+    def __init__(self, codec: str, lane: str = "") -> None:
         self.codec = codec
+        self.lane = lane or codec
         self._pack: Callable[[Packet], tuple[list[bytes], int]]
         if codec == "vp8":
             self._pack = Vp8Encoder().pack
@@ -113,7 +132,7 @@ class Packetizer:
 
     def frame(self, packet: Packet) -> RtpFrame:
         payloads, timestamp = self._pack(packet)
-        return RtpFrame(tuple(payloads), timestamp, bool(packet.is_keyframe), ntp_now())
+        return RtpFrame(tuple(payloads), timestamp, bool(packet.is_keyframe), ntp_now(), self.lane)
 
 
 class Output(Protocol):
@@ -130,9 +149,16 @@ class Output(Protocol):
 
 
 class Feedback(Protocol):
-    """What a stream tells the hub: keyframe requests and counts (no hub import here)."""
+    """What a stream tells the hub: keyframe requests, lane moves and counts (no hub import
+    here). A lane is a codec and a rung of the quality ladder (``"vp8"``, ``"vp8@1"``)."""
 
-    def request_keyframe(self, reason: str, codec: str) -> None: ...
+    def request_keyframe(self, reason: str, lane: str) -> None: ...
+
+    def join_lane(self, subscriber: RtpStream, lane: str) -> None:
+        """Also deliver ``lane``'s frames to ``subscriber`` (it is moving there), starting
+        with a keyframe asked for now."""
+
+    def leave_lane(self, subscriber: RtpStream, lane: str) -> None: ...
 
     def count_dropped(self, kind: str, count: int) -> None: ...
 
@@ -159,10 +185,28 @@ class RtpStream:
     """One viewer's sender of one kind: headers, SRTP, socket, and the RTCP it owes."""
 
     def __init__(self, params: StreamParameters, output: Output, feedback: Feedback,
-                 on_first_frame: Callable[[], None] | None = None) -> None:
+                 on_first_frame: Callable[[], None] | None = None, *, lane: str = "",
+                 on_lane: Callable[[str, str], None] | None = None,
+                 on_estimate: Callable[[int], None] | None = None,
+                 policy: RungPolicy | None = None) -> None:
+        """``lane``: the hub lane it starts on (default: its codec, the ladder's top rung);
+        ``on_lane(old, new)`` after it moved; ``on_estimate(bit/s)`` with each REMB;
+        ``policy``: moves the (video) stream between rungs by the viewer's feedback."""
         self.params = params
         self.kind = params.kind
         self.codec = params.codec
+        self.lane = lane or params.codec
+        self.next_lane: str | None = None
+        """The lane it moves to at that lane's next keyframe."""
+        self.estimate: int | None = None
+        """The viewer's latest bandwidth estimate (REMB), bit/s."""
+        self._on_lane = on_lane
+        self._on_estimate = on_estimate
+        self._policy = policy
+        self._rate_mark = (time.monotonic(), 0)
+        self._rate = 0.0
+        self._last_timestamp: int | None = None
+        self._keyframe_asked = -float("inf")
         self._output = output
         self._feedback = feedback
         self._on_first_frame = on_first_frame
@@ -211,6 +255,8 @@ class RtpStream:
 
     def deliver(self, frame: RtpFrame) -> None:
         """Send one frame now (called by the hub, on the loop, for every viewer in turn)."""
+        if frame.lane != self.lane and frame.lane and not self._switch(frame):
+            return
         if self.closed or (self.awaiting_keyframe and not frame.keyframe):
             return
         writer = self._output.writer()
@@ -220,7 +266,7 @@ class RtpStream:
             self._drop(len(frame.payloads))
             if self.kind == "video":
                 self.awaiting_keyframe = True
-                self._feedback.request_keyframe("overflow", self.codec)
+                self._ask_keyframe("overflow")
             return
         self.awaiting_keyframe = False
         protect, send = writer
@@ -250,9 +296,66 @@ class RtpStream:
         self.frames += 1
         self._last_rtp = timestamp
         self._last_ntp = frame.ntp
+        self._last_timestamp = frame.timestamp
         if self._on_first_frame is not None:
             callback, self._on_first_frame = self._on_first_frame, None
             callback()
+
+    def move_to(self, lane: str) -> None:
+        """Change lanes (rungs) at the new lane's next keyframe; until then the old one plays."""
+        if lane == (self.next_lane or self.lane):
+            return
+        if self.next_lane is not None:
+            self._feedback.leave_lane(self, self.next_lane)
+            self.next_lane = None
+        if lane != self.lane:
+            self.next_lane = lane
+            self._feedback.join_lane(self, lane)
+
+    def _switch(self, frame: RtpFrame) -> bool:
+        """``frame`` is from another lane: True if it is the keyframe to move on.
+
+        Lanes encode in their own threads, so the new lane's keyframe of a source frame may
+        come after the old lane's version of it (or of the next) was sent: its timestamp is
+        then moved just past the last one sent (this stream's origin moves with it; lip sync
+        goes by the sender reports, which follow). One older than :data:`MAX_SWITCH_LAG` is
+        a replay of recent frames, not a live one: wait for the next."""
+        if frame.lane != self.next_lane or not frame.keyframe or self.closed:
+            return False
+        last = self._last_timestamp
+        if last is not None:
+            behind = (last - frame.timestamp) & 0xFFFFFFFF
+            if behind < 1 << 31:  # not newer than what was sent
+                if behind > MAX_SWITCH_LAG:
+                    return False
+                self._origin = (self._origin + behind + 1) & 0xFFFFFFFF
+        old, self.lane, self.next_lane = self.lane, frame.lane, None
+        self.awaiting_keyframe = False
+        self._feedback.leave_lane(self, old)
+        if self._on_lane is not None:
+            self._on_lane(old, frame.lane)
+        return True
+
+    def _video_rate(self, now: float) -> float:
+        """Bit/s sent lately (since the previous estimate, if that was over 0.5 s ago)."""
+        at, octets = self._rate_mark
+        if now - at >= 0.5:
+            self._rate = (self.octets - octets) * 8 / (now - at)
+            self._rate_mark = (now, self.octets)
+        return self._rate
+
+    def _adapt(self, rung: int | None) -> None:
+        if rung is not None:
+            self.move_to(lane_name(self.codec, rung))
+
+    def _ask_keyframe(self, reason: str) -> None:
+        """A keyframe of this viewer's lane, at most once per KEYFRAME_REQUEST_INTERVAL."""
+        now = time.monotonic()
+        if now - self._keyframe_asked < KEYFRAME_REQUEST_INTERVAL:
+            self._feedback.count_feedback("keyframe_request_limited")
+            return
+        self._keyframe_asked = now
+        self._feedback.request_keyframe(reason, self.lane)
 
     def _drop(self, count: int) -> None:
         self.dropped += count
@@ -295,6 +398,8 @@ class RtpStream:
                 if report.ssrc != self._ssrc:
                     continue
                 self.remote_lost = report.packets_lost
+                if self._policy is not None:
+                    self._adapt(self._policy.on_loss(report.fraction_lost / 256, time.monotonic()))
                 if report.lsr == self._lsr and report.dlsr:
                     self.rtt = max(0.0, time.time() - self._lsr_time - report.dlsr / 65536)
         elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
@@ -305,9 +410,17 @@ class RtpStream:
             if packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
                 self._feedback.count_feedback("pli" if packet.fmt == RTCP_PSFB_PLI else "fir")
                 if self.kind == "video":
-                    self._feedback.request_keyframe("pli", self.codec)
+                    self._ask_keyframe("pli")
             elif packet.fmt == RTCP_PSFB_APP:
                 self._feedback.count_feedback("remb")
+                estimate = remb_bitrate(packet.fci)
+                if estimate is not None:
+                    self.estimate = estimate
+                    if self._on_estimate is not None:
+                        self._on_estimate(estimate)
+                    if self._policy is not None:
+                        now = time.monotonic()
+                        self._adapt(self._policy.on_estimate(estimate, self._video_rate(now), now))
 
     def sender_report(self) -> bytes:
         """SR + SDES (CNAME), protected: sent every ~1 s by the viewer's RTCP task."""

@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamError
 from ..errors import BadSDP, GatewayError, Unprocessable, UnsupportedCodec
 from ..events import CurrentSpeech
 from ..media.hub import Fanout
+from ..media.ladder import RungPolicy, lane_name, split_lane
 from ..media.naive import FrameTrack, NaiveHub
 from ..media.rtp import RtpStream, StreamParameters
 from ..metrics import Metrics
@@ -70,7 +71,10 @@ class Viewer:
         viewer_id: str | None = None,
         on_state: Callable[[Viewer], None] | None = None,
         speech: CurrentSpeech | None = None,
+        adaptive: bool = False,
     ) -> None:
+        """``adaptive``: the video moves between rungs of the quality ladder as the viewer's
+        feedback says (``Settings.adaptive_quality``)."""
         self.id = viewer_id or new_viewer_id()
         self.client = client
         """Who offered (see :func:`gateway.api.common.client_key`), for per-client limits."""
@@ -85,6 +89,9 @@ class Viewer:
         self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
         self._channel: RTCDataChannel | None = None
         self._speech = speech
+        self._adaptive = adaptive
+        self._rung = 0
+        """The best rung it may have (its offer's), where its video starts."""
         """The utterance in progress, sent first when the events channel opens."""
         self._remote_ufrag = ""
         self._remote_candidates = 0
@@ -123,6 +130,7 @@ class Viewer:
         """
         pc = self._pc
         codec = offer.video_codec
+        self._rung = offer.rung
         if codec is not None:  # else a listener: audio only
             video = self._add_sender("video", codec.name.lower())
             # Only the codec the hub will encode for this viewer (plus its retransmissions).
@@ -221,15 +229,35 @@ class Viewer:
         hub = self._hub
         if self.close_reason is not None or isinstance(hub, NaiveHub):
             return None
-        on_first = self._first_video_packet if params.kind == "video" else None
-        stream = RtpStream(params, output, hub, on_first)
+        if params.kind != "video":
+            stream = RtpStream(params, output, hub)
+        else:
+            stream = RtpStream(
+                params, output, hub, self._first_video_packet,
+                lane=lane_name(params.codec, self._rung), on_lane=self._moved,
+                on_estimate=self._metrics.bandwidth_estimate.observe,
+                policy=RungPolicy(self._rung, self._rung) if self._adaptive else None)
         if not hub.attach(stream):
             return None
         self._streams.append(stream)
+        if stream.kind == "video":
+            self._metrics.viewer_rungs.labels(str(self._rung)).inc()
         return stream
 
+    def _moved(self, old: str, new: str) -> None:
+        """The video moved to another rung of the ladder."""
+        before, after = split_lane(old)[1], split_lane(new)[1]
+        self._metrics.viewer_rungs.labels(str(before)).dec()
+        self._metrics.viewer_rungs.labels(str(after)).inc()
+        self._metrics.rung_switches.labels("down" if after > before else "up").inc()
+        logger.debug("viewer %s: video %s -> %s", self.id, old, new)
+
     def _stop_stream(self, stream: RtpStream) -> None:
+        if stream.closed:
+            return
         stream.closed = True
+        if stream.kind == "video":
+            self._metrics.viewer_rungs.labels(str(split_lane(stream.lane)[1])).dec()
         if not isinstance(self._hub, NaiveHub):
             self._hub.detach(stream)
 

@@ -111,6 +111,9 @@ class Offer:
     and the answer must not wait for it."""
     end_of_candidates: bool = False
     """The offer said ``a=end-of-candidates`` but :attr:`mdns_candidates` are still to come."""
+    rung: int = 0
+    """The best rung of the quality ladder the viewer may have (its request's ``max_height``,
+    :mod:`gateway.media.ladder`): its video starts there."""
 
 
 

@@ -36,6 +36,7 @@ from prometheus_client import Gauge
 from ..config import Settings
 from ..errors import GatewayError, Saturated, ServiceUnavailable
 from ..media.hub import Hub
+from ..media.ladder import split_lane
 from ..media.rtp import RtpFrame
 from ..metrics import Metrics
 from ..viewers.peer import new_viewer_id
@@ -71,7 +72,8 @@ class WorkerLink:
     worker, and its video waits for a keyframe (asked for at once), like a slow viewer."""
 
     def __init__(self, worker: Worker, hub: Hub, session_id: str, key: str) -> None:
-        self.kind, self.codec = split_kind(key)
+        self.kind, self.lane = split_kind(key)
+        self.codec = split_lane(self.lane)[0] if self.kind == "video" else self.lane
         self._worker = worker
         self._hub = hub
         self._session = session_id.encode()
@@ -89,7 +91,7 @@ class WorkerLink:
         self._hub.count_dropped(self.kind, len(frame.payloads))
         if self.kind == "video":
             self.awaiting_keyframe = True
-            self._hub.request_keyframe("worker_overflow", self.codec)
+            self._hub.request_keyframe("worker_overflow", self.lane)
 
 
 class RemoteViewer:
@@ -354,6 +356,7 @@ class WorkerPool:
             "ice_credential": settings.ice_credential.reveal(),
             "ice_host_addresses": settings.ice_host_addresses,
             "fast_start_frames": settings.fast_start_frames,
+            "adaptive_quality": settings.adaptive_quality,
             # The owner's level (a CLI flag, not a setting) and format.
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             "log_format": settings.log_format,

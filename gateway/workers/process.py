@@ -101,30 +101,33 @@ class SessionFeed:
     def check_codec(codec: str) -> None:
         Hub.check_codec(codec)
 
-    @staticmethod
-    def key(subscriber: Subscriber) -> str:
-        return f"{subscriber.kind}/{subscriber.codec}"
-
     def attach(self, subscriber: Subscriber) -> bool:
         if self.closed:
             return False
-        key = self.key(subscriber)
+        self._add(subscriber, f"{subscriber.kind}/{subscriber.lane}", "join")
+        return True
+
+    def _add(self, subscriber: Subscriber, key: str, reason: str) -> None:
         subscribers = self.subscribers[key]
         subscribers.add(subscriber)
         if len(subscribers) == 1:
             if subscriber.kind == "video":  # anew: an earlier subscription's frames are stale
                 self._fast_starts[key] = FastStart(self._fast_start_frames)
             self._worker.control.send("subscribe", self.session_id, key)
+            if reason == "switch":  # the owner's replay of recent frames is too old to move on
+                self.request_keyframe(reason, key.partition("/")[2])
         elif subscriber.kind == "video":
             fast_start = self._fast_starts.get(key)
-            if fast_start is not None and fast_start.replay(subscriber):
+            if reason == "join" and fast_start is not None and fast_start.replay(subscriber):
                 self._worker.metrics.fast_starts.inc()
             else:
-                self.request_keyframe("join", subscriber.codec)
-        return True
+                self.request_keyframe(reason, key.partition("/")[2])
 
     def detach(self, subscriber: Subscriber) -> None:
-        key = self.key(subscriber)
+        for key in [k for k, members in self.subscribers.items() if subscriber in members]:
+            self._remove(subscriber, key)
+
+    def _remove(self, subscriber: Subscriber, key: str) -> None:
         subscribers = self.subscribers.get(key)
         if subscribers is None or subscriber not in subscribers:
             return
@@ -132,8 +135,15 @@ class SessionFeed:
         if not subscribers and not self.closed:
             self._worker.control.send("unsubscribe", self.session_id, key)
 
-    def request_keyframe(self, reason: str, codec: str = "vp8") -> None:
-        self._worker.control.send("keyframe", self.session_id, codec, reason)
+    def join_lane(self, subscriber: Subscriber, lane: str) -> None:
+        if not self.closed:
+            self._add(subscriber, f"video/{lane}", "switch")
+
+    def leave_lane(self, subscriber: Subscriber, lane: str) -> None:
+        self._remove(subscriber, f"video/{lane}")
+
+    def request_keyframe(self, reason: str, lane: str = "vp8") -> None:
+        self._worker.control.send("keyframe", self.session_id, lane, reason)
 
     def count_dropped(self, kind: str, count: int) -> None:
         self._worker.metrics.packets_dropped.labels(kind).inc(count)
@@ -199,7 +209,7 @@ class Worker:
     def _new_viewer(self, session_id: str, viewer_id: str, client: str) -> Viewer:
         viewer = Viewer(self._feed(session_id), self._rtc, cast(Metrics, self.metrics),
                         self._viewer_closed, client=client, viewer_id=viewer_id,
-                        on_state=self._viewer_state,
+                        on_state=self._viewer_state, adaptive=self._settings["adaptive_quality"],
                         speech=self._speech.setdefault(session_id, CurrentSpeech()))
         self._viewers[viewer_id] = viewer
         self._session_of[viewer_id] = session_id

@@ -21,13 +21,16 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from ..media.ladder import RUNGS, lane_name
 from ..media.rtp import RtpFrame, ntp_now
 
 MEDIA_BUFFER = 8 << 20
 """Socket buffer on both ends of the media socket: a few keyframes at 1080p, ~0.5 s of video."""
 MAX_MEDIA_MESSAGE = 1 << 20
 MAX_CONTROL_MESSAGE = 16 << 20
-KINDS = ("video/vp8", "video/h264", "audio/opus")
+KINDS = ("audio/opus",
+         *(f"video/{lane_name(codec, rung)}" for codec in ("vp8", "h264") for rung in range(RUNGS)))
+"""What a media datagram may carry: audio, or a video lane (a codec and a ladder rung)."""
 
 # session id length, kind index, keyframe, RTP timestamp, payload count (the send time is the
 # worker's own: a frame leaves the worker when it arrives)
@@ -67,8 +70,9 @@ def parse_media(data: memoryview) -> tuple[str, str, RtpFrame]:
         pos += size
     if pos != len(data):
         raise ValueError("media message length does not match its payloads")
-    return session_id, KINDS[kind], RtpFrame(tuple(payloads), timestamp, bool(keyframe),
-                                            ntp_now())
+    key = KINDS[kind]
+    return session_id, key, RtpFrame(tuple(payloads), timestamp, bool(keyframe), ntp_now(),
+                                      split_kind(key)[1])
 
 
 class Control:
@@ -108,7 +112,7 @@ class Control:
 
 
 def split_kind(kind: str) -> tuple[str, str]:
-    """``"video/vp8"`` → ``("video", "vp8")``."""
+    """``"video/vp8@1"`` → ``("video", "vp8@1")``: the kind and the lane."""
     media, _, codec = kind.partition("/")
     return media, codec
 

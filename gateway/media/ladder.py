@@ -1,0 +1,149 @@
+"""The quality ladder: a session's video at up to three sizes, each encoded once.
+
+What SFUs get from simulcast, done with our own encoders: a lane of the hub per codec and
+rung (rung 0 is the session's own size; rung 1 half its width and height, rung 2 a quarter),
+each encoding only while a viewer is on it, so a session watched by phones on weak links and
+desktops on good ones encodes at most three times per codec, never once per viewer. A rung's
+frames are scaled from the upstream's in the lane's own thread.
+
+A lane is named by a string everything else already keys on: ``"vp8"`` for rung 0 (as before
+the ladder), ``"vp8@1"``, ``"vp8@2"`` for the smaller ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RUNGS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Rung:
+    index: int
+    divisor: int
+    """Each side of the picture is divided by this (1, 2, 4)."""
+    bitrate_share: float
+    """Of the session tier's bitrate: the rung's encoder ceiling."""
+
+
+LADDER = (Rung(0, 1, 1.0), Rung(1, 2, 1 / 3), Rung(2, 4, 1 / 8))
+"""720p at the high tier's 2 Mbps ceiling becomes 360p at ~670 kbps and 180p at 250 kbps; the
+avatar, mostly still, uses about half of each ceiling."""
+
+
+def lane_name(codec: str, rung: int) -> str:
+    if not 0 <= rung < RUNGS:
+        raise ValueError(f"no rung {rung}: the ladder has {RUNGS}")
+    return codec if rung == 0 else f"{codec}@{rung}"
+
+
+def split_lane(lane: str) -> tuple[str, int]:
+    """``"vp8@2"`` → ``("vp8", 2)``; ``"vp8"`` → ``("vp8", 0)``."""
+    codec, _, rung = lane.partition("@")
+    index = int(rung) if rung else 0
+    if not 0 <= index < RUNGS:
+        raise ValueError(f"no rung {index} in lane {lane!r}")
+    return codec, index
+
+
+def scaled_size(width: int, height: int, divisor: int) -> tuple[int, int]:
+    """Each side divided by ``divisor``, kept even (yuv420p)."""
+    return max(2, width // divisor & ~1), max(2, height // divisor & ~1)
+
+
+def rung_size(width: int, height: int, rung: int) -> tuple[int, int]:
+    """The rung's picture size for a source of ``width`` x ``height``."""
+    return scaled_size(width, height, LADDER[rung].divisor)
+
+
+def rung_for_height(height: int, max_height: int) -> int:
+    """The largest rung of a ``height``-pixel session no taller than ``max_height`` (the
+    smallest rung if none is)."""
+    for rung in LADDER:
+        if rung_size(height * 2, height, rung.index)[1] <= max_height:
+            return rung.index
+    return RUNGS - 1
+
+
+AUDIO_ALLOWANCE = 60_000
+"""Bit/s a viewer's audio takes next to its video (Opus voice, 40 ms packets, with headers)."""
+DOWN_AFTER = 2
+"""Consecutive reports of too little bandwidth (or too much loss) before moving down."""
+UP_AFTER = 3
+"""Consecutive estimates with room to spare before trying the rung above."""
+MAX_LOSS = 0.10
+"""Loss fraction (receiver reports) that counts as a congested link."""
+UP_HOLD = 5.0
+"""Seconds on a rung before trying the one above; doubled after a try that failed (the viewer
+came back down within FAILED_WITHIN), up to MAX_UP_HOLD."""
+FAILED_WITHIN = 6.0
+MAX_UP_HOLD = 60.0
+
+
+class RungPolicy:
+    """Which rung one viewer should be on, from what its browser reports.
+
+    Down quickly: two REMB estimates below what the viewer is being sent (its video's measured
+    rate and its audio), or two receiver reports with more than 10% loss, move it to the
+    highest rung the estimate carries with 15% to spare. Up slowly: after :data:`UP_HOLD`
+    seconds on a rung, three estimates at 1.3x what it is sent (the estimator is not what
+    limits it) try the rung above. A receiver-side estimate never grows far past what it
+    receives (Chromium's caps it at 1.5x), so "room to spare" is all it can say; a try that
+    fails doubles the hold, so a link between two rungs is probed ever more rarely.
+
+    ``top`` is the best rung the viewer may have (its ``max_height``). Rates of rungs it is
+    not on are its own rate scaled by the rungs' ceilings.
+    """
+
+    def __init__(self, rung: int, top: int = 0) -> None:
+        self.rung = rung
+        self.top = top
+        self._short = 0  # consecutive estimates below what is sent
+        self._lossy = 0  # consecutive lossy reports
+        self._room = 0  # consecutive estimates with room to spare
+        self._changed = -float("inf")
+        self._went_up = -float("inf")
+        self._hold = UP_HOLD
+
+    def on_loss(self, fraction: float, now: float) -> int | None:
+        self._lossy = self._lossy + 1 if fraction > MAX_LOSS else 0
+        if fraction > MAX_LOSS / 5:
+            self._room = 0
+        if self._lossy >= DOWN_AFTER and self.rung < RUNGS - 1:
+            return self._move(self.rung + 1, now)
+        return None
+
+    def on_estimate(self, estimate: int, video_rate: float, now: float) -> int | None:
+        """``video_rate``: bit/s of video sent to the viewer lately (at its current rung)."""
+        sent = video_rate + AUDIO_ALLOWANCE
+        if estimate < 0.9 * sent:
+            self._short, self._room = self._short + 1, 0
+            if self._short >= DOWN_AFTER and self.rung < RUNGS - 1:
+                return self._move(self._fitting(estimate, video_rate), now)
+            return None
+        self._short = 0
+        self._room = self._room + 1 if estimate >= 1.3 * sent else 0
+        if (self._room >= UP_AFTER and self.rung > self.top
+                and now - self._changed >= self._hold):
+            return self._move(self.rung - 1, now)
+        return None
+
+    def _fitting(self, estimate: int, video_rate: float) -> int:
+        """The best rung below this one whose video and audio fit 85% of ``estimate``."""
+        share = LADDER[self.rung].bitrate_share
+        for rung in LADDER[self.rung + 1:]:
+            if video_rate * rung.bitrate_share / share + AUDIO_ALLOWANCE <= 0.85 * estimate:
+                return rung.index
+        return RUNGS - 1
+
+    def _move(self, rung: int, now: float) -> int:
+        if rung > self.rung:
+            # Down soon after a try up: it failed, wait longer before the next. Down later:
+            # the link changed, and the next try may come as soon as the first.
+            failed = now - self._went_up < FAILED_WITHIN
+            self._hold = min(MAX_UP_HOLD, self._hold * 2) if failed else UP_HOLD
+        else:
+            self._went_up = now
+        self.rung, self._changed = rung, now
+        self._short = self._lossy = self._room = 0
+        return rung

@@ -1,0 +1,219 @@
+"""The quality ladder (gateway/media/ladder.py): lanes per codec and rung, each encoded once;
+a viewer's video on the rung its request and its feedback allow, moving only at a keyframe of
+the rung it moves to; keyframes that stay on their rung; a PLI storm that costs one keyframe
+a second. The network test (a viewer behind a shaped link) is tests/test_ladder_network.py."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, cast
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.api.common import METRICS, SESSIONS
+from gateway.media.ladder import (
+    AUDIO_ALLOWANCE,
+    MAX_UP_HOLD,
+    UP_HOLD,
+    RungPolicy,
+    lane_name,
+    rung_for_height,
+    rung_size,
+    split_lane,
+)
+from gateway.media.rtp import RtpStream, StreamParameters, remb_bitrate
+from gateway.viewers.peer import Viewer
+
+from .rtc_client import WhepViewer
+from .test_media import Recorder, encode, make_hub
+
+Client = TestClient[Any, Any]
+
+
+def test_lane_names_and_sizes() -> None:
+    assert [lane_name("vp8", r) for r in range(3)] == ["vp8", "vp8@1", "vp8@2"]
+    assert split_lane("h264@2") == ("h264", 2) and split_lane("vp8") == ("vp8", 0)
+    with pytest.raises(ValueError):
+        split_lane("vp8@3")
+    assert [rung_size(1280, 720, r) for r in range(3)] == [(1280, 720), (640, 360), (320, 180)]
+    assert rung_size(854, 480, 2) == (212, 120)  # even sides, as yuv420p needs
+    assert [rung_for_height(720, h) for h in (1080, 720, 500, 360, 200, 180, 90)] == \
+        [0, 0, 1, 1, 2, 2, 2]
+
+
+def test_remb_bitrate_is_read_from_the_feedback() -> None:
+    # 1.5 Mbit/s as exponent 3 and mantissa 187500, one SSRC.
+    fci = b"REMB" + bytes([1, 3 << 2 | 187500 >> 16, 187500 >> 8 & 0xFF, 187500 & 0xFF]) + \
+        (1234).to_bytes(4, "big")
+    assert remb_bitrate(fci) == 1_500_000
+    assert remb_bitrate(b"GOOG" + fci[4:]) is None and remb_bitrate(b"REMB") is None
+
+
+def test_the_policy_moves_down_fast_and_up_slowly() -> None:
+    policy = RungPolicy(0)
+    video = 900_000.0  # what rung 0 sends this viewer
+    sent = video + AUDIO_ALLOWANCE
+    assert policy.on_estimate(int(sent * 1.1), video, 0.0) is None
+    # One low estimate is noise; two move it down, to the best rung that fits 85% of it.
+    assert policy.on_estimate(450_000, video, 1.0) is None
+    assert policy.on_estimate(450_000, video, 2.0) == 1  # rung 1: 300k + audio fit 382k
+    # Room to spare, but not for long enough yet.
+    rung1 = video / 3
+    roomy = int(1.5 * (rung1 + AUDIO_ALLOWANCE))
+    now = 2.0
+    for _ in range(10):
+        now += 0.4
+        assert policy.on_estimate(roomy, rung1, now) is None
+    # After the hold, it tries the rung above (it has seen three roomy estimates and more).
+    assert policy.on_estimate(roomy, rung1, 2.0 + UP_HOLD) == 0
+    # Less room than 1.3x resets the count: three in a row are needed again.
+    policy = RungPolicy(1)
+    tight = int(1.1 * (rung1 + AUDIO_ALLOWANCE))
+    answers = [policy.on_estimate(e, rung1, 100.0 + i)
+               for i, e in enumerate((roomy, roomy, tight, roomy, roomy, roomy))]
+    assert answers == [None, None, None, None, None, 0]
+
+
+def test_a_failed_try_up_doubles_the_hold_and_a_cap_is_kept() -> None:
+    policy = RungPolicy(1)
+    rung1, now = 300_000.0, 0.0
+    roomy = int(1.5 * (rung1 + AUDIO_ALLOWANCE))
+    holds = []
+    for _ in range(6):
+        start = now
+        while policy.on_estimate(roomy, rung1, now) != 0:  # wait for the try up
+            now += 0.5
+        holds.append(now - start)
+        # The link could not carry it: two lossy reports, back down.
+        assert policy.on_loss(0.3, now + 0.5) is None and policy.on_loss(0.3, now + 1.0) == 1
+        now += 1.0
+    assert holds[0] < UP_HOLD + 2 and holds[1] > 1.8 * UP_HOLD
+    assert holds[-1] <= MAX_UP_HOLD + 2 and holds == sorted(holds)
+    # A viewer that asked for at most rung 1 (max_height) is never moved above it.
+    capped = RungPolicy(1, top=1)
+    assert all(capped.on_estimate(roomy * 4, rung1, t * 1.0) is None for t in range(100))
+
+
+class _Feedback:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.counted: list[str] = []
+
+    def request_keyframe(self, reason: str, lane: str) -> None:
+        self.requests.append((reason, lane))
+
+    def count_feedback(self, kind: str) -> None:
+        self.counted.append(kind)
+
+    def count_dropped(self, kind: str, count: int) -> None: ...
+
+    def join_lane(self, subscriber: RtpStream, lane: str) -> None: ...
+
+    def leave_lane(self, subscriber: RtpStream, lane: str) -> None: ...
+
+
+def test_a_pli_storm_from_one_viewer_asks_for_one_keyframe_a_second() -> None:
+    from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
+
+    feedback = _Feedback()
+    params = StreamParameters(kind="video", codec="vp8", payload_type=96, ssrc=7, cname="c")
+    stream = RtpStream(params, cast(Any, None), feedback, lane="vp8@1")
+    for _ in range(50):
+        stream.handle_rtcp(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=7))
+    assert feedback.requests == [("pli", "vp8@1")]  # its own rung's, once
+    assert feedback.counted.count("pli") == 50
+    assert feedback.counted.count("keyframe_request_limited") == 49
+
+
+async def test_keyframes_asked_for_on_one_rung_are_encoded_on_that_rung_only() -> None:
+    hub = make_hub(keyframe_interval=60.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
+    full, small = Recorder(lane="vp8"), Recorder(lane="vp8@1")
+    assert hub.attach(full) and hub.attach(small)
+    await encode(hub, 0, 3, codecs=2)
+    assert sum(f.keyframe for f in full.frames) == 1 and sum(f.keyframe for f in small.frames) == 1
+    for index in range(3, 9):
+        hub.request_keyframe("pli", "vp8@1")
+        await encode(hub, index, 1, codecs=2)
+    assert sum(f.keyframe for f in small.frames) == 7
+    assert sum(f.keyframe for f in full.frames) == 1  # untouched by the other rung's requests
+    # Every lane stamps a source frame alike: a viewer can move between them.
+    assert [f.timestamp for f in full.frames] == [f.timestamp for f in small.frames]
+    assert {f.lane for f in small.frames} == {"vp8@1"}
+    await hub.close()
+
+
+def video_stream(viewer: Viewer) -> RtpStream:
+    return next(s for s in viewer._streams if s.kind == "video")
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def sizes(viewer: WhepViewer) -> list[tuple[int, int]]:
+    return [(s.width, s.height) for s in viewer.received.video]
+
+
+@pytest.mark.parametrize("settings", [None, "two-workers"], indirect=True)
+async def test_viewers_decode_the_rung_their_request_allows(client: Client) -> None:
+    created = await (await client.post("/v1/sessions")).json()  # 640x360
+    session = client.app[SESSIONS].get(created["id"])
+    viewers = [WhepViewer(client, created["id"], query=q)
+               for q in ("", "?max_height=200", "?max_height=90")]
+    try:
+        for viewer in viewers:
+            await viewer.connect()
+        await wait_for(lambda: all(len(v.received.video) >= 10 for v in viewers))
+        assert [set(sizes(v)) for v in viewers] == [{(640, 360)}, {(320, 180)}, {(160, 90)}]
+        assert sorted(session.hub.video_codecs) == ["vp8", "vp8@1", "vp8@2"]  # each once
+        metrics = client.app[METRICS]
+        await wait_for(lambda: [metrics.viewer_rungs.labels(str(r))._value.get()
+                                for r in range(3)] == [1, 1, 1])
+        bad = await client.post(f"/v1/sessions/{created['id']}/whep?max_height=tall",
+                                data="v=0\r\n", headers={"Content-Type": "application/sdp"})
+        assert bad.status == 400 and "max_height" in (await bad.json())["error"]["message"]
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+
+
+async def test_a_viewer_moves_between_rungs_at_a_keyframe(client: Client) -> None:
+    created = await (await client.post("/v1/sessions")).json()
+    session = client.app[SESSIONS].get(created["id"])
+    player = WhepViewer(client, created["id"])
+    try:
+        await player.connect()
+        await wait_for(lambda: len(player.received.video) >= 10)
+        (viewer,) = session.audience._viewers.values()
+        assert isinstance(viewer, Viewer)
+        stream = video_stream(viewer)
+        stream.move_to("vp8@1")
+        await wait_for(lambda: stream.lane == "vp8@1")
+        count = len(player.received.video)
+        await wait_for(lambda: len(player.received.video) >= count + 10)
+        seen = sizes(player)
+        switch = seen.index((320, 180))
+        # One move: the full size up to a frame, the half size from it on, nothing between.
+        assert set(seen[:switch]) == {(640, 360)} and set(seen[switch:]) == {(320, 180)}
+        # The full-size lane lost its only viewer: its encoder idles.
+        lanes = session.hub._lanes
+        assert not lanes["vp8"].subscribers and lanes["vp8@1"].subscribers == {stream}
+        pts = [s.pts for s in player.received.video if s.pts is not None]
+        assert all(0 < (b - a) % (1 << 32) < 1 << 31 for a, b in itertools.pairwise(pts))
+        metrics = client.app[METRICS]
+        assert metrics.rung_switches.labels("down")._value.get() == 1
+        assert metrics.viewer_rungs.labels("0")._value.get() == 0
+        assert metrics.viewer_rungs.labels("1")._value.get() == 1
+        # And back up.
+        stream.move_to("vp8")
+        count = len(player.received.video)
+        await wait_for(lambda: len(player.received.video) >= count + 10
+                       and sizes(player)[-1] == (640, 360))
+        assert metrics.rung_switches.labels("up")._value.get() == 1
+    finally:
+        await player.close()
+    await wait_for(lambda: metrics.viewer_rungs.labels("0")._value.get() == 0)
+
