@@ -173,6 +173,8 @@ class VideoLane:
         self._frame_ready = asyncio.Event()
         self._keyframe_reason: str | None = "start"
         self._last_keyframe = -float("inf")
+        self.keyframes = 0
+        """Encoded by this lane: its viewers each received them all."""
         # Label lookups take a lock and a dict probe: resolve the per-frame ones once.
         self._encoded = self._metrics.frames_encoded.labels("video", self.codec)
         self._encode_time = self._metrics.encode_duration.labels(self.codec)
@@ -242,6 +244,7 @@ class VideoLane:
                 if keyframe:
                     self._last_keyframe = time.monotonic()
                     self._keyframe_reason = None
+                    self.keyframes += 1
                     self._stats.keyframes += 1
                     self._metrics.keyframes.labels(reason or "encoder").inc()
                 for tap in tuple(self.taps):

@@ -65,14 +65,15 @@ def rung_for_height(height: int, max_height: int) -> int:
     return RUNGS - 1
 
 
-AUDIO_ALLOWANCE = 60_000
-"""Bit/s a viewer's audio takes next to its video (Opus voice, 40 ms packets, with headers)."""
 DOWN_AFTER = 2
 """Consecutive reports of too little bandwidth (or too much loss) before moving down."""
 UP_AFTER = 3
 """Consecutive estimates with room to spare before trying the rung above."""
 MAX_LOSS = 0.10
 """Loss fraction (receiver reports) that counts as a congested link."""
+GRACE = 2.0
+"""Seconds after joining or moving in which estimates do not move a viewer down: its rate
+then includes a keyframe, and a new estimator starts low."""
 UP_HOLD = 5.0
 """Seconds on a rung before trying the one above; doubled after a try that failed (the viewer
 came back down within FAILED_WITHIN), up to MAX_UP_HOLD."""
@@ -83,27 +84,33 @@ MAX_UP_HOLD = 60.0
 class RungPolicy:
     """Which rung one viewer should be on, from what its browser reports.
 
-    Down quickly: two REMB estimates below what the viewer is being sent (its video's measured
-    rate and its audio), or two receiver reports with more than 10% loss, move it to the
-    highest rung the estimate carries with 15% to spare. Up slowly: after :data:`UP_HOLD`
-    seconds on a rung, three estimates at 1.3x what it is sent (the estimator is not what
-    limits it) try the rung above. A receiver-side estimate never grows far past what it
-    receives (Chromium's caps it at 1.5x), so "room to spare" is all it can say; a try that
-    fails doubles the hold, so a link between two rungs is probed ever more rarely.
+    The estimate is the receiver's (REMB, from the arrival times of the video's packets: the
+    capacity left for video once audio and anything else took theirs); it is compared with the
+    video rate the viewer was sent lately. Down quickly: two estimates below 90% of that rate
+    that did not grow (an estimator ramping up from its start is below the rate too, but
+    grows; one that saw the link congest cuts its estimate), or two receiver reports with more
+    than 10% loss, move it to the best rung whose rate fits
+    85% of the estimate. Up slowly: after :data:`UP_HOLD` seconds on a rung, three estimates
+    at 1.3x the rate (the estimator is not what limits it) try the rung above. A receiver's
+    estimate never grows far past what it receives (Chromium and aiortc cap it at 1.5x), so
+    "room to spare" is all it can say: a link between 1.3x one rung and the next rung's rate
+    makes tries that fail, and a try that fails doubles the hold, so such a link is probed
+    ever more rarely.
 
     ``top`` is the best rung the viewer may have (its ``max_height``). Rates of rungs it is
     not on are its own rate scaled by the rungs' ceilings.
     """
 
-    def __init__(self, rung: int, top: int = 0) -> None:
+    def __init__(self, rung: int, top: int = 0, now: float = 0.0) -> None:
         self.rung = rung
         self.top = top
         self._short = 0  # consecutive estimates below what is sent
         self._lossy = 0  # consecutive lossy reports
         self._room = 0  # consecutive estimates with room to spare
-        self._changed = -float("inf")
+        self._changed = now
         self._went_up = -float("inf")
         self._hold = UP_HOLD
+        self._last_estimate: int | None = None
 
     def on_loss(self, fraction: float, now: float) -> int | None:
         self._lossy = self._lossy + 1 if fraction > MAX_LOSS else 0
@@ -115,24 +122,25 @@ class RungPolicy:
 
     def on_estimate(self, estimate: int, video_rate: float, now: float) -> int | None:
         """``video_rate``: bit/s of video sent to the viewer lately (at its current rung)."""
-        sent = video_rate + AUDIO_ALLOWANCE
-        if estimate < 0.9 * sent:
+        previous, self._last_estimate = self._last_estimate, estimate
+        if estimate < 0.9 * video_rate and previous is not None and estimate <= previous:
             self._short, self._room = self._short + 1, 0
-            if self._short >= DOWN_AFTER and self.rung < RUNGS - 1:
+            if (self._short >= DOWN_AFTER and self.rung < RUNGS - 1
+                    and now - self._changed >= GRACE):
                 return self._move(self._fitting(estimate, video_rate), now)
             return None
         self._short = 0
-        self._room = self._room + 1 if estimate >= 1.3 * sent else 0
+        self._room = self._room + 1 if estimate >= 1.3 * video_rate else 0
         if (self._room >= UP_AFTER and self.rung > self.top
                 and now - self._changed >= self._hold):
             return self._move(self.rung - 1, now)
         return None
 
     def _fitting(self, estimate: int, video_rate: float) -> int:
-        """The best rung below this one whose video and audio fit 85% of ``estimate``."""
+        """The best rung below this one whose video fits 85% of ``estimate``."""
         share = LADDER[self.rung].bitrate_share
         for rung in LADDER[self.rung + 1:]:
-            if video_rate * rung.bitrate_share / share + AUDIO_ALLOWANCE <= 0.85 * estimate:
+            if video_rate * rung.bitrate_share / share <= 0.85 * estimate:
                 return rung.index
         return RUNGS - 1
 

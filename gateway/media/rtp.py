@@ -22,6 +22,7 @@ stream its :class:`Output` (SRTP + the ICE pair's socket) and routes RTCP to it.
 
 from __future__ import annotations
 
+import collections
 import random
 import secrets
 import struct
@@ -56,7 +57,15 @@ HISTORY = 512
 """Packets a stream keeps for retransmission: ~1.5 s of 720p video, longer than any NACK
 worth answering (a browser gives up on a frame after ~1 RTT + jitter buffer)."""
 RETRANSMIT_BUDGET = 300
-"""Retransmissions per stream per second at most (about the stream's own packet rate)."""
+"""Retransmissions per stream per second at most (about the stream's own packet rate), and
+no more bytes than half the viewer's bandwidth estimate."""
+RETRANSMIT_MAX_AGE = 1.0
+"""Seconds (of media time) after which a packet is not sent again."""
+RETRANSMIT_MAX_BEHIND = 96
+"""Packets after which one is not sent again either. A player may take a packet that far
+behind for a restart of the stream (aiortc resets its jitter buffer 100 behind)."""
+RATE_WINDOW = 2.0
+"""Seconds of sent video a viewer's rate is measured over, for its rung policy."""
 MAX_SWITCH_LAG = 4500
 """RTP ticks (50 ms of video) a lane's first keyframe may lag what a viewer moving onto it
 was last sent."""
@@ -203,7 +212,8 @@ class RtpStream:
         self._on_lane = on_lane
         self._on_estimate = on_estimate
         self._policy = policy
-        self._rate_mark = (time.monotonic(), 0)
+        self._sent_marks: collections.deque[tuple[float, int]] = collections.deque(
+            [(time.monotonic(), 0)], maxlen=16)
         self._rate = 0.0
         self._last_timestamp: int | None = None
         self._keyframe_asked = -float("inf")
@@ -226,6 +236,7 @@ class RtpStream:
         self._hist_payload: list[bytes] = [b""] * HISTORY
         self._hist_stamp = [0] * HISTORY  # timestamp << 1 | marker
         self._budget = RETRANSMIT_BUDGET
+        self._budget_bytes = 1 << 30
         self._budget_at = time.monotonic()
         self.awaiting_keyframe = self.kind == "video"
         self.closed = False
@@ -337,11 +348,15 @@ class RtpStream:
         return True
 
     def _video_rate(self, now: float) -> float:
-        """Bit/s sent lately (since the previous estimate, if that was over 0.5 s ago)."""
-        at, octets = self._rate_mark
+        """Bit/s sent over about the last RATE_WINDOW seconds (marks taken at each estimate):
+        long enough that a keyframe does not look like a rate."""
+        marks = self._sent_marks
+        marks.append((now, self.octets))
+        while len(marks) > 2 and now - marks[1][0] >= RATE_WINDOW:
+            marks.popleft()
+        at, octets = marks[0]
         if now - at >= 0.5:
             self._rate = (self.octets - octets) * 8 / (now - at)
-            self._rate_mark = (now, self.octets)
         return self._rate
 
     def _adapt(self, rung: int | None) -> None:
@@ -366,18 +381,27 @@ class RtpStream:
         slot = seq % HISTORY
         if self._hist_seq[slot] != seq or self.closed:
             return
+        stamp = self._hist_stamp[slot]
+        if ((self._seq - seq) & 0xFFFF > RETRANSMIT_MAX_BEHIND
+                or (self._last_rtp - (stamp >> 1)) & 0xFFFFFFFF > RETRANSMIT_MAX_AGE * self._clock_rate):
+            return  # the player has decoded on or asked for a keyframe: it only costs its link
+        payload = self._hist_payload[slot]
         now = time.monotonic()
         if now - self._budget_at >= 1.0:
-            self._budget, self._budget_at = RETRANSMIT_BUDGET, now
-        if self._budget <= 0:
+            # Packets, and bytes: at most half of what the viewer's link is estimated to carry,
+            # so repairs cannot crowd out the stream they repair on a slow link.
+            estimate = self.estimate
+            self._budget_at = now
+            self._budget = RETRANSMIT_BUDGET
+            self._budget_bytes = estimate // 16 if estimate else 1 << 30
+        if self._budget <= 0 or self._budget_bytes < len(payload):
             return
         writer = self._output.writer()
         if writer is None:
             return
         self._budget -= 1
+        self._budget_bytes -= len(payload)
         protect, send = writer
-        stamp = self._hist_stamp[slot]
-        payload = self._hist_payload[slot]
         pt, ssrc = self._pt, self._ssrc
         if self.params.rtx_payload_type is not None:
             payload = _RTX_OSN.pack(seq) + payload

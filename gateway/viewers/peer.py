@@ -236,7 +236,8 @@ class Viewer:
                 params, output, hub, self._first_video_packet,
                 lane=lane_name(params.codec, self._rung), on_lane=self._moved,
                 on_estimate=self._metrics.bandwidth_estimate.observe,
-                policy=RungPolicy(self._rung, self._rung) if self._adaptive else None)
+                policy=RungPolicy(self._rung, self._rung, time.monotonic())
+                if self._adaptive else None)
         if not hub.attach(stream):
             return None
         self._streams.append(stream)
