@@ -138,6 +138,9 @@ class Options:
     worker_share: float | None
     """Each fan-out worker limited to this share of a core (``--worker-cpu-share``)."""
     out: Path
+    heights: tuple[int, ...] = ()
+    """``max_height`` of each viewer's WHEP request in turn (0: none), spreading the viewers
+    over rungs of the quality ladder (Pion client; ``bench/ladder.py``)."""
 
 
 
@@ -307,9 +310,12 @@ async def run_viewers(opts: Options, gw: Gateway, session: dict[str, Any], n: in
         "--gateway", gw.base_url, "--whep", str(session["whep_url"]), "--n", str(n),
         "--codec", codec, *batch, "--warmup", str(opts.warmup), "--measure", str(opts.measure),
         "--server-pid", str(gw.process.pid), "--metrics",
-        "--expect-size", f"{session['width']}x{session['height']}",
         "--ice-address", NETNS_ADDRESS,
     ]
+    if opts.heights:  # viewers on several rungs: keyframes of several sizes
+        args += ["--heights", ",".join(map(str, opts.heights))]
+    else:
+        args += ["--expect-size", f"{session['width']}x{session['height']}"]
     if not opts.data_channel:
         args.append("--no-data-channel")
     if opts.answer_delay:

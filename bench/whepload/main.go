@@ -43,6 +43,7 @@ import (
 	"net/http"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -60,6 +61,7 @@ type config struct {
 	serverPID               int
 	metrics                 bool
 	expectSize              string
+	heights                 []int
 	dataChannel             bool
 	deleteAtEnd             bool
 	iceAddresses            []net.IP
@@ -101,11 +103,22 @@ func parseFlags() *config {
 	flag.IntVar(&c.serverPID, "server-pid", 0, "sample this process's CPU time and RSS")
 	flag.BoolVar(&c.metrics, "metrics", false, "also read the gateway's /metrics at both snapshots")
 	flag.StringVar(&c.expectSize, "expect-size", "", "WIDTHxHEIGHT every keyframe header must carry")
+	heights := flag.String("heights", "", "comma-separated max_height per viewer, in turn (0: none): viewers spread over rungs of the quality ladder")
 	flag.BoolVar(&noDataChannel, "no-data-channel", false, "offer no events data channel")
 	flag.BoolVar(&noDelete, "no-delete", false, "don't DELETE the WHEP resources at the end")
 	flag.Var(&ice, "ice-address", "gather ICE candidates on this address only (repeatable)")
 	flag.StringVar(&c.out, "out", "", "write the JSON result here instead of stdout")
 	flag.Parse()
+	for _, field := range strings.Split(*heights, ",") {
+		if field = strings.TrimSpace(field); field == "" {
+			continue
+		}
+		height, err := strconv.Atoi(field)
+		if err != nil || height < 0 {
+			fail("-heights: %q is not a height in pixels", field)
+		}
+		c.heights = append(c.heights, height)
+	}
 	if c.gateway == "" || c.whepURL == "" {
 		fail("-gateway and -whep are required")
 	}

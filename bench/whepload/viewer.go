@@ -254,7 +254,13 @@ func (v *viewer) connect(ctx context.Context, cfg *config) {
 func (v *viewer) post(ctx context.Context, cfg *config, offer string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, cfg.whepURL, strings.NewReader(offer))
+	endpoint := cfg.whepURL
+	if len(cfg.heights) > 0 {
+		if height := cfg.heights[v.index%len(cfg.heights)]; height > 0 {
+			endpoint += fmt.Sprintf("?max_height=%d", height)
+		}
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(offer))
 	if err != nil {
 		return "", err
 	}
