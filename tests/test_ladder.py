@@ -6,7 +6,9 @@ a second. The network test (a viewer behind a shaped link) is tests/test_ladder_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -15,6 +17,7 @@ from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
+from gateway.media.hub import Hub
 from gateway.media.ladder import (
     GRACE,
     MAX_UP_HOLD,
@@ -26,6 +29,7 @@ from gateway.media.ladder import (
     split_lane,
 )
 from gateway.media.rtp import RtpStream, StreamParameters, remb_bitrate
+from gateway.sessions import Session
 from gateway.viewers.peer import Viewer
 
 from .conftest import ClientFactory, make_settings
@@ -187,7 +191,9 @@ async def test_viewers_decode_the_rung_their_request_allows(client: Client) -> N
         await asyncio.gather(*(v.close() for v in viewers))
 
 
-async def test_a_viewer_moves_between_rungs_at_a_keyframe(client: Client) -> None:
+@contextlib.asynccontextmanager
+async def one_viewer(client: Client) -> AsyncIterator[tuple[WhepViewer, RtpStream, Session]]:
+    """A session with one playing aiortc viewer: its player, its video stream in the gateway."""
     created = await (await client.post("/v1/sessions")).json()
     session = client.app[SESSIONS].get(created["id"])
     player = WhepViewer(client, created["id"])
@@ -196,7 +202,13 @@ async def test_a_viewer_moves_between_rungs_at_a_keyframe(client: Client) -> Non
         await wait_for(lambda: len(player.received.video) >= 10)
         (viewer,) = session.audience._viewers.values()
         assert isinstance(viewer, Viewer)
-        stream = video_stream(viewer)
+        yield player, video_stream(viewer), session
+    finally:
+        await player.close()
+
+
+async def test_a_viewer_moves_between_rungs_at_a_keyframe(client: Client) -> None:
+    async with one_viewer(client) as (player, stream, session):
         stream.move_to("vp8@1")
         await wait_for(lambda: stream.lane == "vp8@1")
         count = len(player.received.video)
@@ -206,6 +218,7 @@ async def test_a_viewer_moves_between_rungs_at_a_keyframe(client: Client) -> Non
         # One move: the full size up to a frame, the half size from it on, nothing between.
         assert set(seen[:switch]) == {(640, 360)} and set(seen[switch:]) == {(320, 180)}
         # The full-size lane lost its only viewer: its encoder idles.
+        assert isinstance(session.hub, Hub)
         lanes = session.hub._lanes
         assert not lanes["vp8"].subscribers and lanes["vp8@1"].subscribers == {stream}
         pts = [s.pts for s in player.received.video if s.pts is not None]
@@ -220,10 +233,7 @@ async def test_a_viewer_moves_between_rungs_at_a_keyframe(client: Client) -> Non
         await wait_for(lambda: len(player.received.video) >= count + 10
                        and sizes(player)[-1] == (640, 360))
         assert metrics.rung_switches.labels("up")._value.get() == 1
-    finally:
-        await player.close()
     await wait_for(lambda: metrics.viewer_rungs.labels("0")._value.get() == 0)
-
 
 
 def remb(bitrate: int, ssrc: int) -> RtcpPsfbPacket:
@@ -237,15 +247,7 @@ def remb(bitrate: int, ssrc: int) -> RtcpPsfbPacket:
 async def test_with_adaptive_quality_a_viewers_feedback_moves_its_video(
         aiohttp_client: ClientFactory) -> None:
     client = await aiohttp_client(create_app(make_settings(adaptive_quality=True)))
-    created = await (await client.post("/v1/sessions")).json()
-    session = client.app[SESSIONS].get(created["id"])
-    player = WhepViewer(client, created["id"])
-    try:
-        await player.connect()
-        await wait_for(lambda: len(player.received.video) >= 10)
-        (viewer,) = session.audience._viewers.values()
-        assert isinstance(viewer, Viewer)
-        stream = video_stream(viewer)
+    async with one_viewer(client) as (player, stream, _session):
         assert stream.lane == "vp8"
         await asyncio.sleep(GRACE)  # a joining viewer's estimates do not move it at once
         # What its browser says once its link congests: the estimate cut, twice, far below
@@ -259,5 +261,3 @@ async def test_with_adaptive_quality_a_viewers_feedback_moves_its_video(
         await wait_for(lambda: len(player.received.video) >= count + 5)
         assert sizes(player)[-1] in ((320, 180), (160, 90))
         assert client.app[METRICS].rung_switches.labels("down")._value.get() == 1
-    finally:
-        await player.close()
