@@ -61,9 +61,6 @@ RETRANSMIT_BUDGET = 300
 no more bytes than half the viewer's bandwidth estimate."""
 RETRANSMIT_MAX_AGE = 1.0
 """Seconds (of media time) after which a packet is not sent again."""
-RETRANSMIT_MAX_BEHIND = 96
-"""Packets after which one is not sent again either. A player may take a packet that far
-behind for a restart of the stream (aiortc resets its jitter buffer 100 behind)."""
 RATE_WINDOW = 2.0
 """Seconds of sent video a viewer's rate is measured over, for its rung policy."""
 MAX_SWITCH_LAG = 4500
@@ -382,8 +379,7 @@ class RtpStream:
         if self._hist_seq[slot] != seq or self.closed:
             return
         stamp = self._hist_stamp[slot]
-        if ((self._seq - seq) & 0xFFFF > RETRANSMIT_MAX_BEHIND
-                or (self._last_rtp - (stamp >> 1)) & 0xFFFFFFFF > RETRANSMIT_MAX_AGE * self._clock_rate):
+        if (self._last_rtp - (stamp >> 1)) & 0xFFFFFFFF > RETRANSMIT_MAX_AGE * self._clock_rate:
             return  # the player has decoded on or asked for a keyframe: it only costs its link
         payload = self._hist_payload[slot]
         now = time.monotonic()
@@ -438,7 +434,7 @@ class RtpStream:
             elif packet.fmt == RTCP_PSFB_APP:
                 self._feedback.count_feedback("remb")
                 estimate = remb_bitrate(packet.fci)
-                if estimate is not None:
+                if estimate is not None and self.kind == "video":  # it is about video
                     self.estimate = estimate
                     if self._on_estimate is not None:
                         self._on_estimate(estimate)
