@@ -115,11 +115,11 @@ class Settings:
     """A video viewer that connects within this many frames of a keyframe starts at once on a
     replay of that keyframe and the frames since, instead of waiting for a keyframe of its own
     (which every viewer would pay for). 0: every join waits for its own keyframe."""
-    adaptive_quality: bool = False
+    adaptive_quality: bool = True
     """Each video viewer moves between rungs of the quality ladder (full, half and quarter
     size, :mod:`gateway.media.ladder`) as its browser's bandwidth estimate and loss say.
-    Off (the default until it is proven on shaped links with real browsers): every viewer
-    stays on the rung it joined at (the ``max_height`` of its WHEP request)."""
+    Off: every viewer stays on the rung it joined at (the ``max_height`` of its WHEP
+    request)."""
     viewer_connect_timeout: float = 30.0
     """A viewer whose ICE/DTLS is not connected after this many seconds is closed."""
     stats_interval: float = 5.0

@@ -87,8 +87,10 @@ async def run(*argv: str) -> str:
 class RemoteViewer:
     """``isolation_viewer.py`` in its own namespace, behind a veth pair shaped by :meth:`shape`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
+        """``options``: of ``isolation_viewer.py`` (``--browser-jitter-buffer``)."""
         number = next(_link_numbers)
+        self._options = options
         self.device = f"gwbad{number}"
         self._peer_device = f"gwbadp{number}"
         self._subnet = f"10.204.{number}"
@@ -101,7 +103,7 @@ class RemoteViewer:
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            "unshare", "--net", sys.executable, str(VIEWER_SCRIPT),
+            "unshare", "--net", sys.executable, str(VIEWER_SCRIPT), *self._options,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         pid = str(self.proc.pid)  # unshare execs: this is the viewer and its namespace
         ours = os.readlink("/proc/self/ns/net")
@@ -145,9 +147,13 @@ class RemoteViewer:
         return response.headers["Location"].rsplit("/", 1)[1]
 
     async def arrivals(self) -> list[float]:
+        return (await self.frames())[0]
+
+    async def frames(self) -> tuple[list[float], list[tuple[int, int]]]:
+        """When each video frame was decoded, and its size."""
         await self._send({"report": True})
-        times: list[float] = (await self._receive())["arrivals"]
-        return times
+        report = await self._receive()
+        return report["arrivals"], [(w, h) for w, h in report["sizes"]]
 
     async def shape(self, tbf: Sequence[str]) -> None:
         await run("tc", "qdisc", "replace", "dev", self.device, "root", "tbf", *tbf)

@@ -73,7 +73,7 @@ def test_the_policy_moves_down_fast_and_up_slowly() -> None:
     rung1 = video / 3
     roomy = int(1.5 * rung1)
     now = 8.0
-    for _ in range(10):
+    while now + 0.4 < 8.0 + UP_HOLD:
         now += 0.4
         assert policy.on_estimate(roomy, rung1, now) is None
     # After the hold, it tries the rung above (it has seen three roomy estimates and more).
@@ -101,6 +101,16 @@ def test_a_failed_try_up_doubles_the_hold_and_a_cap_is_kept() -> None:
         now += 1.0
     assert holds[0] < UP_HOLD + 2 and holds[1] > 1.8 * UP_HOLD
     assert holds[-1] <= MAX_UP_HOLD + 2 and holds == sorted(holds)
+    # A try that holds resets the wait: the next rung up comes after UP_HOLD again.
+    start = now
+    while policy.on_estimate(roomy, rung1, now) != 0:
+        now += 0.5
+    assert now - start > MAX_UP_HOLD - 1  # still the long hold after the failures
+    rung0 = rung1 * 3
+    for _ in range(20):  # it holds at rung 0
+        now += 0.5
+        assert policy.on_estimate(int(rung0 * 1.1), rung0, now) is None
+    assert policy._hold == UP_HOLD
     # A viewer that asked for at most rung 1 (max_height) is never moved above it.
     capped = RungPolicy(1, top=1)
     assert all(capped.on_estimate(roomy * 4, rung1, t * 1.0) is None for t in range(100))

@@ -74,11 +74,12 @@ MAX_LOSS = 0.10
 GRACE = 2.0
 """Seconds after joining or moving in which estimates do not move a viewer down: its rate
 then includes a keyframe, and a new estimator starts low."""
-UP_HOLD = 5.0
+UP_HOLD = 4.0
 """Seconds on a rung before trying the one above; doubled after a try that failed (the viewer
-came back down within FAILED_WITHIN), up to MAX_UP_HOLD."""
-FAILED_WITHIN = 6.0
-MAX_UP_HOLD = 60.0
+came back down within FAILED_WITHIN), up to MAX_UP_HOLD, and back to UP_HOLD after one that
+held. The cap bounds how long a viewer whose link opened waits: two rungs up in ~15 s."""
+FAILED_WITHIN = 4.0
+MAX_UP_HOLD = 10.0
 
 
 class RungPolicy:
@@ -94,8 +95,8 @@ class RungPolicy:
     at 1.3x the rate (the estimator is not what limits it) try the rung above. A receiver's
     estimate never grows far past what it receives (Chromium and aiortc cap it at 1.5x), so
     "room to spare" is all it can say: a link between 1.3x one rung and the next rung's rate
-    makes tries that fail, and a try that fails doubles the hold, so such a link is probed
-    ever more rarely.
+    makes tries that fail, and a try that fails doubles the hold (to at most 10 s), so such a
+    link is probed less often.
 
     ``top`` is the best rung the viewer may have (its ``max_height``). Rates of rungs it is
     not on are its own rate scaled by the rungs' ceilings.
@@ -109,6 +110,7 @@ class RungPolicy:
         self._room = 0  # consecutive estimates with room to spare
         self._changed = now
         self._went_up = -float("inf")
+        self._trying = False  # moved up less than FAILED_WITHIN ago
         self._hold = UP_HOLD
         self._last_estimate: int | None = None
 
@@ -123,6 +125,8 @@ class RungPolicy:
     def on_estimate(self, estimate: int, video_rate: float, now: float) -> int | None:
         """``video_rate``: bit/s of video sent to the viewer lately (at its current rung)."""
         previous, self._last_estimate = self._last_estimate, estimate
+        if self._trying and now - self._went_up >= FAILED_WITHIN:
+            self._trying, self._hold = False, UP_HOLD  # the try up held
         if estimate < 0.9 * video_rate and previous is not None and estimate <= previous:
             self._short, self._room = self._short + 1, 0
             if (self._short >= DOWN_AFTER and self.rung < RUNGS - 1
@@ -148,10 +152,11 @@ class RungPolicy:
         if rung > self.rung:
             # Down soon after a try up: it failed, wait longer before the next. Down later:
             # the link changed, and the next try may come as soon as the first.
-            failed = now - self._went_up < FAILED_WITHIN
+            failed = self._trying and now - self._went_up < FAILED_WITHIN
             self._hold = min(MAX_UP_HOLD, self._hold * 2) if failed else UP_HOLD
+            self._trying = False
         else:
-            self._went_up = now
+            self._went_up, self._trying = now, True
         self.rung, self._changed = rung, now
         self._short = self._lossy = self._room = 0
         return rung
