@@ -31,6 +31,7 @@ from .viewers.whep import parse_offer
 from .workers.pool import RemoteViewer, WorkerPool
 
 Microphone = Callable[[av.AudioFrame], Awaitable[None]]
+"""Where a controller's microphone audio goes (the session's upstream)."""
 
 VIEWER_FAILURES = {
     "ice_failed": "viewer ICE failed: no candidate pair answered (the viewer cannot reach an "
@@ -39,7 +40,6 @@ VIEWER_FAILURES = {
     "connect_timeout": "viewer did not connect in time: no ICE check arrived",
 }
 """Close reasons that mean a player could not connect, as the session's status says them."""
-"""Where a controller's microphone audio goes (the session's upstream)."""
 
 AnyViewer = Viewer | RemoteViewer
 """A viewer in this process, or the handle on one in a fan-out worker."""

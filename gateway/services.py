@@ -58,9 +58,9 @@ class Services:
     """The fan-out worker processes that hold the viewers' peer connections, if any."""
     personas: PersonaStore
     chat: ChatService
+    """Answers in the persona's voice: the seed API's chat, and the sessions' talk rule."""
     cluster: Cluster | None
     """The other replicas (through Redis), if ``redis_url`` is set."""
-    """Answers in the persona's voice: the seed API's chat, and the sessions' talk rule."""
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

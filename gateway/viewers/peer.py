@@ -89,10 +89,10 @@ class Viewer:
         self._frame_tracks: list[FrameTrack] = []  # the naive baseline's instead
         self._channel: RTCDataChannel | None = None
         self._speech = speech
+        """The utterance in progress, sent first when the events channel opens."""
         self._adaptive = adaptive
         self._rung = 0
         """The best rung it may have (its offer's), where its video starts."""
-        """The utterance in progress, sent first when the events channel opens."""
         self._remote_ufrag = ""
         self._remote_candidates = 0
         self._state = "connecting"
