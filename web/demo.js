@@ -157,15 +157,7 @@ async function viewerLink(sessionId) {
 }
 
 $("upstream").addEventListener("change", onUpstreamChange);
-// The first decoded frame (the video learns its size: "resize") of a connected stream, not the
-// signalling, says the stream is there: the tracks exist before any media flows.
-$("avatar").addEventListener("resize", () => {
-  // (Chromium also shows a 2x2 black frame for a track that ended without ever playing.)
-  if (!$("avatar").videoWidth || avatar?.peerConnection?.connectionState !== "connected") return;
-  setPlaceholder("");
-  $("unmute").hidden = false;
-  if (avatar?.sessionId) setStatus(`session ${avatar.sessionId.slice(0, 8)} · streaming`);
-});
+
 $("voice-search").addEventListener("input", () => fillVoices(upstreamInfo().voices));
 
 $("new").addEventListener("click", async () => {
@@ -202,11 +194,19 @@ $("start").addEventListener("click", async () => {
     await avatar.startSession();
     setPhase("streaming");
     const id = avatar.sessionId.slice(0, 8);
+    // Streaming once frames are decoded (the tracks, and even a black picture, exist before
+    // any media flows); until then CONNECTION_FAILED may still come.
+    setStatus(`session ${id} · connecting the video…`);
+    let playing = false;
     stopStats = watchStats(() => avatar && avatar.peerConnection, (s) => {
       $("stats").textContent = s ? `${s.codec} ${s.width}x${s.height} · ${Math.round(s.fps)} fps` : "";
+      if (!playing && s && s.framesDecoded > 0) {
+        playing = true;
+        setPlaceholder("");
+        $("unmute").hidden = false;
+        setStatus(`session ${id} · streaming`);
+      }
     });
-    // Streaming once the video plays; until then CONNECTION_FAILED may still come.
-    if (!$("avatar").videoWidth) setStatus(`session ${id} · connecting the video…`);
   } catch (err) {
     report("Start")(err);
     setPlaceholder("Session created. Press Start to connect the video.");

@@ -17,12 +17,6 @@ function setPlaceholder(text) {
 }
 
 showEvents(avatar, log, transcript, $("avatar"));
-$("avatar").addEventListener("resize", () => {  // the first frame: tracks exist before media
-  // (Chromium also shows a 2x2 black frame for a track that ended without ever playing.)
-  if (!$("avatar").videoWidth || avatar.peerConnection?.connectionState !== "connected") return;
-  setPlaceholder("");
-  $("unmute").hidden = false;
-});
 avatar.on(GatewayEvents.CONNECTION_FAILED, (e) => {
   $("status").textContent = `connection failed (${e.detail.reason})`;
   showProblem($("problem"), { title: "No video: the media connection failed", text: e.detail.message });
@@ -49,8 +43,14 @@ if (!sessionId) {
   try {
     const session = await avatar.watch(sessionId);
     $("status").textContent = `watching session ${sessionId.slice(0, 8)} · ${session.width}x${session.height}`;
+    let playing = false;
     watchStats(() => avatar.peerConnection, (s) => {
       $("stats").textContent = s ? `${s.codec} ${s.width}x${s.height} · ${Math.round(s.fps)} fps` : "";
+      if (!playing && s && s.framesDecoded > 0) {  // decoded frames: tracks exist before media
+        playing = true;
+        setPlaceholder("");
+        $("unmute").hidden = false;
+      }
     });
   } catch (err) {
     const problem = describeError("Watching this session", err);
