@@ -161,13 +161,13 @@ class Audience:
             self.failures[reason] = self.failures.get(reason, 0) + 1
             self.last_failure = (reason, time.time())
 
-    def broadcast(self, payload: str) -> None:
-        """An event (JSON) to every viewer's data channel."""
-        self._speech.track(payload)
+    def broadcast(self, kind: str, payload: str) -> None:
+        """An event (its type, its JSON) to every viewer's data channel."""
+        self._speech.track(kind, payload)
         for viewer in tuple(self._viewers.values()):
             viewer.send_event(payload)  # a no-op for a worker's viewer: it goes once per worker
         if self._workers is not None:
-            self._workers.broadcast(self._session_id, payload)
+            self._workers.broadcast(self._session_id, kind, payload)
 
     async def close(self, reason: str) -> None:
         """Close every viewer; one that fails to close does not keep the others open."""

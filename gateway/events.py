@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -38,7 +37,8 @@ MAX_SPEECH_EVENTS = 512
 class CurrentSpeech:
     """The data-channel events (JSON) of the utterance being spoken, from its
     ``avatar_start_talking``: a viewer whose channel opens mid-sentence is sent these first,
-    so its transcript holds the whole sentence. Fed every event, in order."""
+    so its transcript holds the whole sentence. Fed every event (its type and its JSON), in
+    order."""
 
     def __init__(self, payloads: Iterable[str] = ()) -> None:
         self._payloads = list(payloads)[:MAX_SPEECH_EVENTS]
@@ -47,9 +47,7 @@ class CurrentSpeech:
     def payloads(self) -> tuple[str, ...]:
         return tuple(self._payloads)
 
-    def track(self, payload: str) -> None:
-        # Word events are a few per second: parsing each once is nothing.
-        kind = json.loads(payload).get("type")
+    def track(self, kind: str, payload: str) -> None:
         if kind == EventType.AVATAR_START_TALKING:
             self._payloads = [payload]
         elif kind == EventType.AVATAR_STOP_TALKING:

@@ -168,7 +168,7 @@ class Session:
         self.conversation.on_event(event)
         self.events.publish(event)
         payload = event.to_json()
-        self.audience.broadcast(payload)
+        self.audience.broadcast(event.type, payload)
         if self._relay is not None:
             self._relay.send(payload)
 

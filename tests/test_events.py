@@ -129,20 +129,25 @@ async def test_a_new_reader_gets_the_sentence_being_spoken_from_its_start() -> N
 
 def test_current_speech_follows_the_utterance() -> None:
     speech = CurrentSpeech()
+
     # A function, so mypy does not narrow the property from one assertion to the next.
     def payloads() -> tuple[str, ...]:
         return speech.payloads
 
-    speech.track(_speech(EventType.AVATAR_TALKING_MESSAGE, "t0", "stray").to_json())
+    def feed(event: AvatarEvent) -> str:
+        payload = event.to_json()
+        speech.track(event.type, payload)
+        return payload
+
+    feed(_speech(EventType.AVATAR_TALKING_MESSAGE, "t0", "stray"))
     assert not payloads()  # a word without its start is not replayed
-    start = _speech(EventType.AVATAR_START_TALKING, "t1").to_json()
-    word = _speech(EventType.AVATAR_TALKING_MESSAGE, "t1", "Hi").to_json()
-    for payload in (start, AvatarEvent(EventType.USER_START).to_json(), word):
-        speech.track(payload)
+    start = feed(_speech(EventType.AVATAR_START_TALKING, "t1"))
+    feed(AvatarEvent(EventType.USER_START))
+    word = feed(_speech(EventType.AVATAR_TALKING_MESSAGE, "t1", "Hi"))
     assert payloads() == (start, word)
-    speech.track(_speech(EventType.AVATAR_STOP_TALKING, "t1").to_json())
+    feed(_speech(EventType.AVATAR_STOP_TALKING, "t1"))
     assert not payloads()
-    speech.track(start)
+    feed(_speech(EventType.AVATAR_START_TALKING, "t1"))
     for _ in range(MAX_SPEECH_EVENTS + 5):
-        speech.track(word)
+        feed(_speech(EventType.AVATAR_TALKING_MESSAGE, "t1", "Hi"))
     assert len(payloads()) == MAX_SPEECH_EVENTS  # bounded

@@ -306,10 +306,6 @@ class Hub:
         were first needed."""
         return list(self._lanes)
 
-    def lane_viewers(self, lane: str) -> int:
-        """Subscribers reading ``lane`` (a worker counts once)."""
-        found = self._lanes.get(lane)
-        return len(found.subscribers) if found is not None else 0
 
     @staticmethod
     def check_codec(codec: str) -> None:
@@ -375,7 +371,7 @@ class Hub:
             encoder = VIDEO_ENCODERS[codec](round(self.config.bitrate * LADDER[rung].bitrate_share),
                                             self.config.fps, LADDER[rung].divisor)
             # The first full-size lane marks the upstream's frames; the others copy them.
-            owner = not encoder.scales and all(other.scales for other in self._lanes.values())
+            owner = all(other.scales for other in self._lanes.values())
             lane = self._lanes[name] = VideoLane(self, name, encoder, owner)
         return lane
 

@@ -60,7 +60,7 @@ def rung_for_height(height: int, max_height: int) -> int:
     """The largest rung of a ``height``-pixel session no taller than ``max_height`` (the
     smallest rung if none is)."""
     for rung in LADDER:
-        if rung_size(height * 2, height, rung.index)[1] <= max_height:
+        if scaled_size(height, height, rung.divisor)[1] <= max_height:
             return rung.index
     return RUNGS - 1
 

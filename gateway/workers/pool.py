@@ -417,10 +417,10 @@ class WorkerPool:
         worker.viewers[viewer.id] = viewer
         return viewer
 
-    def broadcast(self, session_id: str, payload: str) -> None:
+    def broadcast(self, session_id: str, kind: str, payload: str) -> None:
         for worker in self.workers:
             if worker.alive and any(v.session_id == session_id for v in worker.viewers.values()):
-                worker.control.send("event", session_id, payload)
+                worker.control.send("event", session_id, kind, payload)
 
     async def sample_stats(self) -> None:
         await asyncio.gather(*(w.call("sample_stats") for w in self.workers if w.alive),

@@ -282,10 +282,10 @@ class Worker:
                 "tasks": len(asyncio.all_tasks()), "fds": len(os.listdir("/proc/self/fd")),
                 "pid": os.getpid()}
 
-    def broadcast(self, session_id: str, payload: str) -> None:
+    def broadcast(self, session_id: str, kind: str, payload: str) -> None:
         speech = self._speech.get(session_id)
         if speech is not None:
-            speech.track(payload)
+            speech.track(kind, payload)
         for viewer_id, session in tuple(self._session_of.items()):
             if session == session_id:
                 self._viewers[viewer_id].send_event(payload)
@@ -347,7 +347,7 @@ class Worker:
                 if op == "call":
                     self._run_call(message[1], message[2], message[3])
                 elif op == "event":
-                    self.broadcast(message[1], message[2])
+                    self.broadcast(message[1], message[2], message[3])
                 elif op == "speech":  # the owner's, as a viewer of the session is placed here
                     self._speech[message[1]] = CurrentSpeech(message[2])
         finally:
