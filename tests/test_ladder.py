@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtcpReceiverInfo, RtcpRrPacket
 
 from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
@@ -34,7 +35,7 @@ from gateway.viewers.peer import Viewer
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import WhepViewer
-from .test_media import Recorder, encode, make_hub
+from .test_media import Recorder, Wire, encode, make_hub, stream
 
 Client = TestClient[Any, Any]
 
@@ -120,6 +121,7 @@ class _Feedback:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
         self.counted: list[str] = []
+        self.joins: list[tuple[str, bool]] = []
 
     def request_keyframe(self, reason: str, lane: str) -> None:
         self.requests.append((reason, lane))
@@ -129,7 +131,8 @@ class _Feedback:
 
     def count_dropped(self, kind: str, count: int) -> None: ...
 
-    def join_lane(self, subscriber: RtpStream, lane: str) -> None: ...
+    def join_lane(self, subscriber: RtpStream, lane: str, urgent: bool) -> None:
+        self.joins.append((lane, urgent))
 
     def leave_lane(self, subscriber: RtpStream, lane: str) -> None: ...
 
@@ -271,3 +274,48 @@ async def test_with_adaptive_quality_a_viewers_feedback_moves_its_video(
         await wait_for(lambda: len(player.received.video) >= count + 5)
         assert sizes(player)[-1] in ((320, 180), (160, 90))
         assert client.app[METRICS].rung_switches.labels("down")._value.get() == 1
+
+
+async def test_a_try_up_waits_for_the_full_lanes_own_keyframe() -> None:
+    # No periodic keyframes here: every keyframe is one somebody asked for.
+    hub = make_hub(keyframe_interval=3600.0, keyframe_min_gap=0.0, keyframe_join_gap=0.0)
+    good = Recorder(lane="vp8")
+    mover = stream(hub, Wire())
+    assert hub.attach(good)
+    mover.move_to("vp8@1")  # down: its rung is asked for a keyframe, and it moves on it
+    await encode(hub, 0, 3, codecs=2)
+    assert mover.lane == "vp8@1" and hub._lanes["vp8@1"].keyframes == 1
+    full = hub._lanes["vp8"]
+    before = full.keyframes
+    # A try up asks for nothing: the viewers on the full size get no keyframe for it ...
+    mover.move_to("vp8", urgent=False)
+    await encode(hub, 3, 5, codecs=2)
+    assert full.keyframes == before and (mover.lane, mover.next_lane) == ("vp8@1", "vp8")
+    # ... and it moves on the next one the lane makes anyway (periodic, or a repair).
+    hub.request_keyframe("pli", "vp8")
+    await encode(hub, 8, 1)  # the half-size lane may stop with it: it loses its viewer
+    await wait_for(lambda: mover.lane == "vp8")
+    assert (mover.next_lane, full.keyframes) == (None, before + 1)
+    assert sum(f.keyframe for f in good.frames) == before + 1
+    await hub.close()
+
+
+def test_the_policy_is_not_fed_while_a_move_waits_and_its_clock_starts_on_arrival() -> None:
+    feedback = _Feedback()
+    params = StreamParameters(kind="video", codec="vp8", payload_type=96, ssrc=7, cname="c")
+    policy = RungPolicy(1, 0, time.monotonic() - 60.0)  # on rung 1 long enough to try up
+    mover = RtpStream(params, cast(Any, None), feedback, lane="vp8@1", policy=policy)
+    for _ in range(3):  # room to spare (nothing sent yet): try the rung above
+        mover.handle_rtcp(remb(1_000_000, 7))
+    assert feedback.joins == [("vp8", False)] and mover.next_lane == "vp8"
+    # While it waits for the full lane's keyframe, its reports do not move it (two lossy
+    # reports would have sent it back down, cancelling the try before it started).
+    for _ in range(2):
+        mover.handle_rtcp(RtcpRrPacket(ssrc=1, reports=[RtcpReceiverInfo(
+            ssrc=7, fraction_lost=80, packets_lost=100, highest_sequence=0, jitter=0, lsr=0,
+            dlsr=0)]))
+    assert mover.next_lane == "vp8" and policy.rung == 0 and feedback.joins == [("vp8", False)]
+    # Once there, the hold and the grace count from the arrival, not from the decision.
+    arrival = time.monotonic()
+    policy.arrived(arrival)
+    assert policy._changed == arrival and policy._went_up == arrival

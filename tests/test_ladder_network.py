@@ -109,25 +109,29 @@ async def test_a_viewer_behind_a_slow_link_plays_a_lower_rung_and_climbs_back(
         arrivals, sizes = await remote.frames()
 
         window = [lane for t, lane in lanes if settled <= t < end]
+        lower = sum(lane != "vp8" for lane in window) / max(1, len(window))
+        late = [h for t, (_, h) in zip(arrivals, sizes, strict=True) if settled <= t < end]
+        smaller = sum(h < 360 for h in late) / max(1, len(late))
         gap = longest_gap(arrivals, settled, end)
         bad_fps = fps(arrivals, settled, end)
         summary = (f"settled on {sorted(set(window))} {settled - 4.0 - slowed:.1f}s after the "
-                   f"link slowed; then {bad_fps:.1f} fps, longest gap {gap:.2f}s, good "
+                   f"link slowed, on a lower rung {lower:.0%} of the time after ({smaller:.0%} "
+                   f"of its frames); then {bad_fps:.1f} fps, longest gap {gap:.2f}s, good "
                    f"{[round(fps(video_arrivals(v), settled, end), 1) for v in good]} fps, "
                    f"{full_keyframes} full-size keyframes in {WINDOW:.0f}s; back on the full "
                    f"size {climbed:.1f}s after the link opened")
         print(summary)
 
-        # Behind the slow link: a lower rung, all the time, playing at full rate with no freeze
-        # (on a machine so busy that the good viewers stall too, no longer than they do).
-        assert window and "vp8" not in window, summary
+        # Behind the slow link: a lower rung, playing at full rate with no freeze (on a machine
+        # so busy that the good viewers stall too, no longer than they do). It may try the
+        # full size again and fail (every 4-10 s: an estimate cannot say more than "room to
+        # spare", see RungPolicy), but it rests on a lower rung.
+        assert window and late and lower >= 0.6 and smaller >= 0.6, summary
         least = floor(source, settled, end)
         good_gap = max(longest_gap(video_arrivals(v), settled, end) for v in good)
         assert bad_fps >= min(25.0, least) and gap <= max(1.0, good_gap + 0.25), summary
-        late = [size for t, size in zip(arrivals, sizes, strict=True) if settled <= t < end]
-        assert late and max(h for _, h in late) < 360, summary
         # The others: the full size at full rate, and only the periodic keyframes (the bad
-        # viewer's repairs and moves were on its own rung).
+        # viewer's repairs and moves down were on its own rung; its tries up wait for one).
         for viewer in good:
             assert fps(video_arrivals(viewer), settled, end) >= least, summary
         assert all(s.lane == "vp8" for s in good_streams)

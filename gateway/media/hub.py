@@ -352,11 +352,12 @@ class Hub:
         else:
             self._audio.discard(subscriber)
 
-    def join_lane(self, subscriber: Subscriber, lane: str) -> None:
+    def join_lane(self, subscriber: Subscriber, lane: str, urgent: bool) -> None:
         if self._closed:
             return
         self._lane(lane).subscribers.add(subscriber)
-        self.request_keyframe("switch", lane)
+        if urgent:
+            self.request_keyframe("switch", lane)
 
     def leave_lane(self, subscriber: Subscriber, lane: str) -> None:
         found = self._lanes.get(lane)

@@ -140,6 +140,13 @@ class RungPolicy:
             return self._move(self.rung - 1, now)
         return None
 
+    def arrived(self, now: float) -> None:
+        """The stream is on :attr:`rung` now: a move waits for the rung's keyframe (a try up
+        for its periodic one), and the hold, the grace and a try's verdict count from here."""
+        self._changed = now
+        if self._trying:
+            self._went_up = now
+
     def _fitting(self, estimate: int, video_rate: float) -> int:
         """The best rung below this one whose video fits 85% of ``estimate``."""
         share = LADDER[self.rung].bitrate_share

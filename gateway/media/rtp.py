@@ -50,7 +50,7 @@ from aiortc.rtp import (
 )
 
 from .codecs import Packet
-from .ladder import RungPolicy, lane_name
+from .ladder import RungPolicy, lane_name, split_lane
 
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix)
 HISTORY = 512
@@ -160,9 +160,9 @@ class Feedback(Protocol):
 
     def request_keyframe(self, reason: str, lane: str) -> None: ...
 
-    def join_lane(self, subscriber: RtpStream, lane: str) -> None:
-        """Also deliver ``lane``'s frames to ``subscriber`` (it is moving there), starting
-        with a keyframe asked for now."""
+    def join_lane(self, subscriber: RtpStream, lane: str, urgent: bool) -> None:
+        """Also deliver ``lane``'s frames to ``subscriber`` (it is moving there). ``urgent``:
+        ask ``lane`` for a keyframe now; else the move waits for its next periodic one."""
 
     def leave_lane(self, subscriber: RtpStream, lane: str) -> None: ...
 
@@ -309,8 +309,14 @@ class RtpStream:
             callback, self._on_first_frame = self._on_first_frame, None
             callback()
 
-    def move_to(self, lane: str) -> None:
-        """Change lanes (rungs) at the new lane's next keyframe; until then the old one plays."""
+    def move_to(self, lane: str, urgent: bool = True) -> None:
+        """Change lanes (rungs) at the new lane's next keyframe; until then the old one plays.
+
+        ``urgent`` asks that lane for a keyframe now. A move down is: the viewer's link is
+        failing, and the lane below costs only the viewers on it. A try up is not: it waits
+        for the full lane's periodic keyframe (at most ``keyframe_interval``), since asking
+        would give every viewer of that lane a keyframe per try of each viewer whose link
+        cannot hold it."""
         if lane == (self.next_lane or self.lane):
             return
         if self.next_lane is not None:
@@ -318,7 +324,7 @@ class RtpStream:
             self.next_lane = None
         if lane != self.lane:
             self.next_lane = lane
-            self._feedback.join_lane(self, lane)
+            self._feedback.join_lane(self, lane, urgent)
 
     def _switch(self, frame: RtpFrame) -> bool:
         """``frame`` is from another lane: True if it is the keyframe to move on.
@@ -340,6 +346,8 @@ class RtpStream:
         old, self.lane, self.next_lane = self.lane, frame.lane, None
         self.awaiting_keyframe = False
         self._feedback.leave_lane(self, old)
+        if self._policy is not None:
+            self._policy.arrived(time.monotonic())
         if self._on_lane is not None:
             self._on_lane(old, frame.lane)
         return True
@@ -358,7 +366,7 @@ class RtpStream:
 
     def _adapt(self, rung: int | None) -> None:
         if rung is not None:
-            self.move_to(lane_name(self.codec, rung))
+            self.move_to(lane_name(self.codec, rung), urgent=rung > split_lane(self.lane)[1])
 
     def _ask_keyframe(self, reason: str) -> None:
         """A keyframe of this viewer's lane, at most once per KEYFRAME_REQUEST_INTERVAL."""
@@ -418,7 +426,7 @@ class RtpStream:
                 if report.ssrc != self._ssrc:
                     continue
                 self.remote_lost = report.packets_lost
-                if self._policy is not None:
+                if self._policy is not None and self.next_lane is None:
                     self._adapt(self._policy.on_loss(report.fraction_lost / 256, time.monotonic()))
                 if report.lsr == self._lsr and report.dlsr:
                     self.rtt = max(0.0, time.time() - self._lsr_time - report.dlsr / 65536)
@@ -438,7 +446,7 @@ class RtpStream:
                     self.estimate = estimate
                     if self._on_estimate is not None:
                         self._on_estimate(estimate)
-                    if self._policy is not None:
+                    if self._policy is not None and self.next_lane is None:  # not mid-move
                         now = time.monotonic()
                         self._adapt(self._policy.on_estimate(estimate, self._video_rate(now), now))
 

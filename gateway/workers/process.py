@@ -107,7 +107,9 @@ class SessionFeed:
         self._add(subscriber, f"{subscriber.kind}/{subscriber.lane}", "join")
         return True
 
-    def _add(self, subscriber: Subscriber, key: str, reason: str) -> None:
+    def _add(self, subscriber: Subscriber, key: str, reason: str | None) -> None:
+        """``reason``: why ``subscriber`` needs a keyframe (``join``, ``switch``); None: it
+        waits for the lane's next periodic one."""
         subscribers = self.subscribers[key]
         subscribers.add(subscriber)
         if len(subscribers) == 1:
@@ -116,7 +118,7 @@ class SessionFeed:
             self._worker.control.send("subscribe", self.session_id, key)
             if reason == "switch":  # the owner's replay of recent frames is too old to move on
                 self.request_keyframe(reason, key.partition("/")[2])
-        elif subscriber.kind == "video":
+        elif subscriber.kind == "video" and reason is not None:
             fast_start = self._fast_starts.get(key)
             if reason == "join" and fast_start is not None and fast_start.replay(subscriber):
                 self._worker.metrics.fast_starts.inc()
@@ -135,9 +137,9 @@ class SessionFeed:
         if not subscribers and not self.closed:
             self._worker.control.send("unsubscribe", self.session_id, key)
 
-    def join_lane(self, subscriber: Subscriber, lane: str) -> None:
+    def join_lane(self, subscriber: Subscriber, lane: str, urgent: bool) -> None:
         if not self.closed:
-            self._add(subscriber, f"video/{lane}", "switch")
+            self._add(subscriber, f"video/{lane}", "switch" if urgent else None)
 
     def leave_lane(self, subscriber: Subscriber, lane: str) -> None:
         self._remove(subscriber, f"video/{lane}")
