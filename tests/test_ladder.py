@@ -35,7 +35,7 @@ from gateway.viewers.peer import Viewer
 
 from .conftest import ClientFactory, make_settings
 from .rtc_client import WhepViewer
-from .test_media import Recorder, Wire, encode, make_hub, stream
+from .test_media import Recorder, Wire, encode, make_hub, stream, video_frame
 
 Client = TestClient[Any, Any]
 
@@ -297,7 +297,22 @@ async def test_a_try_up_waits_for_the_full_lanes_own_keyframe() -> None:
     await wait_for(lambda: mover.lane == "vp8")
     assert (mover.next_lane, full.keyframes) == (None, before + 1)
     assert sum(f.keyframe for f in good.frames) == before + 1
+    # A try into a lane nobody watches asks at once: its keyframe costs nobody.
+    more = itertools.count(10)
+    mover.move_to("vp8@2")
+    await wait_for(lambda: mover.lane == "vp8@2" or not push(hub, next(more)))
+    smaller = hub._lanes["vp8@1"]
+    before = smaller.keyframes
+    mover.move_to("vp8@1", urgent=False)
+    await wait_for(lambda: mover.lane == "vp8@1" or not push(hub, next(more)))
+    assert smaller.keyframes == before + 1
     await hub.close()
+
+
+def push(hub: Hub, index: int) -> bool:
+    """One more source frame for :func:`wait_for` to wait on (False: keep waiting)."""
+    hub.push_video(video_frame(index))
+    return True
 
 
 def test_the_policy_is_not_fed_while_a_move_waits_and_its_clock_starts_on_arrival() -> None:

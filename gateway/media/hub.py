@@ -355,8 +355,10 @@ class Hub:
     def join_lane(self, subscriber: Subscriber, lane: str, urgent: bool) -> None:
         if self._closed:
             return
-        self._lane(lane).subscribers.add(subscriber)
-        if urgent:
+        found = self._lane(lane)
+        watched = bool(found.subscribers or found.taps)
+        found.subscribers.add(subscriber)
+        if urgent or not watched:  # a keyframe nobody else receives costs nobody
             self.request_keyframe("switch", lane)
 
     def leave_lane(self, subscriber: Subscriber, lane: str) -> None:

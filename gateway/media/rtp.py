@@ -162,7 +162,8 @@ class Feedback(Protocol):
 
     def join_lane(self, subscriber: RtpStream, lane: str, urgent: bool) -> None:
         """Also deliver ``lane``'s frames to ``subscriber`` (it is moving there). ``urgent``:
-        ask ``lane`` for a keyframe now; else the move waits for its next periodic one."""
+        ask ``lane`` for a keyframe now; else only if nobody else receives it (the move
+        then waits for its next periodic one)."""
 
     def leave_lane(self, subscriber: RtpStream, lane: str) -> None: ...
 
@@ -313,10 +314,10 @@ class RtpStream:
         """Change lanes (rungs) at the new lane's next keyframe; until then the old one plays.
 
         ``urgent`` asks that lane for a keyframe now. A move down is: the viewer's link is
-        failing, and the lane below costs only the viewers on it. A try up is not: it waits
-        for the full lane's periodic keyframe (at most ``keyframe_interval``), since asking
-        would give every viewer of that lane a keyframe per try of each viewer whose link
-        cannot hold it."""
+        failing, and the lane below costs only the viewers on it. A try up is not: into a
+        lane others watch it waits for the lane's periodic keyframe (at most
+        ``keyframe_interval``), since asking would give each of them a keyframe per try of
+        each viewer whose link cannot hold it."""
         if lane == (self.next_lane or self.lane):
             return
         if self.next_lane is not None:
