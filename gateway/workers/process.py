@@ -108,8 +108,9 @@ class SessionFeed:
         return True
 
     def _add(self, subscriber: Subscriber, key: str, reason: str | None) -> None:
-        """``reason``: why ``subscriber`` needs a keyframe (``join``, ``switch``); None: it
-        waits for the lane's next periodic one."""
+        """``reason``: why ``subscriber`` needs a keyframe (``join``, ``switch``). None, a try
+        up: nothing is asked for here; it moves at the lane's next keyframe (periodic, or the
+        one the owner starts this worker's feed of that lane with)."""
         subscribers = self.subscribers[key]
         subscribers.add(subscriber)
         if len(subscribers) == 1:
