@@ -21,12 +21,13 @@ from gateway.app import create_app
 from gateway.media.hub import Hub
 from gateway.media.ladder import (
     GRACE,
+    LADDER,
     MAX_UP_HOLD,
     UP_HOLD,
     RungPolicy,
     lane_name,
     rung_for_height,
-    rung_size,
+    scaled_size,
     split_lane,
 )
 from gateway.media.rtp import RtpStream, StreamParameters, remb_bitrate
@@ -45,8 +46,9 @@ def test_lane_names_and_sizes() -> None:
     assert split_lane("h264@2") == ("h264", 2) and split_lane("vp8") == ("vp8", 0)
     with pytest.raises(ValueError):
         split_lane("vp8@3")
-    assert [rung_size(1280, 720, r) for r in range(3)] == [(1280, 720), (640, 360), (320, 180)]
-    assert rung_size(854, 480, 2) == (212, 120)  # even sides, as yuv420p needs
+    assert [scaled_size(1280, 720, rung.divisor) for rung in LADDER] == \
+        [(1280, 720), (640, 360), (320, 180)]
+    assert scaled_size(854, 480, LADDER[2].divisor) == (212, 120)  # even sides, as yuv420p needs
     assert [rung_for_height(720, h) for h in (1080, 720, 500, 360, 200, 180, 90)] == \
         [0, 0, 1, 1, 2, 2, 2]
 

@@ -306,7 +306,6 @@ class Hub:
         were first needed."""
         return list(self._lanes)
 
-
     @staticmethod
     def check_codec(codec: str) -> None:
         if codec not in VIDEO_ENCODERS:

@@ -51,11 +51,6 @@ def scaled_size(width: int, height: int, divisor: int) -> tuple[int, int]:
     return max(2, width // divisor & ~1), max(2, height // divisor & ~1)
 
 
-def rung_size(width: int, height: int, rung: int) -> tuple[int, int]:
-    """The rung's picture size for a source of ``width`` x ``height``."""
-    return scaled_size(width, height, LADDER[rung].divisor)
-
-
 def rung_for_height(height: int, max_height: int) -> int:
     """The largest rung of a ``height``-pixel session no taller than ``max_height`` (the
     smallest rung if none is)."""

@@ -213,7 +213,6 @@ class RtpStream:
         self._sent_marks: collections.deque[tuple[float, int]] = collections.deque(
             [(time.monotonic(), 0)], maxlen=16)
         self._rate = 0.0
-        self._last_timestamp: int | None = None
         self._keyframe_asked = -float("inf")
         self._output = output
         self._feedback = feedback
@@ -305,7 +304,6 @@ class RtpStream:
         self.frames += 1
         self._last_rtp = timestamp
         self._last_ntp = frame.ntp
-        self._last_timestamp = frame.timestamp
         if self._on_first_frame is not None:
             callback, self._on_first_frame = self._on_first_frame, None
             callback()
@@ -337,15 +335,13 @@ class RtpStream:
         a replay of recent frames, not a live one: wait for the next."""
         if frame.lane != self.next_lane or not frame.keyframe or self.closed:
             return False
-        last = self._last_timestamp
-        if last is not None:
-            behind = (last - frame.timestamp) & 0xFFFFFFFF
+        if self.frames:  # the lanes' timestamp of the last frame sent, without the origin
+            behind = (self._last_rtp - self._origin - frame.timestamp) & 0xFFFFFFFF
             if behind < 1 << 31:  # not newer than what was sent
                 if behind > MAX_SWITCH_LAG:
                     return False
                 self._origin = (self._origin + behind + 1) & 0xFFFFFFFF
         old, self.lane, self.next_lane = self.lane, frame.lane, None
-        self.awaiting_keyframe = False
         self._feedback.leave_lane(self, old)
         if self._policy is not None:
             self._policy.arrived(time.monotonic())
