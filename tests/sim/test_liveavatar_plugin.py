@@ -92,7 +92,9 @@ async def run_plugin(plugin: Path, sim: SimClient, settings: SimSettings, room: 
         child.kill()
         await child.wait()
         raise
-    assert child.returncode == 0, err.decode()[-4000:]
+    # What it printed says whether it failed in its work or after it (stdout is its result).
+    assert child.returncode == 0, (f"exit {child.returncode}, {len(out)} bytes of result; "
+                                   f"{err.decode()[-4000:]}")
     result: dict[str, Any] = json.loads(out)
     return result
 
