@@ -20,6 +20,7 @@ from gateway.api.common import METRICS, SESSIONS
 from gateway.app import create_app
 from gateway.media.hub import Hub
 from gateway.media.ladder import (
+    FAILED_WITHIN,
     GRACE,
     LADDER,
     MAX_UP_HOLD,
@@ -117,6 +118,43 @@ def test_a_failed_try_up_doubles_the_hold_and_a_cap_is_kept() -> None:
     # A viewer that asked for at most rung 1 (max_height) is never moved above it.
     capped = RungPolicy(1, top=1)
     assert all(capped.on_estimate(roomy * 4, rung1, t * 1.0) is None for t in range(100))
+
+
+def roomy_until_move(policy: RungPolicy, rate: float, now: float) -> float:
+    """Estimates at 1.5x ``rate`` every 0.5 s from ``now``: the time of the move they make."""
+    for step in range(100):
+        if policy.on_estimate(int(1.5 * rate), rate, now + step * 0.5) is not None:
+            return now + step * 0.5
+    raise AssertionError(f"no move in 50 s on rung {policy.rung}")
+
+
+def test_a_failed_try_keeps_the_viewer_off_that_rung_only() -> None:
+    """A try into the full size that fails and drops the viewer two rungs (the burst cut its
+    estimate) makes it wait twice as long on the middle rung, not on the lowest one too."""
+    policy = RungPolicy(1)
+    rung1 = 300_000.0
+    rung0, rung2 = rung1 * 3, rung1 * 3 / 8
+    now = roomy_until_move(policy, rung1, 0.0)
+    for wait in (2 * UP_HOLD, MAX_UP_HOLD):
+        assert policy.rung == 0
+        policy.arrived(now)
+        # The full size's burst congests the link: two cut estimates, down to what fits.
+        assert policy.on_estimate(int(rung1 / 2), rung0, now + 2.0) is None
+        assert policy.on_estimate(int(rung1 / 2), rung0, now + 2.5) == 2
+        failed = now = now + 2.5
+        policy.arrived(now)
+        # The middle rung comes back after the usual hold ...
+        now = roomy_until_move(policy, rung2, now)
+        assert policy.rung == 1 and now - failed < UP_HOLD + 1
+        policy.arrived(now)
+        middle = now
+        # ... and the full size is tried again after the doubled wait there (8 s, then 10).
+        now = roomy_until_move(policy, rung1, now)
+        assert policy.rung == 0 and middle + wait <= now < middle + wait + 0.5
+    # This try holds: the full size's next failure starts from UP_HOLD again.
+    policy.arrived(now)
+    assert policy.on_estimate(int(1.1 * rung0), rung0, now + FAILED_WITHIN) is None
+    assert policy._hold == UP_HOLD
 
 
 class _Feedback:

@@ -70,9 +70,11 @@ GRACE = 2.0
 """Seconds after joining or moving in which estimates do not move a viewer down: its rate
 then includes a keyframe, and a new estimator starts low."""
 UP_HOLD = 4.0
-"""Seconds on a rung before trying the one above; doubled after a try that failed (the viewer
-came back down within FAILED_WITHIN), up to MAX_UP_HOLD, and back to UP_HOLD after one that
-held. The cap bounds how long a viewer whose link opened waits: two rungs up in ~15 s."""
+"""Seconds on a rung before trying the one above. A try that failed (the viewer came back
+down within FAILED_WITHIN) doubles the time on the rung below the one it tried, up to
+MAX_UP_HOLD, until a try into it holds; the rungs further down keep UP_HOLD, so a viewer
+that fell two rungs is back on the middle one soon. The cap bounds how long a viewer whose
+link opened waits: two rungs up in ~15 s."""
 FAILED_WITHIN = 4.0
 MAX_UP_HOLD = 10.0
 
@@ -90,8 +92,9 @@ class RungPolicy:
     at 1.3x the rate (the estimator is not what limits it) try the rung above. A receiver's
     estimate never grows far past what it receives (Chromium and aiortc cap it at 1.5x), so
     "room to spare" is all it can say: a link between 1.3x one rung and the next rung's rate
-    makes tries that fail, and a try that fails doubles the hold (to at most 10 s), so such a
-    link is probed less often.
+    makes tries that fail, and a try that fails doubles the wait on the rung below before
+    that rung is tried again (to at most 10 s), so such a link is probed less often; the
+    rungs further down are climbed back at the usual pace.
 
     ``top`` is the best rung the viewer may have (its ``max_height``). Rates of rungs it is
     not on are its own rate scaled by the rungs' ceilings.
@@ -106,7 +109,8 @@ class RungPolicy:
         self._changed = now
         self._went_up = -float("inf")
         self._trying = False  # moved up less than FAILED_WITHIN ago
-        self._hold = UP_HOLD
+        self._failed = RUNGS  # the rung whose last try failed (RUNGS: none)
+        self._hold = UP_HOLD  # on the rung below _failed, before it is tried again
         self._last_estimate: int | None = None
 
     def on_loss(self, fraction: float, now: float) -> int | None:
@@ -121,7 +125,9 @@ class RungPolicy:
         """``video_rate``: bit/s of video sent to the viewer lately (at its current rung)."""
         previous, self._last_estimate = self._last_estimate, estimate
         if self._trying and now - self._went_up >= FAILED_WITHIN:
-            self._trying, self._hold = False, UP_HOLD  # the try up held
+            self._trying = False  # the try up held
+            if self.rung <= self._failed:
+                self._failed, self._hold = RUNGS, UP_HOLD
         if estimate < 0.9 * video_rate and previous is not None and estimate <= previous:
             self._short, self._room = self._short + 1, 0
             if (self._short >= DOWN_AFTER and self.rung < RUNGS - 1
@@ -131,7 +137,8 @@ class RungPolicy:
         self._short = 0
         self._room = self._room + 1 if estimate >= 1.3 * video_rate else 0
         if (self._room >= UP_AFTER and self.rung > self.top
-                and now - self._changed >= self._hold):
+                and now - self._changed >= (
+                    self._hold if self.rung - 1 == self._failed else UP_HOLD)):
             return self._move(self.rung - 1, now)
         return None
 
@@ -152,10 +159,14 @@ class RungPolicy:
 
     def _move(self, rung: int, now: float) -> int:
         if rung > self.rung:
-            # Down soon after a try up: it failed, wait longer before the next. Down later:
-            # the link changed, and the next try may come as soon as the first.
-            failed = self._trying and now - self._went_up < FAILED_WITHIN
-            self._hold = min(MAX_UP_HOLD, self._hold * 2) if failed else UP_HOLD
+            # Down soon after a try up: it failed, and the next try of that rung waits longer
+            # on the rung below. Down later: the link changed, any try may come as soon.
+            if self._trying and now - self._went_up < FAILED_WITHIN:
+                hold = self._hold if self._failed == self.rung else UP_HOLD
+                self._hold = min(MAX_UP_HOLD, hold * 2)
+                self._failed = self.rung
+            else:
+                self._failed, self._hold = RUNGS, UP_HOLD
             self._trying = False
         else:
             self._went_up, self._trying = now, True
