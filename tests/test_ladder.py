@@ -88,6 +88,16 @@ def test_the_policy_moves_down_fast_and_up_slowly() -> None:
     answers = [policy.on_estimate(e, rung1, 100.0 + i)
                for i, e in enumerate((roomy, roomy, tight, roomy, roomy, roomy))]
     assert answers == [None, None, None, None, None, 0]
+    # Loss: one lossy report is noise, two move down ...
+    policy = RungPolicy(0)
+    assert policy.on_loss(0.3, 2.0) is None and policy.on_loss(0.3, 3.0) == 1
+    # ... but not in the grace after a move: those reports count the queue of the rung it left.
+    assert policy.on_loss(0.3, 3.5) is None and policy.on_loss(0.3, 4.0) is None
+    # A try up ends at its first lossy report that counts only the try (the first after the
+    # move counts mostly the rung below).
+    now = roomy_until_move(policy, rung1, 4.5)
+    assert policy.rung == 0 and policy.on_loss(0.3, now + 0.5) is None
+    assert policy.on_loss(0.3, now + 1.5) == 1
 
 
 def test_a_failed_try_up_doubles_the_hold_and_a_cap_is_kept() -> None:
@@ -100,7 +110,7 @@ def test_a_failed_try_up_doubles_the_hold_and_a_cap_is_kept() -> None:
         while policy.on_estimate(roomy, rung1, now) != 0:  # wait for the try up
             now += 0.5
         holds.append(now - start)
-        # The link could not carry it: two lossy reports, back down.
+        # The link could not carry it: lossy reports, back down at the first of the try's own.
         assert policy.on_loss(0.3, now + 0.5) is None and policy.on_loss(0.3, now + 1.0) == 1
         now += 1.0
     assert holds[0] < UP_HOLD + 2 and holds[1] > 1.8 * UP_HOLD

@@ -61,14 +61,16 @@ def rung_for_height(height: int, max_height: int) -> int:
 
 
 DOWN_AFTER = 2
-"""Consecutive reports of too little bandwidth (or too much loss) before moving down."""
+"""Consecutive reports of too little bandwidth (or too much loss) before moving down; during
+a try up, the first lossy report that counts only the try."""
 UP_AFTER = 3
 """Consecutive estimates with room to spare before trying the rung above."""
 MAX_LOSS = 0.10
 """Loss fraction (receiver reports) that counts as a congested link."""
 GRACE = 2.0
-"""Seconds after joining or moving in which estimates do not move a viewer down: its rate
-then includes a keyframe, and a new estimator starts low."""
+"""Seconds after joining or moving in which estimates and loss do not move a viewer down (a
+try up excepted): its rate then includes a keyframe, a new estimator starts low, and loss
+reports still count the queue of the rung it left."""
 UP_HOLD = 4.0
 """Seconds on a rung before trying the one above. A try that failed (the viewer came back
 down within FAILED_WITHIN) doubles the time on the rung below the one it tried, up to
@@ -112,12 +114,23 @@ class RungPolicy:
         self._failed = RUNGS  # the rung whose last try failed (RUNGS: none)
         self._hold = UP_HOLD  # on the rung below _failed, before it is tried again
         self._last_estimate: int | None = None
+        self._reported = -float("inf")  # when the last loss report came
 
     def on_loss(self, fraction: float, now: float) -> int | None:
+        began, self._reported = self._reported, now  # what this report counts
         self._lossy = self._lossy + 1 if fraction > MAX_LOSS else 0
         if fraction > MAX_LOSS / 5:
             self._room = 0
-        if self._lossy >= DOWN_AFTER and self.rung < RUNGS - 1:
+        if self.rung == RUNGS - 1:
+            return None
+        # A try up is a guess ("room to spare" is all an estimate says): its first lossy
+        # report ends it, before the queue it built at the bottleneck costs more frames. The
+        # first report after the move counts mostly the rung below (a link just opened).
+        if self._trying and now - self._went_up < FAILED_WITHIN:
+            return self._move(self.rung + 1, now) if self._lossy and began >= self._went_up else None
+        # Otherwise the reports of the first seconds on a rung still count the queue of the
+        # rung it left (after a failed try they would push it one rung too far).
+        if self._lossy >= DOWN_AFTER and now - self._changed >= GRACE:
             return self._move(self.rung + 1, now)
         return None
 
