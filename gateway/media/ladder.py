@@ -110,7 +110,7 @@ class RungPolicy:
         self._room = 0  # consecutive estimates with room to spare
         self._changed = now
         self._went_up = -float("inf")
-        self._trying = False  # moved up less than FAILED_WITHIN ago
+        self._trying = False  # moved up, and the try has no verdict yet (see _in_try)
         self._failed = RUNGS  # the rung whose last try failed (RUNGS: none)
         self._hold = UP_HOLD  # on the rung below _failed, before it is tried again
         self._last_estimate: int | None = None
@@ -126,7 +126,7 @@ class RungPolicy:
         # A try up is a guess ("room to spare" is all an estimate says): its first lossy
         # report ends it, before the queue it built at the bottleneck costs more frames. The
         # first report after the move counts mostly the rung below (a link just opened).
-        if self._trying and now - self._went_up < FAILED_WITHIN:
+        if self._in_try(now):
             return self._move(self.rung + 1, now) if self._lossy and began >= self._went_up else None
         # Otherwise the reports of the first seconds on a rung still count the queue of the
         # rung it left (after a failed try they would push it one rung too far).
@@ -137,7 +137,7 @@ class RungPolicy:
     def on_estimate(self, estimate: int, video_rate: float, now: float) -> int | None:
         """``video_rate``: bit/s of video sent to the viewer lately (at its current rung)."""
         previous, self._last_estimate = self._last_estimate, estimate
-        if self._trying and now - self._went_up >= FAILED_WITHIN:
+        if self._trying and not self._in_try(now):
             self._trying = False  # the try up held
             if self.rung <= self._failed:
                 self._failed, self._hold = RUNGS, UP_HOLD
@@ -162,6 +162,10 @@ class RungPolicy:
         if self._trying:
             self._went_up = now
 
+    def _in_try(self, now: float) -> bool:
+        """Moved up less than FAILED_WITHIN ago: a move down now means the try failed."""
+        return self._trying and now - self._went_up < FAILED_WITHIN
+
     def _fitting(self, estimate: int, video_rate: float) -> int:
         """The best rung below this one whose video fits 85% of ``estimate``."""
         share = LADDER[self.rung].bitrate_share
@@ -174,7 +178,7 @@ class RungPolicy:
         if rung > self.rung:
             # Down soon after a try up: it failed, and the next try of that rung waits longer
             # on the rung below. Down later: the link changed, any try may come as soon.
-            if self._trying and now - self._went_up < FAILED_WITHIN:
+            if self._in_try(now):
                 hold = self._hold if self._failed == self.rung else UP_HOLD
                 self._hold = min(MAX_UP_HOLD, hold * 2)
                 self._failed = self.rung
